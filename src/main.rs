@@ -1,1 +1,181 @@
-fn main(){}
+//! keyrack: per-user provider API keys, encrypted at rest in SQLite, served over a small JSON
+//! HTTP API, carried through the three-phase move from `users.openai_api_key` to `api_keys`.
+//!
+//! `main` is thin: parse the command line, set up logging, load the configuration, run the
+//! command, turn its outcome into an exit code. See ARCHITECTURE.md for the map.
+
+mod app;
+mod auth;
+mod commands;
+mod config;
+mod crypto;
+mod db;
+mod domain;
+mod fixtures;
+mod http;
+mod phase;
+mod status;
+mod store;
+mod usage;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use config::{Config, Lookup, ServeConfig};
+
+/// How a command failed, and so its exit code (SPEC section 3).
+#[derive(Debug)]
+pub enum Failure {
+    /// Exit 1: failure at run time.
+    Runtime(String),
+    /// Exit 2: usage or configuration error.
+    Config(String),
+    /// Exit 3: refused by a safety check.
+    Refused(String),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Runtime(_) => 1,
+            Failure::Config(_) => 2,
+            Failure::Refused(_) => 3,
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Failure::Runtime(m) | Failure::Config(m) | Failure::Refused(m) => m,
+        }
+    }
+}
+
+#[derive(Parser)]
+#[command(
+    name = "keyrack",
+    version,
+    about = "Per-user provider API keys, encrypted at rest, over a JSON HTTP API"
+)]
+struct Cli {
+    /// SQLite database file, or `:memory:` [env: KEYRACK_DB] [default: keyrack.db]
+    #[arg(long, global = true, value_name = "PATH")]
+    db: Option<String>,
+    /// A .env file to read settings from [default: ./.env when it exists]
+    #[arg(long, global = true, value_name = "PATH")]
+    env_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the HTTP API (the default command)
+    Serve(ServeArgs),
+    /// Phase 1: set phase dual and copy every column key into api_keys
+    Migrate,
+    /// Print the phase, the schema version and the key counts
+    Status {
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Phase 3: drop users.openai_api_key after safety checks and a backup
+    RemoveLegacyColumn {
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+        /// Where to write the backup [default: beside the database, named with the date and time]
+        #[arg(long, value_name = "PATH")]
+        backup: Option<PathBuf>,
+    },
+    /// Go back to phase legacy, writing each default OpenAI key into the column
+    Revert {
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Re-encrypt every stored value under KEYRACK_ENCRYPTION_KEY
+    RotateEncryptionKey,
+    /// Print a fresh encryption key
+    GenKey,
+    /// Load a fixtures file, all or nothing
+    LoadFixtures {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Default)]
+struct ServeArgs {
+    /// Address to listen on [env: KEYRACK_LISTEN] [default: 127.0.0.1:8080]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Worker threads [env: KEYRACK_WORKERS] [default: twice the cores, at least 4]
+    #[arg(long, value_name = "N")]
+    workers: Option<String>,
+    /// Load this fixtures file before serving
+    #[arg(long, value_name = "FILE")]
+    fixtures: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("keyrack: {}", f.message());
+            ExitCode::from(f.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let command = cli.command.unwrap_or(Cmd::Serve(ServeArgs::default()));
+    if let Cmd::GenKey = command {
+        commands::gen_key();
+        return Ok(());
+    }
+    let lookup = Lookup::load(cli.env_file.as_deref()).map_err(|e| Failure::Config(e.0))?;
+    let config = Config::resolve(cli.db.as_deref(), &lookup).map_err(|e| Failure::Config(e.0))?;
+    env_logger::Builder::new()
+        .parse_filters(&config.log_filter)
+        .format_timestamp_millis()
+        .target(env_logger::Target::Stderr)
+        .init();
+    let db_location = config.db.clone();
+
+    // Serve settings are checked before the database is touched.
+    let serve_config = match &command {
+        Cmd::Serve(a) => Some(
+            ServeConfig::resolve(a.listen.as_deref(), a.workers.as_deref(), &lookup)
+                .map_err(|e| Failure::Config(e.0))?,
+        ),
+        _ => None,
+    };
+
+    let app = app::App::open(config)?;
+    match command {
+        Cmd::Serve(args) => {
+            if let Some(f) = &args.fixtures {
+                fixtures::load(&app, f)?;
+            }
+            let cfg = serve_config.expect("resolved above for serve");
+            http::serve(Arc::new(app), &cfg)
+        }
+        Cmd::Migrate => commands::migrate(&app),
+        Cmd::Status { json } => commands::status(&app, json),
+        Cmd::RemoveLegacyColumn { yes, backup } => {
+            commands::remove_legacy_column(&app, &db_location, yes, backup.as_deref())
+        }
+        Cmd::Revert { yes } => commands::revert(&app, yes),
+        Cmd::RotateEncryptionKey => commands::rotate_encryption_key(&app),
+        Cmd::LoadFixtures { file } => {
+            let n = fixtures::load(&app, &file)?;
+            println!("loaded {n} users");
+            Ok(())
+        }
+        Cmd::GenKey => Ok(()),
+    }
+}

@@ -1,0 +1,180 @@
+//! Passwords (argon2id), session tokens (256 random bits, stored only as SHA-256) and the login
+//! throttle. No SQL and no HTTP here.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use rand::rngs::OsRng;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, OnceLock};
+use zeroize::Zeroizing;
+
+use crate::domain::{Password, Secret};
+
+/// Hashes a password with argon2id and a random salt (PHC string).
+pub fn hash_password(password: &Password) -> Result<String, argon2::password_hash::Error> {
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::default()
+        .hash_password(password.expose().as_bytes(), &salt)?
+        .to_string())
+}
+
+/// Checks a password against a stored hash. A malformed hash never matches.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Spends the time of one verification, for an unknown email, so that the answer's timing does
+/// not tell whether an account exists.
+pub fn verify_against_dummy(password: &str) {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    let hash = DUMMY.get_or_init(|| {
+        let p = Password::parse("keyrack-dummy-password").expect("a valid constant password");
+        hash_password(&p).unwrap_or_default()
+    });
+    let _ = verify_password(password, hash);
+}
+
+/// A new session token: 32 random bytes, URL-safe base64 with a `kr_` prefix.
+pub fn new_token() -> Secret {
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    OsRng.fill_bytes(bytes.as_mut());
+    Secret::new(format!("kr_{}", URL_SAFE_NO_PAD.encode(bytes.as_ref())))
+}
+
+/// What is stored for a token: its SHA-256.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Compares two secrets in time that does not depend on where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let (ha, hb) = (Sha256::digest(a), Sha256::digest(b));
+    ha.iter()
+        .zip(hb.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// Login throttle: after `MAX_FAILURES` failures for one email within `WINDOW_SECS`, further
+/// attempts are refused until the oldest failure leaves the window. Kept in memory: a restart
+/// forgets it (documented in the README).
+pub struct Throttle {
+    failures: Mutex<HashMap<String, VecDeque<i64>>>,
+}
+
+pub const MAX_FAILURES: usize = 10;
+pub const WINDOW_SECS: i64 = 15 * 60;
+/// Past this many tracked emails, entries with no failure in the window are dropped.
+const PRUNE_AT: usize = 10_000;
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::new()
+    }
+}
+
+impl Throttle {
+    pub fn new() -> Throttle {
+        Throttle {
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(seconds to wait)` when `email` is throttled at time `now`.
+    pub fn check(&self, email: &str, now: i64) -> Option<i64> {
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let q = map.get_mut(email)?;
+        while q.front().is_some_and(|&t| t <= now - WINDOW_SECS) {
+            q.pop_front();
+        }
+        if q.len() >= MAX_FAILURES {
+            let oldest = q.front().copied().unwrap_or(now);
+            Some((oldest + WINDOW_SECS - now).max(1))
+        } else {
+            None
+        }
+    }
+
+    pub fn record_failure(&self, email: &str, now: i64) {
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= PRUNE_AT {
+            map.retain(|_, q| q.back().is_some_and(|&t| t > now - WINDOW_SECS));
+        }
+        let q = map.entry(email.to_owned()).or_default();
+        q.push_back(now);
+        while q.len() > MAX_FAILURES {
+            q.pop_front();
+        }
+    }
+
+    pub fn record_success(&self, email: &str) {
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(email);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_round_trip() {
+        let p = Password::parse("correct horse battery").unwrap();
+        let h = hash_password(&p).unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(!h.contains("correct horse"));
+        assert!(verify_password("correct horse battery", &h));
+        assert!(!verify_password("wrong horse battery", &h));
+        assert!(!verify_password("x", "not a hash"));
+    }
+
+    #[test]
+    fn tokens_are_long_random_and_hashed() {
+        let (a, b) = (new_token(), new_token());
+        assert_ne!(a, b);
+        assert!(a.expose().len() >= 43 + 3);
+        assert_ne!(token_hash(a.expose()), token_hash(b.expose()));
+    }
+
+    #[test]
+    fn throttle_after_ten_failures_in_window() {
+        let t = Throttle::new();
+        for i in 0..9 {
+            t.record_failure("a@b.c", 1000 + i);
+            assert_eq!(t.check("a@b.c", 1000 + i), None);
+        }
+        t.record_failure("a@b.c", 1009);
+        let wait = t.check("a@b.c", 1010).unwrap();
+        assert_eq!(wait, 1000 + WINDOW_SECS - 1010);
+        assert_eq!(t.check("other@b.c", 1010), None);
+        // The oldest failure leaves the window: allowed again.
+        assert_eq!(t.check("a@b.c", 1000 + WINDOW_SECS), None);
+    }
+
+    #[test]
+    fn success_clears() {
+        let t = Throttle::new();
+        for i in 0..10 {
+            t.record_failure("a@b.c", i);
+        }
+        assert!(t.check("a@b.c", 10).is_some());
+        t.record_success("a@b.c");
+        assert!(t.check("a@b.c", 10).is_none());
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

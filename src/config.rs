@@ -1,0 +1,275 @@
+//! Configuration: command-line flag, then environment variable, then the `.env` file, then the
+//! default (SPEC section 2). Values are checked here; an invalid one is a `ConfigError` whose
+//! message names the setting and what would be valid (exit 2).
+//!
+//! The `.env` file is read into a map, never into the process environment, so that a real
+//! environment variable always wins over it.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use crate::crypto::EncryptionKey;
+use crate::domain::Secret;
+
+/// A configuration error: one line for stderr, exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Where settings come from, in order: the process environment, then the `.env` file.
+pub struct Lookup {
+    dotenv: HashMap<String, String>,
+}
+
+impl Lookup {
+    /// Reads `--env-file PATH` (which must exist), else `./.env` when it exists.
+    pub fn load(env_file: Option<&Path>) -> Result<Lookup, ConfigError> {
+        let path = match env_file {
+            Some(p) => Some(p.to_path_buf()),
+            None => {
+                let p = PathBuf::from(".env");
+                p.exists().then_some(p)
+            }
+        };
+        let mut dotenv = HashMap::new();
+        if let Some(path) = path {
+            let iter = dotenvy::from_path_iter(&path).map_err(|e| {
+                ConfigError(format!(
+                    "--env-file: cannot read {}: {e}; give a readable .env file",
+                    path.display()
+                ))
+            })?;
+            for item in iter {
+                let (k, v) = item.map_err(|e| {
+                    ConfigError(format!(
+                        "--env-file: {} is not a valid .env file: {e}",
+                        path.display()
+                    ))
+                })?;
+                dotenv.insert(k, v);
+            }
+        }
+        Ok(Lookup { dotenv })
+    }
+
+    #[cfg(test)]
+    fn from_map(dotenv: HashMap<String, String>) -> Lookup {
+        Lookup { dotenv }
+    }
+
+    /// The value of `name` from the environment, else from the `.env` file; empty counts as unset.
+    pub fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name)
+            .ok()
+            .or_else(|| self.dotenv.get(name).cloned())
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// Where the database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbLocation {
+    /// A throwaway database shared by every worker, gone at exit.
+    Memory,
+    File(PathBuf),
+}
+
+impl DbLocation {
+    fn parse(raw: &str) -> DbLocation {
+        if raw == ":memory:" {
+            DbLocation::Memory
+        } else {
+            DbLocation::File(PathBuf::from(raw))
+        }
+    }
+
+    /// `<db path>.key`, the key file used when no key is configured.
+    pub fn key_file(&self) -> Option<PathBuf> {
+        match self {
+            DbLocation::Memory => None,
+            DbLocation::File(p) => {
+                let mut s = p.clone().into_os_string();
+                s.push(".key");
+                Some(PathBuf::from(s))
+            }
+        }
+    }
+}
+
+/// Settings every command needs.
+#[derive(Debug)]
+pub struct Config {
+    pub db: DbLocation,
+    pub encryption_key: Option<EncryptionKey>,
+    pub old_encryption_keys: Vec<EncryptionKey>,
+    pub admin_token: Option<Secret>,
+    pub session_ttl_secs: i64,
+    pub log_filter: String,
+}
+
+/// Settings of `serve` only.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub workers: usize,
+}
+
+impl Config {
+    pub fn resolve(db_flag: Option<&str>, lookup: &Lookup) -> Result<Config, ConfigError> {
+        let db = db_flag
+            .map(str::to_owned)
+            .or_else(|| lookup.get("KEYRACK_DB"))
+            .unwrap_or_else(|| "keyrack.db".to_owned());
+
+        let encryption_key = lookup
+            .get("KEYRACK_ENCRYPTION_KEY")
+            .map(|v| {
+                EncryptionKey::from_base64(&v).map_err(|e| {
+                    ConfigError(format!(
+                        "KEYRACK_ENCRYPTION_KEY {e}; it must be 32 random bytes in standard base64 \
+                         (44 characters), as `keyrack gen-key` prints"
+                    ))
+                })
+            })
+            .transpose()?;
+
+        let old_encryption_keys = match lookup.get("KEYRACK_OLD_ENCRYPTION_KEYS") {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .enumerate()
+                .map(|(i, v)| {
+                    EncryptionKey::from_base64(v).map_err(|e| {
+                        ConfigError(format!(
+                            "KEYRACK_OLD_ENCRYPTION_KEYS: key {} {e}; give comma-separated keys \
+                             of 32 bytes in standard base64",
+                            i + 1
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+
+        let session_ttl_secs = match lookup.get("KEYRACK_SESSION_TTL") {
+            None => 2_592_000,
+            Some(v) => v
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (1..=10 * 365 * 86_400).contains(n))
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "KEYRACK_SESSION_TTL={v:?} is not valid; give a whole number of seconds \
+                         from 1 to 315360000"
+                    ))
+                })?,
+        };
+
+        Ok(Config {
+            db: DbLocation::parse(&db),
+            encryption_key,
+            old_encryption_keys,
+            admin_token: lookup.get("KEYRACK_ADMIN_TOKEN").map(Secret::new),
+            session_ttl_secs,
+            log_filter: lookup.get("RUST_LOG").unwrap_or_else(|| "info".to_owned()),
+        })
+    }
+}
+
+impl ServeConfig {
+    pub fn resolve(
+        listen_flag: Option<&str>,
+        workers_flag: Option<&str>,
+        lookup: &Lookup,
+    ) -> Result<ServeConfig, ConfigError> {
+        let listen_raw = listen_flag
+            .map(str::to_owned)
+            .or_else(|| lookup.get("KEYRACK_LISTEN"))
+            .unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+        let listen = listen_raw
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut it| it.next())
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "--listen / KEYRACK_LISTEN {listen_raw:?} is not a valid address; give \
+                     HOST:PORT such as 127.0.0.1:8080 (port 0 takes any free port)"
+                ))
+            })?;
+
+        let workers = match workers_flag
+            .map(str::to_owned)
+            .or_else(|| lookup.get("KEYRACK_WORKERS"))
+        {
+            None => default_workers(),
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=256).contains(n))
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "--workers / KEYRACK_WORKERS {v:?} is not valid; give a whole number \
+                         from 1 to 256"
+                    ))
+                })?,
+        };
+        Ok(ServeConfig { listen, workers })
+    }
+}
+
+/// Twice the cores, at least 4: a worker spends part of each request waiting for the disk.
+fn default_workers() -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cores * 2).clamp(4, 64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(pairs: &[(&str, &str)]) -> Lookup {
+        Lookup::from_map(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn defaults() {
+        // Only variables that no test environment sets are relied on here.
+        let c = Config::resolve(Some("x.db"), &lookup(&[])).unwrap();
+        assert_eq!(c.db, DbLocation::File("x.db".into()));
+        assert_eq!(c.db.key_file(), Some(PathBuf::from("x.db.key")));
+    }
+
+    #[test]
+    fn flag_beats_dotenv() {
+        let l = lookup(&[("KEYRACK_DB", "from-dotenv.db")]);
+        let c = Config::resolve(Some("flag.db"), &l).unwrap();
+        assert_eq!(c.db, DbLocation::File("flag.db".into()));
+        let s = ServeConfig::resolve(Some("127.0.0.1:0"), Some("3"), &l).unwrap();
+        assert_eq!(s.workers, 3);
+        assert_eq!(s.listen.port(), 0);
+    }
+
+    #[test]
+    fn memory_has_no_key_file() {
+        let c = Config::resolve(Some(":memory:"), &lookup(&[])).unwrap();
+        assert_eq!(c.db, DbLocation::Memory);
+        assert_eq!(c.db.key_file(), None);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let e = ServeConfig::resolve(Some("nope"), None, &lookup(&[])).unwrap_err();
+        assert!(e.0.contains("KEYRACK_LISTEN"), "{e}");
+        let e = ServeConfig::resolve(Some("127.0.0.1:0"), Some("0"), &lookup(&[])).unwrap_err();
+        assert!(e.0.contains("KEYRACK_WORKERS"), "{e}");
+    }
+}

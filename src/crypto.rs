@@ -1,0 +1,342 @@
+//! Sealing and opening of stored API keys, and nothing else: no SQL, no HTTP.
+//!
+//! A sealed value is `kr1:<key id>:<base64(nonce || ciphertext+tag)>`: AES-256-GCM under a fresh
+//! random 96-bit nonce, with associated data that binds the value to its user and provider, so
+//! a ciphertext copied into another user's row (or another provider's) does not open. The key id
+//! names the key that sealed the value; it is a short hash of the key, safe to store and to log.
+
+use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use aes_gcm::{Aes256Gcm, Key, Nonce};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::fmt;
+use zeroize::Zeroizing;
+
+use crate::domain::Secret;
+
+const PREFIX: &str = "kr1";
+const NONCE_LEN: usize = 12;
+
+/// The identity of an encryption key: 16 hex characters of a domain-separated SHA-256 of it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyId(String);
+
+impl KeyId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn from_stored(s: &str) -> KeyId {
+        KeyId(s.to_owned())
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A 256-bit encryption key. Wiped on drop, never printed.
+pub struct EncryptionKey {
+    bytes: Zeroizing<[u8; 32]>,
+    id: KeyId,
+}
+
+impl fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EncryptionKey(id={})", self.id)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyParseError {
+    #[error("is not standard base64")]
+    NotBase64,
+    #[error("must decode to 32 bytes, got {0}")]
+    WrongLength(usize),
+}
+
+impl EncryptionKey {
+    pub fn generate() -> EncryptionKey {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(bytes.as_mut());
+        EncryptionKey::from_bytes(bytes)
+    }
+
+    /// Parses 32 bytes in standard base64 (44 characters), white space around it ignored.
+    pub fn from_base64(text: &str) -> Result<EncryptionKey, KeyParseError> {
+        let decoded = Zeroizing::new(
+            STANDARD
+                .decode(text.trim())
+                .map_err(|_| KeyParseError::NotBase64)?,
+        );
+        if decoded.len() != 32 {
+            return Err(KeyParseError::WrongLength(decoded.len()));
+        }
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        bytes.copy_from_slice(&decoded);
+        Ok(EncryptionKey::from_bytes(bytes))
+    }
+
+    fn from_bytes(bytes: Zeroizing<[u8; 32]>) -> EncryptionKey {
+        let mut h = Sha256::new();
+        h.update(b"keyrack key id v1\0");
+        h.update(bytes.as_ref());
+        let digest = h.finalize();
+        let id = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        EncryptionKey {
+            bytes,
+            id: KeyId(id),
+        }
+    }
+
+    pub fn to_base64(&self) -> Zeroizing<String> {
+        Zeroizing::new(STANDARD.encode(self.bytes.as_ref()))
+    }
+
+    pub fn id(&self) -> &KeyId {
+        &self.id
+    }
+
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(self.bytes.as_ref()))
+    }
+}
+
+/// What a sealed value is bound to. Opening with any other binding fails.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding<'a> {
+    pub user_id: i64,
+    pub provider: &'a str,
+}
+
+impl Binding<'_> {
+    fn aad(&self) -> Vec<u8> {
+        format!(
+            "keyrack/v1/user:{}/provider:{}",
+            self.user_id, self.provider
+        )
+        .into_bytes()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OpenError {
+    #[error("the value is not in keyrack's sealed format")]
+    Malformed,
+    #[error("the value was sealed with key {0}, which is not configured")]
+    UnknownKey(String),
+    #[error("the value does not authenticate (tampered, or bound to another user or provider)")]
+    Rejected,
+}
+
+/// The current key, which seals, and older keys, which only open (rotation).
+pub struct KeyRing {
+    current: (EncryptionKey, Aes256Gcm),
+    old: Vec<(EncryptionKey, Aes256Gcm)>,
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("current", &self.current.0.id)
+            .field("old", &self.old.iter().map(|k| &k.0.id).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl KeyRing {
+    pub fn new(current: EncryptionKey, old: Vec<EncryptionKey>) -> KeyRing {
+        let c = current.cipher();
+        KeyRing {
+            current: (current, c),
+            old: old
+                .into_iter()
+                .map(|k| {
+                    let c = k.cipher();
+                    (k, c)
+                })
+                .collect(),
+        }
+    }
+
+    pub fn current_id(&self) -> &KeyId {
+        self.current.0.id()
+    }
+
+    /// True when `id` is the current key or one of the old ones.
+    pub fn knows(&self, id: &KeyId) -> bool {
+        self.cipher_for(id.as_str()).is_some()
+    }
+
+    fn cipher_for(&self, id: &str) -> Option<&Aes256Gcm> {
+        std::iter::once(&self.current)
+            .chain(self.old.iter())
+            .find(|(k, _)| k.id.as_str() == id)
+            .map(|(_, c)| c)
+    }
+
+    /// Seals `plaintext` under the current key with a fresh random nonce.
+    pub fn seal(&self, binding: Binding<'_>, plaintext: &str) -> String {
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let aad = binding.aad();
+        let ct = self
+            .current
+            .1
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext.as_bytes(),
+                    aad: &aad,
+                },
+            )
+            // AES-GCM encryption fails only for messages over 64 GiB; keys are at most 512 bytes.
+            .expect("AES-GCM encryption of a short message cannot fail");
+        let mut raw = Vec::with_capacity(NONCE_LEN + ct.len());
+        raw.extend_from_slice(&nonce);
+        raw.extend_from_slice(&ct);
+        format!("{PREFIX}:{}:{}", self.current.0.id, STANDARD.encode(raw))
+    }
+
+    /// The id of the key that sealed `sealed`, if the value is well formed.
+    pub fn sealed_with(sealed: &str) -> Option<KeyId> {
+        let mut parts = sealed.splitn(3, ':');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(PREFIX), Some(id), Some(_)) => Some(KeyId(id.to_owned())),
+            _ => None,
+        }
+    }
+
+    /// Opens a sealed value bound to `binding`.
+    pub fn open(&self, binding: Binding<'_>, sealed: &str) -> Result<Secret, OpenError> {
+        let mut parts = sealed.splitn(3, ':');
+        let (id, body) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(PREFIX), Some(id), Some(body)) => (id, body),
+            _ => return Err(OpenError::Malformed),
+        };
+        let cipher = self
+            .cipher_for(id)
+            .ok_or_else(|| OpenError::UnknownKey(id.to_owned()))?;
+        let raw = STANDARD.decode(body).map_err(|_| OpenError::Malformed)?;
+        if raw.len() < NONCE_LEN + 16 {
+            return Err(OpenError::Malformed);
+        }
+        let (nonce, ct) = raw.split_at(NONCE_LEN);
+        let aad = binding.aad();
+        let plain = Zeroizing::new(
+            cipher
+                .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: &aad })
+                .map_err(|_| OpenError::Rejected)?,
+        );
+        let text = std::str::from_utf8(&plain).map_err(|_| OpenError::Malformed)?;
+        Ok(Secret::new(text.to_owned()))
+    }
+
+    /// True when `sealed` was sealed with the current key (nothing to re-encrypt).
+    pub fn is_current(&self, sealed: &str) -> bool {
+        KeyRing::sealed_with(sealed).is_some_and(|id| &id == self.current_id())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> KeyRing {
+        KeyRing::new(EncryptionKey::generate(), vec![])
+    }
+
+    const ADA: Binding<'static> = Binding {
+        user_id: 1,
+        provider: "openai",
+    };
+
+    #[test]
+    fn round_trip() {
+        let r = ring();
+        let sealed = r.seal(ADA, "sk-secret-123456");
+        assert!(!sealed.contains("sk-secret"));
+        assert_eq!(r.open(ADA, &sealed).unwrap().expose(), "sk-secret-123456");
+    }
+
+    #[test]
+    fn fresh_nonce_each_time() {
+        let r = ring();
+        assert_ne!(r.seal(ADA, "same-value"), r.seal(ADA, "same-value"));
+    }
+
+    #[test]
+    fn bound_to_user_and_provider() {
+        let r = ring();
+        let sealed = r.seal(ADA, "sk-secret-123456");
+        let other_user = Binding {
+            user_id: 2,
+            provider: "openai",
+        };
+        let other_provider = Binding {
+            user_id: 1,
+            provider: "anthropic",
+        };
+        assert_eq!(r.open(other_user, &sealed), Err(OpenError::Rejected));
+        assert_eq!(r.open(other_provider, &sealed), Err(OpenError::Rejected));
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let r = ring();
+        let sealed = r.seal(ADA, "sk-secret-123456");
+        let (head, body) = sealed.rsplit_once(':').unwrap();
+        let mut raw = STANDARD.decode(body).unwrap();
+        raw[20] ^= 1;
+        let tampered = format!("{head}:{}", STANDARD.encode(raw));
+        assert_eq!(r.open(ADA, &tampered), Err(OpenError::Rejected));
+        assert_eq!(r.open(ADA, "plaintext"), Err(OpenError::Malformed));
+    }
+
+    #[test]
+    fn names_its_key_and_old_keys_open() {
+        let old = EncryptionKey::generate();
+        let old_b64 = old.to_base64();
+        let old_ring = KeyRing::new(old, vec![]);
+        let sealed = old_ring.seal(ADA, "sk-rotated-value");
+        assert_eq!(
+            KeyRing::sealed_with(&sealed).as_ref(),
+            Some(old_ring.current_id())
+        );
+
+        let new_only = ring();
+        assert!(matches!(
+            new_only.open(ADA, &sealed),
+            Err(OpenError::UnknownKey(_))
+        ));
+        let both = KeyRing::new(
+            EncryptionKey::generate(),
+            vec![EncryptionKey::from_base64(&old_b64).unwrap()],
+        );
+        assert_eq!(
+            both.open(ADA, &sealed).unwrap().expose(),
+            "sk-rotated-value"
+        );
+        assert!(!both.is_current(&sealed));
+    }
+
+    #[test]
+    fn key_parsing() {
+        let k = EncryptionKey::generate();
+        let b64 = k.to_base64();
+        assert_eq!(b64.len(), 44);
+        assert_eq!(EncryptionKey::from_base64(&b64).unwrap().id(), k.id());
+        assert_eq!(
+            EncryptionKey::from_base64("not base64!").unwrap_err(),
+            KeyParseError::NotBase64
+        );
+        assert_eq!(
+            EncryptionKey::from_base64("AAAA").unwrap_err(),
+            KeyParseError::WrongLength(3)
+        );
+        assert!(!format!("{k:?}").contains(b64.as_str()));
+    }
+}

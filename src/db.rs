@@ -1,0 +1,101 @@
+//! Opening the SQLite database: connection settings and the embedded refinery migrations.
+//!
+//! Every connection gets WAL (file databases), `synchronous=FULL` (a commit is on disk before it
+//! returns, which the 2xx promise of SPEC section 5 rests on), foreign keys, and an explicit busy
+//! timeout. `:memory:` is SQLite's `memdb` VFS under a name unique to the process, so that every
+//! worker's connection sees the same throwaway database, with ordinary locking.
+
+use rusqlite::{Connection, OpenFlags};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::config::DbLocation;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// How long a statement waits for a lock held by another connection before giving up
+/// (the request then answers 503 `busy`).
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens connections to one database.
+pub struct Database {
+    target: Target,
+    /// For `:memory:`: one connection held for the life of the process, since the memdb
+    /// database is freed when its last connection closes.
+    _keep_alive: Option<Mutex<Connection>>,
+}
+
+enum Target {
+    File(PathBuf),
+    Memory(String),
+}
+
+impl Database {
+    pub fn new(location: &DbLocation) -> rusqlite::Result<Database> {
+        match location {
+            DbLocation::File(p) => Ok(Database {
+                target: Target::File(p.clone()),
+                _keep_alive: None,
+            }),
+            DbLocation::Memory => {
+                let name = format!(
+                    "file:/keyrack-{}-{:016x}?vfs=memdb",
+                    std::process::id(),
+                    rand::random::<u64>()
+                );
+                let mut db = Database {
+                    target: Target::Memory(name),
+                    _keep_alive: None,
+                };
+                let holder = db.connect()?;
+                db._keep_alive = Some(Mutex::new(holder));
+                Ok(db)
+            }
+        }
+    }
+
+    /// A new connection with keyrack's settings. One per worker thread.
+    pub fn connect(&self) -> rusqlite::Result<Connection> {
+        let conn = match &self.target {
+            Target::File(p) => Connection::open(p)?,
+            Target::Memory(uri) => Connection::open_with_flags(
+                uri,
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | OpenFlags::SQLITE_OPEN_CREATE
+                    | OpenFlags::SQLITE_OPEN_URI
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?,
+        };
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        if matches!(self.target, Target::File(_)) {
+            // WAL lets readers go on while one connection writes.
+            let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                log::warn!("the database did not switch to WAL (journal_mode={mode})");
+            }
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        Ok(conn)
+    }
+}
+
+/// Applies pending schema migrations, all in one transaction (a crash re-runs nothing twice).
+pub fn migrate_schema(conn: &mut Connection) -> Result<(), refinery::Error> {
+    let report = embedded::migrations::runner().set_grouped(true).run(conn)?;
+    for m in report.applied_migrations() {
+        log::info!("applied schema migration {}", m);
+    }
+    Ok(())
+}
+
+/// The highest applied schema migration.
+pub fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM refinery_schema_history",
+        [],
+        |r| r.get(0),
+    )
+}

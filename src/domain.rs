@@ -1,0 +1,296 @@
+//! Checked values: every input from a request, a fixtures file or the command line is parsed
+//! into one of these types before it reaches the store, so the store only ever holds valid data.
+//!
+//! No I/O here. Secrets (`Secret`) zeroize their memory on drop and never print themselves.
+
+use std::fmt;
+use zeroize::Zeroizing;
+
+/// A value that failed validation: which field, and a sentence for a person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Invalid {
+        Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+/// Plaintext that must never be logged, printed or kept after use: API keys, passwords and
+/// session tokens. The memory is wiped on drop; `Debug` prints a placeholder; there is no
+/// `Display`, so a secret cannot slip into a `format!` by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Zeroizing<String>);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(Zeroizing::new(value))
+    }
+
+    /// The plaintext, for the few places that need it (sealing, hashing, a reveal response).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// An email address: trimmed, lowercased, one `@` with text on both sides, at most 254 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(raw: &str) -> Result<Email, Invalid> {
+        let email = raw.trim().to_lowercase();
+        if email.is_empty() {
+            return Err(Invalid::new("email", "email must not be empty"));
+        }
+        if email.chars().count() > 254 {
+            return Err(Invalid::new(
+                "email",
+                "email must be at most 254 characters",
+            ));
+        }
+        let mut parts = email.split('@');
+        let (local, domain, rest) = (parts.next(), parts.next(), parts.next());
+        match (local, domain, rest) {
+            (Some(l), Some(d), None) if !l.is_empty() && !d.is_empty() => {}
+            _ => {
+                return Err(Invalid::new(
+                    "email",
+                    "email must contain exactly one @ with text on both sides",
+                ))
+            }
+        }
+        if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Invalid::new("email", "email must not contain spaces"));
+        }
+        Ok(Email(email))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A password of 8 to 1024 characters, kept as a secret.
+#[derive(Debug)]
+pub struct Password(Secret);
+
+impl Password {
+    pub fn parse(raw: &str) -> Result<Password, Invalid> {
+        let n = raw.chars().count();
+        if !(8..=1024).contains(&n) {
+            return Err(Invalid::new(
+                "password",
+                "password must be 8 to 1024 characters",
+            ));
+        }
+        Ok(Password(Secret::new(raw.to_owned())))
+    }
+
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+}
+
+/// A provider API key: surrounding white space trimmed, then 8 to 512 printable ASCII
+/// characters without spaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey(Secret);
+
+impl ApiKey {
+    pub fn parse(raw: &str) -> Result<ApiKey, Invalid> {
+        let key = raw.trim();
+        let n = key.len();
+        if !(8..=512).contains(&n) {
+            return Err(Invalid::new(
+                "api_key",
+                "api_key must be 8 to 512 characters",
+            ));
+        }
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Invalid::new(
+                "api_key",
+                "api_key must be printable ASCII without spaces",
+            ));
+        }
+        Ok(ApiKey(Secret::new(key.to_owned())))
+    }
+
+    /// A key read back from the store, already checked when it was written.
+    pub fn from_stored(secret: Secret) -> ApiKey {
+        ApiKey(secret)
+    }
+
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    pub fn masked(&self) -> String {
+        mask(self.expose())
+    }
+}
+
+/// The masked form of a key: the first 3 and last 4 characters joined by `...` when the key has
+/// at least 12 characters, otherwise `...`.
+pub fn mask(key: &str) -> String {
+    let chars: Vec<char> = key.chars().collect();
+    if chars.len() < 12 {
+        return "...".to_owned();
+    }
+    let head: String = chars[..3].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}...{tail}")
+}
+
+/// A provider name: `[a-z0-9_-]{1,32}`; `openai` when absent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Provider(String);
+
+impl Provider {
+    pub const OPENAI: &'static str = "openai";
+
+    pub fn openai() -> Provider {
+        Provider(Self::OPENAI.to_owned())
+    }
+
+    pub fn parse(raw: &str) -> Result<Provider, Invalid> {
+        let ok = (1..=32).contains(&raw.len())
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(Invalid::new(
+                "provider",
+                "provider must be 1 to 32 characters of a-z, 0-9, _ and -",
+            ));
+        }
+        Ok(Provider(raw.to_owned()))
+    }
+
+    pub fn parse_or_default(raw: Option<&str>) -> Result<Provider, Invalid> {
+        raw.map_or_else(|| Ok(Provider::openai()), Provider::parse)
+    }
+
+    pub fn is_openai(&self) -> bool {
+        self.0 == Self::OPENAI
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An optional label for a key: trimmed, 1 to 100 characters without control characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyName(String);
+
+impl KeyName {
+    pub fn parse(raw: &str) -> Result<KeyName, Invalid> {
+        let name = raw.trim();
+        let n = name.chars().count();
+        if !(1..=100).contains(&n) || name.chars().any(char::is_control) {
+            return Err(Invalid::new(
+                "name",
+                "name must be 1 to 100 characters without control characters",
+            ));
+        }
+        Ok(KeyName(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn email_is_trimmed_and_lowercased() {
+        assert_eq!(
+            Email::parse("  Ada@Example.COM ").unwrap().as_str(),
+            "ada@example.com"
+        );
+    }
+
+    #[test]
+    fn email_needs_one_at_with_text_on_both_sides() {
+        for bad in ["", "ada", "@example.com", "ada@", "a@b@c", "a b@c.d"] {
+            let err = Email::parse(bad).unwrap_err();
+            assert_eq!(err.field, "email", "{bad:?}");
+        }
+        let long = format!("{}@example.com", "a".repeat(243));
+        assert_eq!(long.len(), 255);
+        assert!(Email::parse(&long).is_err());
+        assert!(Email::parse(&long[1..]).is_ok());
+    }
+
+    #[test]
+    fn password_length_bounds() {
+        assert!(Password::parse("1234567").is_err());
+        assert!(Password::parse("12345678").is_ok());
+        assert!(Password::parse(&"x".repeat(1024)).is_ok());
+        assert!(Password::parse(&"x".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn api_key_rules() {
+        assert_eq!(
+            ApiKey::parse("  sk-abcdefgh \n").unwrap().expose(),
+            "sk-abcdefgh"
+        );
+        assert!(ApiKey::parse("short").is_err());
+        assert!(ApiKey::parse("sk-abc def").is_err());
+        assert!(ApiKey::parse("sk-abcdé12345").is_err());
+        assert!(ApiKey::parse(&"k".repeat(512)).is_ok());
+        assert!(ApiKey::parse(&"k".repeat(513)).is_err());
+    }
+
+    #[test]
+    fn provider_rules() {
+        assert!(Provider::parse("anthropic").is_ok());
+        assert!(Provider::parse("my_prov-2").is_ok());
+        assert!(Provider::parse("").is_err());
+        assert!(Provider::parse("OpenAI").is_err());
+        assert!(Provider::parse(&"a".repeat(33)).is_err());
+        assert_eq!(Provider::parse_or_default(None).unwrap().as_str(), "openai");
+    }
+
+    #[test]
+    fn masking() {
+        assert_eq!(mask("sk-0123456789Wxyz"), "sk-...Wxyz");
+        assert_eq!(mask("abcdefghijkl"), "abc...ijkl");
+        assert_eq!(mask("abcdefghijk"), "...");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("sk-very-secret".into());
+        assert!(!format!("{s:?}").contains("very"));
+        let k = ApiKey::parse("sk-very-secret").unwrap();
+        assert!(!format!("{k:?}").contains("very"));
+        let p = Password::parse("hunter2hunter2").unwrap();
+        assert!(!format!("{p:?}").contains("hunter"));
+    }
+}

@@ -1,0 +1,289 @@
+//! The HTTP vocabulary of keyrack: the request as handlers see it, the reply, the error body
+//! and its status codes (SPEC section 4), and the JSON field readers that name the bad field.
+
+use serde_json::{json, Map, Value};
+
+use crate::domain::Invalid;
+use crate::store::StoreError;
+
+/// Largest request body read (64 KiB).
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// A request, read off the socket: method, path, query, the one header handlers use, the body.
+#[derive(Debug)]
+pub struct Incoming {
+    pub method: String,
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub authorization: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Incoming {
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as a JSON object.
+    pub fn json(&self) -> Result<Fields, ApiError> {
+        let value: Value = serde_json::from_slice(&self.body).map_err(|e| {
+            ApiError::new(
+                400,
+                "invalid_json",
+                format!("the request body is not valid JSON ({e})"),
+            )
+        })?;
+        match value {
+            Value::Object(map) => Ok(Fields(map)),
+            _ => Err(ApiError::invalid_request(
+                "the request body must be a JSON object",
+            )),
+        }
+    }
+}
+
+/// The fields of a JSON object body, read with errors that name the field.
+pub struct Fields(Map<String, Value>);
+
+impl Fields {
+    pub fn required_str(&self, name: &str) -> Result<&str, ApiError> {
+        match self.0.get(name) {
+            None | Some(Value::Null) => Err(ApiError::invalid_request(format!(
+                "the field `{name}` is required"
+            ))),
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(ApiError::invalid_request(format!(
+                "the field `{name}` must be a string"
+            ))),
+        }
+    }
+
+    pub fn optional_str(&self, name: &str) -> Result<Option<&str>, ApiError> {
+        match self.0.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::invalid_request(format!(
+                "the field `{name}` must be a string"
+            ))),
+        }
+    }
+
+    pub fn optional_bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
+        match self.0.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(ApiError::invalid_request(format!(
+                "the field `{name}` must be true or false"
+            ))),
+        }
+    }
+}
+
+/// A reply: status, JSON body (none for 204), extra headers, and whether to close the connection.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Option<Value>,
+    pub headers: Vec<(&'static str, String)>,
+    pub close: bool,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: Value) -> Reply {
+        Reply {
+            status,
+            body: Some(body),
+            headers: Vec::new(),
+            close: false,
+        }
+    }
+
+    pub fn no_content() -> Reply {
+        Reply {
+            status: 204,
+            body: None,
+            headers: Vec::new(),
+            close: false,
+        }
+    }
+}
+
+/// An error answer: `{"error": {"code", "message"}}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub close: bool,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            headers: Vec::new(),
+            close: false,
+        }
+    }
+
+    pub fn invalid_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(400, "invalid_request", message)
+    }
+
+    pub fn unauthorized(message: &str) -> ApiError {
+        ApiError::new(401, "unauthorized", message)
+    }
+
+    pub fn not_found() -> ApiError {
+        ApiError::new(404, "not_found", "there is nothing at this address")
+    }
+
+    pub fn internal() -> ApiError {
+        ApiError::new(
+            500,
+            "internal",
+            "something went wrong on our side; the server log has the details",
+        )
+    }
+
+    pub fn payload_too_large() -> ApiError {
+        let mut e = ApiError::new(
+            413,
+            "payload_too_large",
+            format!("the request body is larger than {} KiB", MAX_BODY / 1024),
+        );
+        // The unread rest of the body would be taken for the next request: close instead.
+        e.close = true;
+        e
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: String) -> ApiError {
+        self.headers.push((name, value));
+        self
+    }
+
+    pub fn into_reply(self) -> Reply {
+        Reply {
+            status: self.status,
+            body: Some(json!({"error": {"code": self.code, "message": self.message}})),
+            headers: self.headers,
+            close: self.close,
+        }
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> ApiError {
+        ApiError::new(422, "validation_failed", e.message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Busy => {
+                ApiError::new(503, "busy", "the database is busy; try again in a moment")
+                    .with_header("Retry-After", "1".into())
+            }
+            StoreError::EmailTaken => {
+                ApiError::new(409, "email_taken", "this email is already registered")
+            }
+            StoreError::NotFound => ApiError::new(404, "not_found", "no such key"),
+            StoreError::PhaseConflict(m) => ApiError::new(409, "phase_conflict", m),
+            e @ StoreError::KeyUnreadable { .. } => {
+                // The log names the user, the store and the key id; never the value.
+                log::error!("{e}");
+                ApiError::new(
+                    500,
+                    "key_unreadable",
+                    "a stored key could not be decrypted; an operator must look at the server log",
+                )
+            }
+            StoreError::Sql(e) => {
+                log::error!("database error: {e}");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+/// Splits `a=1&b=two%20words` into decoded pairs.
+pub fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing() {
+        assert_eq!(
+            parse_query("provider=open%61i&reveal=true&x"),
+            vec![
+                ("provider".into(), "openai".into()),
+                ("reveal".into(), "true".into()),
+                ("x".into(), "".into())
+            ]
+        );
+        assert_eq!(
+            parse_query("a=%zz&b=%4"),
+            vec![("a".into(), "%zz".into()), ("b".into(), "%4".into())]
+        );
+    }
+
+    #[test]
+    fn field_errors_name_the_field() {
+        let inc = Incoming {
+            method: "POST".into(),
+            path: "/".into(),
+            query: vec![],
+            authorization: None,
+            body: br#"{"email": 5}"#.to_vec(),
+        };
+        let f = inc.json().unwrap();
+        let e = f.required_str("email").unwrap_err();
+        assert_eq!((e.status, e.code), (400, "invalid_request"));
+        assert!(e.message.contains("email"));
+        let e = f.required_str("password").unwrap_err();
+        assert!(e.message.contains("password"));
+    }
+}

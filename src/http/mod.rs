@@ -1,0 +1,212 @@
+//! The HTTP server: a listener, a fixed pool of worker threads each with its own database
+//! connection, and the loop that turns a tiny_http request into an `Incoming`, routes it, and
+//! writes the reply. Shutdown on SIGINT/SIGTERM: stop taking requests, finish those in flight,
+//! flush usage counters, return.
+
+pub mod api;
+pub mod routes;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tiny_http::{ConnectionOptions, Header, Response, Server};
+
+use crate::app::App;
+use crate::config::ServeConfig;
+use crate::store::Store;
+use crate::Failure;
+use api::{ApiError, Incoming, Reply, MAX_BODY};
+
+/// An idle keep-alive connection, or a client that stops sending, is closed after this.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// Binds, prints the ready line, serves until SIGINT or SIGTERM.
+pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
+    // Every worker's connection is opened before the ready line, so a harness that saw it
+    // can rely on the server.
+    let stores = (0..cfg.workers)
+        .map(|_| app.store())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut flusher_conn = app
+        .db
+        .connect()
+        .map_err(|e| Failure::Runtime(format!("cannot open the database: {e}")))?;
+
+    let listener = TcpListener::bind(cfg.listen)
+        .map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Failure::Runtime(format!("cannot read the bound address: {e}")))?;
+    let server = Arc::new(
+        Server::from_listener_with_options(
+            listener,
+            None,
+            ConnectionOptions {
+                read_timeout: Some(SOCKET_TIMEOUT),
+                write_timeout: Some(SOCKET_TIMEOUT),
+                max_connections: MAX_CONNECTIONS,
+            },
+        )
+        .map_err(|e| Failure::Runtime(format!("cannot start the HTTP server: {e}")))?,
+    );
+
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
+
+    let workers: Vec<_> = stores
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut store)| {
+            let server = server.clone();
+            let app = app.clone();
+            thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || {
+                    while let Ok(rq) = server.recv() {
+                        handle(&app, &mut store, rq);
+                    }
+                })
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
+
+    let (stop_flusher, flusher_stop) = mpsc::channel::<()>();
+    let flusher = {
+        let usage = app.usage.clone();
+        thread::spawn(move || loop {
+            let done = !matches!(
+                flusher_stop.recv_timeout(Duration::from_secs(1)),
+                Err(mpsc::RecvTimeoutError::Timeout)
+            );
+            if let Err(e) = usage.flush(&mut flusher_conn) {
+                log::warn!("could not write usage counters yet: {e}");
+            }
+            if done {
+                return;
+            }
+        })
+    };
+
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "keyrack listening on http://{addr}");
+        let _ = out.flush();
+    }
+    log::info!("serving on http://{addr} with {} workers", cfg.workers);
+
+    // Wait for SIGINT or SIGTERM.
+    if let Some(sig) = signals.forever().next() {
+        log::info!("signal {sig}: finishing requests in flight, then exiting");
+    }
+    for _ in 0..workers.len() {
+        server.unblock();
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    let _ = stop_flusher.send(());
+    let _ = flusher.join();
+    log::info!("stopped");
+    Ok(())
+}
+
+/// Serves one request: never panics, always answers.
+fn handle(app: &App, store: &mut Store, mut rq: tiny_http::Request) {
+    let start = Instant::now();
+    let method = rq.method().as_str().to_owned();
+    let url = rq.url().to_owned();
+    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+
+    let reply = match read_incoming(&mut rq, &method, path, query) {
+        Ok(req) => match catch_unwind(AssertUnwindSafe(|| routes::route(app, store, &req))) {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => e.into_reply(),
+            Err(_) => {
+                log::error!("the handler of {method} {path} panicked; answered 500");
+                ApiError::internal().into_reply()
+            }
+        },
+        Err(e) => e.into_reply(),
+    };
+    let status = reply.status;
+    if let Err(e) = rq.respond(to_response(reply)) {
+        log::debug!("could not write the response: {e}");
+    }
+    // One line per request: never a body, never a header value, never the query string.
+    log::info!(
+        "{method} {path} {status} {:.1}ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+}
+
+/// Reads what handlers need, and the body up to `MAX_BODY`: a larger declared length is refused
+/// before any of it is read; a body without a length is read through a limit one past it.
+fn read_incoming(
+    rq: &mut tiny_http::Request,
+    method: &str,
+    path: &str,
+    query: &str,
+) -> Result<Incoming, ApiError> {
+    let mut authorization = None;
+    for h in rq.headers() {
+        if h.field.equiv("Authorization") {
+            authorization = Some(h.value.as_str().to_owned());
+        }
+    }
+    if rq.body_length().is_some_and(|n| n > MAX_BODY) {
+        return Err(ApiError::payload_too_large());
+    }
+    let mut body = Vec::new();
+    if let Err(e) = rq
+        .as_reader()
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut body)
+    {
+        log::debug!("reading a request body failed: {e}");
+        let mut err = ApiError::invalid_request("the request body could not be read");
+        err.close = true;
+        return Err(err);
+    }
+    if body.len() > MAX_BODY {
+        return Err(ApiError::payload_too_large());
+    }
+    Ok(Incoming {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        query: api::parse_query(query),
+        authorization,
+        body,
+    })
+}
+
+fn to_response(reply: Reply) -> Response<std::io::Cursor<Vec<u8>>> {
+    let body = reply
+        .body
+        .map(|v| serde_json::to_vec(&v).unwrap_or_default())
+        .unwrap_or_default();
+    let mut resp = Response::from_data(body).with_status_code(reply.status);
+    let mut add = |name: &str, value: &str| {
+        if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
+            resp.add_header(h);
+        }
+    };
+    if reply.status != 204 {
+        add("Content-Type", "application/json");
+    }
+    // Responses may carry key data; nothing is to be cached anywhere.
+    add("Cache-Control", "no-store");
+    for (name, value) in &reply.headers {
+        add(name, value);
+    }
+    if reply.close {
+        add("Connection", "close");
+    }
+    resp
+}

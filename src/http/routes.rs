@@ -1,0 +1,375 @@
+//! The router and the handlers. Handlers are thin: parse into domain types, call the store,
+//! shape the JSON. They hold no SQL and no phase rules.
+
+use serde_json::{json, Value};
+
+use super::api::{ApiError, Incoming, Reply};
+use crate::app::App;
+use crate::auth;
+use crate::domain::{ApiKey, Email, KeyName, Password, Provider};
+use crate::status::Status;
+use crate::store::keys::{KeyList, KeyView, NewKey};
+use crate::store::users::User;
+use crate::store::{meta, now, rfc3339, Store};
+
+type Handler = fn(&App, &mut Store, &Incoming, &[&str]) -> Result<Reply, ApiError>;
+
+/// The routes: each path with its methods. Path segments `{id}` match anything and are passed on.
+const ROUTES: &[(&str, &[(&str, Handler)])] = &[
+    ("/healthz", &[("GET", healthz)]),
+    ("/auth/register", &[("POST", register)]),
+    ("/auth/login", &[("POST", login)]),
+    ("/auth/logout", &[("POST", logout)]),
+    ("/user/me", &[("GET", me)]),
+    (
+        "/user/api-key",
+        &[
+            ("GET", get_key),
+            ("POST", set_key),
+            ("DELETE", delete_default_key),
+        ],
+    ),
+    ("/user/api-keys", &[("GET", list_keys), ("POST", add_key)]),
+    ("/user/api-keys/{id}", &[("DELETE", delete_key)]),
+    ("/user/migrate-api-keys", &[("POST", migrate_keys)]),
+    ("/admin/status", &[("GET", admin_status)]),
+];
+
+fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
+    let mut params = Vec::new();
+    let mut pat = pattern.split('/');
+    let mut got = path.split('/');
+    loop {
+        match (pat.next(), got.next()) {
+            (None, None) => return Some(params),
+            (Some(p), Some(g)) if p.starts_with('{') => {
+                if g.is_empty() {
+                    return None;
+                }
+                params.push(g);
+            }
+            (Some(p), Some(g)) if p == g => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Finds the handler for a request: 404 for an unknown path, 405 with `Allow` for a known path
+/// and another method.
+pub fn route(app: &App, store: &mut Store, req: &Incoming) -> Result<Reply, ApiError> {
+    for (pattern, methods) in ROUTES {
+        let Some(params) = match_path(pattern, &req.path) else {
+            continue;
+        };
+        if pattern.starts_with("/admin/") && app.admin_token.is_none() {
+            return Err(ApiError::not_found());
+        }
+        return match methods.iter().find(|(m, _)| *m == req.method) {
+            Some((_, handler)) => handler(app, store, req, &params),
+            None => {
+                let allow = methods
+                    .iter()
+                    .map(|(m, _)| *m)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                Err(ApiError::new(
+                    405,
+                    "method_not_allowed",
+                    format!("{} is not allowed here; allowed: {allow}", req.method),
+                )
+                .with_header("Allow", allow))
+            }
+        };
+    }
+    Err(ApiError::not_found())
+}
+
+// ---- authentication ------------------------------------------------------------------------
+
+fn authenticate(store: &mut Store, req: &Incoming) -> Result<User, ApiError> {
+    let header = req
+        .authorization
+        .as_deref()
+        .ok_or_else(|| ApiError::unauthorized("this route needs an Authorization: Bearer token"))?;
+    let token = bearer(header).ok_or_else(|| {
+        ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+    })?;
+    store
+        .session_user(&auth::token_hash(token))?
+        .ok_or_else(|| ApiError::unauthorized("the token is invalid, expired or revoked"))
+}
+
+fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+// ---- handlers ------------------------------------------------------------------------------
+
+fn healthz(_: &App, store: &mut Store, _: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let phase = meta::phase(store.conn())?;
+    Ok(Reply::json(
+        200,
+        json!({"status": "ok", "phase": phase.as_str(), "version": env!("CARGO_PKG_VERSION")}),
+    ))
+}
+
+fn register(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let body = req.json()?;
+    let email = Email::parse(body.required_str("email")?)?;
+    let password = Password::parse(body.required_str("password")?)?;
+    let hash = auth::hash_password(&password).map_err(|e| {
+        log::error!("password hashing failed: {e}");
+        ApiError::internal()
+    })?;
+    let user = store.create_user(&email, &hash)?;
+    Ok(Reply::json(
+        201,
+        json!({"user": {"id": user.id, "email": user.email}}),
+    ))
+}
+
+fn login(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let body = req.json()?;
+    // No format check on login: any email that is not registered gets the same 401.
+    let email = body.required_str("email")?.trim().to_lowercase();
+    let password = crate::domain::Secret::new(body.required_str("password")?.to_owned());
+    let t = now();
+    if let Some(wait) = app.throttle.check(&email, t) {
+        return Err(ApiError::new(
+            429,
+            "too_many_requests",
+            "too many failed logins for this email; try again later",
+        )
+        .with_header("Retry-After", wait.to_string()));
+    }
+    let verified = match store.credentials(&email)? {
+        Some(c) if auth::verify_password(password.expose(), &c.password_hash) => Some(c.user),
+        Some(_) => None,
+        None => {
+            auth::verify_against_dummy(password.expose());
+            None
+        }
+    };
+    let Some(user) = verified else {
+        app.throttle.record_failure(&email, t);
+        return Err(ApiError::new(
+            401,
+            "invalid_credentials",
+            "the email or the password is wrong",
+        ));
+    };
+    app.throttle.record_success(&email);
+    let token = auth::new_token();
+    let expires_at = t + app.session_ttl_secs;
+    store.create_session(user.id, &auth::token_hash(token.expose()), expires_at)?;
+    Ok(Reply::json(
+        200,
+        json!({"token": token.expose(), "token_type": "Bearer", "expires_at": rfc3339(expires_at)}),
+    ))
+}
+
+fn logout(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    authenticate(store, req)?;
+    let token = req
+        .authorization
+        .as_deref()
+        .and_then(bearer)
+        .unwrap_or_default();
+    store.delete_session(&auth::token_hash(token))?;
+    Ok(Reply::no_content())
+}
+
+fn me(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let user = authenticate(store, req)?;
+    Ok(Reply::json(
+        200,
+        json!({"user": {"id": user.id, "email": user.email}}),
+    ))
+}
+
+fn provider_param(req: &Incoming) -> Result<Provider, ApiError> {
+    Ok(Provider::parse_or_default(req.query_param("provider"))?)
+}
+
+fn get_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let user = authenticate(store, req)?;
+    let provider = provider_param(req)?;
+    let reveal = match req.query_param("reveal") {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(_) => {
+            return Err(ApiError::new(
+                422,
+                "validation_failed",
+                "reveal must be true or false",
+            ))
+        }
+    };
+    let found = store.get_default_key(user.id, &provider, reveal)?;
+    let body = match found {
+        None => {
+            json!({"has_key": false, "provider": provider.as_str(), "masked_key": null, "source": null})
+        }
+        Some(f) => {
+            let mut v = json!({
+                "has_key": true,
+                "provider": provider.as_str(),
+                "masked_key": f.key.masked(),
+                "source": f.source.as_str(),
+            });
+            if reveal {
+                v["api_key"] = Value::String(f.key.expose().to_owned());
+            }
+            v
+        }
+    };
+    Ok(Reply::json(200, body))
+}
+
+fn set_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let user = authenticate(store, req)?;
+    let body = req.json()?;
+    let key = ApiKey::parse(body.required_str("api_key")?)?;
+    let provider = Provider::parse_or_default(body.optional_str("provider")?)?;
+    let source = store.set_default_key(user.id, &provider, &key)?;
+    Ok(Reply::json(
+        200,
+        json!({"has_key": true, "provider": provider.as_str(), "masked_key": key.masked(), "source": source.as_str()}),
+    ))
+}
+
+fn delete_default_key(
+    _: &App,
+    store: &mut Store,
+    req: &Incoming,
+    _: &[&str],
+) -> Result<Reply, ApiError> {
+    let user = authenticate(store, req)?;
+    let provider = provider_param(req)?;
+    store.delete_default_key(user.id, &provider)?;
+    Ok(Reply::no_content())
+}
+
+fn key_json(k: &KeyView) -> Value {
+    json!({
+        "id": k.id,
+        "provider": k.provider,
+        "name": k.name,
+        "masked_key": k.masked_key,
+        "is_default": k.is_default,
+        "source": k.source.as_str(),
+        "created_at": k.created_at.map(rfc3339),
+        "updated_at": k.updated_at.map(rfc3339),
+        "last_used_at": k.last_used_at.map(rfc3339),
+        "usage_count": k.usage_count,
+    })
+}
+
+fn list_keys(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let user = authenticate(store, req)?;
+    let KeyList {
+        phase,
+        keys,
+        column_present,
+        column_has_key,
+    } = store.list_keys(user.id)?;
+    Ok(Reply::json(
+        200,
+        json!({
+            "phase": phase.as_str(),
+            "keys": keys.iter().map(key_json).collect::<Vec<_>>(),
+            "legacy_column": {"present": column_present, "has_key": column_has_key},
+        }),
+    ))
+}
+
+fn add_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let user = authenticate(store, req)?;
+    let body = req.json()?;
+    let new = NewKey {
+        provider: Provider::parse(body.required_str("provider")?)?,
+        key: ApiKey::parse(body.required_str("api_key")?)?,
+        name: body.optional_str("name")?.map(KeyName::parse).transpose()?,
+        is_default: body.optional_bool("is_default")?,
+    };
+    let view = store.add_key(user.id, &new)?;
+    Ok(Reply::json(201, json!({"key": key_json(&view)})))
+}
+
+fn delete_key(
+    _: &App,
+    store: &mut Store,
+    req: &Incoming,
+    params: &[&str],
+) -> Result<Reply, ApiError> {
+    let user = authenticate(store, req)?;
+    // An id that is not a number is not this user's key either.
+    let id: i64 = params
+        .first()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ApiError::new(404, "not_found", "no such key"))?;
+    store.delete_key(user.id, id)?;
+    Ok(Reply::no_content())
+}
+
+fn migrate_keys(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let user = authenticate(store, req)?;
+    let (moved, phase) = store.migrate_user(user.id)?;
+    Ok(Reply::json(
+        200,
+        json!({
+            "migrated": moved.migrated,
+            "already_migrated": moved.already_migrated,
+            "conflicts": moved.conflicts,
+            "phase": phase.as_str(),
+        }),
+    ))
+}
+
+fn admin_status(
+    app: &App,
+    store: &mut Store,
+    req: &Incoming,
+    _: &[&str],
+) -> Result<Reply, ApiError> {
+    let expected = app.admin_token.as_ref().ok_or_else(ApiError::not_found)?;
+    let given = req
+        .authorization
+        .as_deref()
+        .and_then(bearer)
+        .unwrap_or_default();
+    if !auth::constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) {
+        return Err(ApiError::unauthorized(
+            "the admin token is missing or wrong",
+        ));
+    }
+    let status = Status::collect(store.conn_mut(), &app.ring)?;
+    Ok(Reply::json(200, status.to_json()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_matching() {
+        assert_eq!(
+            match_path("/user/api-keys/{id}", "/user/api-keys/12"),
+            Some(vec!["12"])
+        );
+        assert_eq!(match_path("/user/api-keys/{id}", "/user/api-keys/"), None);
+        assert_eq!(match_path("/user/api-keys/{id}", "/user/api-keys"), None);
+        assert_eq!(match_path("/healthz", "/healthz"), Some(vec![]));
+        assert_eq!(match_path("/healthz", "/healthz/x"), None);
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer"), None);
+    }
+}

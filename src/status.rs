@@ -1,0 +1,81 @@
+//! The status report of `keyrack status` and GET /admin/status: phase, schema version and the
+//! counts of SPEC section 3, every stored value decrypted to check it.
+
+use rusqlite::Connection;
+use serde_json::{json, Value};
+
+use crate::crypto::KeyRing;
+use crate::db;
+use crate::phase::Phase;
+use crate::store::keys::{self, Survey};
+use crate::store::{meta, StoreError};
+
+#[derive(Debug)]
+pub struct Status {
+    pub phase: Phase,
+    pub schema_version: i64,
+    pub survey: Survey,
+}
+
+impl Status {
+    /// Reads everything in one read transaction, so the counts agree with each other.
+    pub fn collect(conn: &mut Connection, ring: &KeyRing) -> Result<Status, StoreError> {
+        let tx = conn.transaction()?;
+        let phase = meta::phase(&tx)?;
+        let schema_version = db::schema_version(&tx)?;
+        let survey = keys::survey(&tx, ring, phase)?;
+        tx.commit()?;
+        Ok(Status {
+            phase,
+            schema_version,
+            survey,
+        })
+    }
+
+    pub fn to_json(&self) -> Value {
+        let s = &self.survey;
+        json!({
+            "phase": self.phase.as_str(),
+            "schema_version": self.schema_version,
+            "users": s.users,
+            "column_keys": s.column_keys,
+            "table_keys": s.table_keys,
+            "unmigrated": s.unmigrated,
+            "conflicts": s.conflicts,
+            "undecryptable": s.undecryptable,
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        let s = &self.survey;
+        let mut out = format!(
+            "phase            {}\nschema version   {}\nusers            {}\ncolumn keys      {}\n\
+             table keys       {}\nunmigrated       {}\nconflicts        {}\nundecryptable    {}\n",
+            self.phase,
+            self.schema_version,
+            s.users,
+            s.column_keys,
+            s.table_keys,
+            s.unmigrated,
+            s.conflicts,
+            s.undecryptable
+        );
+        for (what, ids) in [
+            ("unmigrated", &s.unmigrated_ids),
+            ("conflicts", &s.conflict_ids),
+            ("undecryptable", &s.undecryptable_ids),
+        ] {
+            if !ids.is_empty() {
+                out.push_str(&format!("{what}: user ids {}\n", join_ids(ids)));
+            }
+        }
+        out
+    }
+}
+
+pub fn join_ids(ids: &[i64]) -> String {
+    ids.iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,153 @@
+//! The only place with SQL. A `Store` is one connection (one per worker thread) plus the key
+//! ring; every operation is one transaction — IMMEDIATE for anything that may write, so that a
+//! read-then-write never fails with a BUSY that no timeout cures — and every key operation
+//! reads the phase inside its own transaction (`store::keys`), so a phase command run by another
+//! process takes effect at the next request.
+
+pub mod keys;
+pub mod meta;
+pub mod users;
+
+use rusqlite::{Connection, ErrorCode, Transaction, TransactionBehavior};
+use std::sync::Arc;
+
+use crate::crypto::{KeyRing, OpenError};
+use crate::usage::UsageLog;
+
+/// Which store a value was read from or written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The `api_keys` table.
+    Table,
+    /// The legacy column `users.openai_api_key`.
+    Column,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Table => "api_keys",
+            Source::Column => "users_column",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the database stayed locked past the time limit")]
+    Busy,
+    #[error("this email is already registered")]
+    EmailTaken,
+    #[error("not found")]
+    NotFound,
+    /// The current phase cannot do this; the message says why and what to do.
+    #[error("{0}")]
+    PhaseConflict(String),
+    /// A stored value does not open. Carries where it is, never the value.
+    #[error("stored key of user {user_id} in {} (key id {key_id:?}) does not decrypt: {reason}", .source_store.as_str())]
+    KeyUnreadable {
+        user_id: i64,
+        source_store: Source,
+        key_id: Option<i64>,
+        reason: OpenError,
+    },
+    #[error("database error: {0}")]
+    Sql(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Busy,
+            _ => StoreError::Sql(e),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// One connection and what the key operations need beside it.
+pub struct Store {
+    conn: Connection,
+    ring: Arc<KeyRing>,
+    usage: Arc<UsageLog>,
+}
+
+impl Store {
+    pub fn new(conn: Connection, ring: Arc<KeyRing>, usage: Arc<UsageLog>) -> Store {
+        Store { conn, ring, usage }
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    /// Runs `f` in an IMMEDIATE transaction and commits when it returns `Ok`.
+    pub fn write<T>(
+        &mut self,
+        f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let ctx = Ctx {
+            ring: &self.ring,
+            usage: &self.usage,
+        };
+        let out = f(&tx, &ctx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Runs `f` in a read transaction: one consistent snapshot, no lock taken for writing.
+    pub fn read<T>(
+        &mut self,
+        f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let ctx = Ctx {
+            ring: &self.ring,
+            usage: &self.usage,
+        };
+        let out = f(&tx, &ctx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+/// What a transaction body may use beside the transaction itself.
+pub struct Ctx<'a> {
+    pub ring: &'a KeyRing,
+    pub usage: &'a UsageLog,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// A Unix time as RFC 3339 (UTC).
+pub fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// True when the error is a UNIQUE constraint violation.
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+    )
+}

@@ -1,0 +1,108 @@
+//! Accounts and sessions. Passwords arrive here already hashed, tokens as their SHA-256.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::{is_unique_violation, now, Result, Store, StoreError};
+use crate::domain::Email;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: i64,
+    pub email: String,
+}
+
+/// What a login needs: the user and their password hash.
+#[derive(Debug)]
+pub struct Credentials {
+    pub user: User,
+    pub password_hash: String,
+}
+
+impl Store {
+    pub fn create_user(&mut self, email: &Email, password_hash: &str) -> Result<User> {
+        self.write(|tx, _| insert_user(tx, email, password_hash))
+    }
+
+    pub fn credentials(&mut self, email: &str) -> Result<Option<Credentials>> {
+        self.read(|tx, _| {
+            Ok(tx
+                .prepare_cached("SELECT id, email, password_hash FROM users WHERE email = ?1")?
+                .query_row([email], |r| {
+                    Ok(Credentials {
+                        user: User {
+                            id: r.get(0)?,
+                            email: r.get(1)?,
+                        },
+                        password_hash: r.get(2)?,
+                    })
+                })
+                .optional()?)
+        })
+    }
+
+    pub fn create_session(
+        &mut self,
+        user_id: i64,
+        token_hash: &[u8],
+        expires_at: i64,
+    ) -> Result<()> {
+        self.write(|tx, _| {
+            let t = now();
+            // Expired sessions of this user go at the same time, so the table does not grow.
+            tx.prepare_cached("DELETE FROM sessions WHERE user_id = ?1 AND expires_at <= ?2")?
+                .execute(params![user_id, t])?;
+            tx.prepare_cached(
+                "INSERT INTO sessions(token_hash, user_id, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![token_hash, user_id, t, expires_at])?;
+            Ok(())
+        })
+    }
+
+    /// The user a live session token belongs to.
+    pub fn session_user(&mut self, token_hash: &[u8]) -> Result<Option<User>> {
+        let conn = self.conn();
+        Ok(conn
+            .prepare_cached(
+                "SELECT u.id, u.email FROM sessions s JOIN users u ON u.id = s.user_id
+                 WHERE s.token_hash = ?1 AND s.expires_at > ?2",
+            )?
+            .query_row(params![token_hash, now()], |r| {
+                Ok(User {
+                    id: r.get(0)?,
+                    email: r.get(1)?,
+                })
+            })
+            .optional()?)
+    }
+
+    pub fn delete_session(&mut self, token_hash: &[u8]) -> Result<()> {
+        self.write(|tx, _| {
+            tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
+                .execute([token_hash])?;
+            Ok(())
+        })
+    }
+}
+
+pub(crate) fn insert_user(
+    tx: &rusqlite::Transaction<'_>,
+    email: &Email,
+    password_hash: &str,
+) -> Result<User> {
+    let id = tx
+        .prepare_cached("INSERT INTO users(email, password_hash, created_at) VALUES (?1, ?2, ?3)")?
+        .insert(params![email.as_str(), password_hash, now()])
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::EmailTaken
+            } else {
+                e.into()
+            }
+        })?;
+    Ok(User {
+        id,
+        email: email.as_str().to_owned(),
+    })
+}
