@@ -1,0 +1,21 @@
+# keyrack: the everyday commands. The README gives the same ones.
+.PHONY: run test bench fmt lint ci
+
+run:
+	cargo run --release
+
+test:
+	cargo test --locked
+
+bench:
+	bash benches/run.sh
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --all-targets --locked -- -D warnings
+
+ci:
+	bash .ci/run
