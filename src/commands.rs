@@ -395,8 +395,12 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
             let sql = if store == "api_keys" {
                 "SELECT id, user_id, provider, sealed_key FROM api_keys WHERE id > ?1 ORDER BY id LIMIT ?2"
             } else {
+                // Mirrors of a default row were re-sealed with it and are not counted twice.
                 "SELECT id, id, 'openai', openai_api_key FROM users
-                 WHERE id > ?1 AND openai_api_key IS NOT NULL ORDER BY id LIMIT ?2"
+                 WHERE id > ?1 AND openai_api_key IS NOT NULL
+                   AND openai_api_key IS NOT (SELECT k.sealed_key FROM api_keys k
+                       WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1)
+                 ORDER BY id LIMIT ?2"
             };
             let rows: Vec<(i64, i64, String, String)> = tx
                 .prepare(sql)
@@ -431,12 +435,13 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
                             .map_err(db_err)?;
                         // In phase dual the column mirrors the default row: keep them the same text.
                         if store == "api_keys" && column && provider == "openai" {
-                            tx.execute(
-                                "UPDATE users SET openai_api_key = ?2
+                            resealed += tx
+                                .execute(
+                                    "UPDATE users SET openai_api_key = ?2
                                  WHERE id = ?1 AND openai_api_key = ?3",
-                                rusqlite::params![uid, new, sealed],
-                            )
-                            .map_err(db_err)?;
+                                    rusqlite::params![uid, new, sealed],
+                                )
+                                .map_err(db_err)? as u64;
                         }
                         resealed += 1;
                     }

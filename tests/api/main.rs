@@ -2,4 +2,6 @@
 //! parallel, each against its own server and database.
 
 mod foundation;
+mod keys;
+mod phases;
 mod support;

@@ -201,10 +201,14 @@ impl Server {
             Some(b) => req.send_json(b.clone()),
             None => req.call(),
         };
+        Self::into_resp(result, &format!("{method} {path}"))
+    }
+
+    fn into_resp(result: Result<ureq::Response, ureq::Error>, what: &str) -> Resp {
         let resp = match result {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {path}: {e}"),
+            Err(e) => panic!("{what}: {e}"),
         };
         let status = resp.status();
         let headers = resp
@@ -223,6 +227,16 @@ impl Server {
             raw,
             headers,
         }
+    }
+
+    /// POSTs `body` as it is, with a JSON content type.
+    pub fn post_raw(&self, path: &str, body: &str) -> Resp {
+        let result = self
+            .agent
+            .post(&format!("{}{}", self.base, path))
+            .set("Content-Type", "application/json")
+            .send_string(body);
+        Self::into_resp(result, path)
     }
 
     pub fn get(&self, path: &str, token: Option<&str>) -> Resp {
@@ -353,4 +367,101 @@ pub fn sql_value(db: &Path, query: &str) -> rusqlite::types::Value {
     c.busy_timeout(Duration::from_secs(10))
         .expect("busy timeout");
     c.query_row(query, [], |r| r.get(0)).expect("query")
+}
+
+/// Seals a value exactly as keyrack does (format `kr1:<key id>:<base64(nonce || ct)>`, bound to
+/// user and provider), so tests can write thousands of legacy rows without thousands of HTTP
+/// calls. The tests that read these rows back through keyrack check that the formats agree.
+pub fn seal_like_keyrack(key_b64: &str, user_id: i64, provider: &str, plaintext: &str) -> String {
+    use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+    use aes_gcm::{Aes256Gcm, Key};
+    use base64::Engine as _;
+    use sha2::Digest;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = b64.decode(key_b64).unwrap();
+    let mut h = sha2::Sha256::new();
+    h.update(b"keyrack key id v1\0");
+    h.update(&key);
+    let id: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key));
+    let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+    let aad = format!("keyrack/v1/user:{user_id}/provider:{provider}");
+    let ct = cipher
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext.as_bytes(),
+                aad: aad.as_bytes(),
+            },
+        )
+        .unwrap();
+    let mut raw = nonce.to_vec();
+    raw.extend(ct);
+    format!("kr1:{id}:{}", b64.encode(raw))
+}
+
+/// The password of every seeded user.
+pub const SEED_PASSWORD: &str = "correct horse battery";
+
+/// The plaintext key of seeded user `id`.
+pub fn seed_key(id: i64) -> String {
+    format!("sk-legacy-{id:08}-abcdefgh")
+}
+
+/// Adds `n` users `user<i>@example.com`, each with a legacy column key sealed under `KEY_A`,
+/// in one transaction. The database must exist (run any command first).
+pub fn seed_legacy_users(db: &Path, n: i64) {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    let hash = argon2::Argon2::default()
+        .hash_password(SEED_PASSWORD.as_bytes(), &salt)
+        .unwrap()
+        .to_string();
+    let mut c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let tx = c.transaction().unwrap();
+    {
+        let mut ins = tx
+            .prepare("INSERT INTO users(email, password_hash, created_at) VALUES (?1, ?2, 0)")
+            .unwrap();
+        let mut col = tx
+            .prepare("UPDATE users SET openai_api_key = ?2 WHERE id = ?1")
+            .unwrap();
+        for i in 0..n {
+            let id = ins
+                .insert(rusqlite::params![format!("user{i}@example.com"), hash])
+                .unwrap();
+            col.execute(rusqlite::params![
+                id,
+                seal_like_keyrack(KEY_A, id, "openai", &seed_key(id))
+            ])
+            .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+}
+
+/// `keyrack status --json`, parsed.
+pub fn status_json(env: &Env) -> Value {
+    let out = env.run(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    serde_json::from_str(stdout(&out).trim()).expect("status JSON")
+}
+
+pub fn integrity_ok(db: &Path) -> bool {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let r: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    r == "ok"
+}
+
+/// Writes a fixtures file into the environment's directory and returns its path.
+pub fn fixtures_file(env: &Env, name: &str, v: &Value) -> PathBuf {
+    let p = env.path(name);
+    std::fs::write(&p, serde_json::to_vec_pretty(v).unwrap()).unwrap();
+    p
 }
