@@ -269,7 +269,7 @@ pub fn remove_legacy_column(
     // VACUUM INTO writes a consistent snapshot, whoever else is writing.
     conn.execute("VACUUM INTO ?1", [backup_path.to_string_lossy()])
         .map_err(|e| {
-            Failure::Runtime(format!(
+            Failure::Refused(format!(
                 "refused: the backup to {} failed ({e}); nothing was changed",
                 backup_path.display()
             ))

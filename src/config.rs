@@ -174,7 +174,10 @@ impl Config {
             old_encryption_keys,
             admin_token: lookup.get("KEYRACK_ADMIN_TOKEN").map(Secret::new),
             session_ttl_secs,
-            log_filter: lookup.get("RUST_LOG").unwrap_or_else(|| "info".to_owned()),
+            // refinery's own info lines (one per start) are noise for the one-shot commands.
+            log_filter: lookup
+                .get("RUST_LOG")
+                .unwrap_or_else(|| "info,refinery_core=warn".to_owned()),
         })
     }
 }

@@ -2,55 +2,16 @@
 //! HTTP API, carried through the three-phase move from `users.openai_api_key` to `api_keys`.
 //!
 //! `main` is thin: parse the command line, set up logging, load the configuration, run the
-//! command, turn its outcome into an exit code. See ARCHITECTURE.md for the map.
-
-mod app;
-mod auth;
-mod commands;
-mod config;
-mod crypto;
-mod db;
-mod domain;
-mod fixtures;
-mod http;
-mod phase;
-mod status;
-mod store;
-mod usage;
+//! command, turn its outcome into an exit code. The work lives in the library (`src/lib.rs`);
+//! see ARCHITECTURE.md for the map.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use config::{Config, Lookup, ServeConfig};
-
-/// How a command failed, and so its exit code (SPEC section 3).
-#[derive(Debug)]
-pub enum Failure {
-    /// Exit 1: failure at run time.
-    Runtime(String),
-    /// Exit 2: usage or configuration error.
-    Config(String),
-    /// Exit 3: refused by a safety check.
-    Refused(String),
-}
-
-impl Failure {
-    fn exit_code(&self) -> u8 {
-        match self {
-            Failure::Runtime(_) => 1,
-            Failure::Config(_) => 2,
-            Failure::Refused(_) => 3,
-        }
-    }
-
-    fn message(&self) -> &str {
-        match self {
-            Failure::Runtime(m) | Failure::Config(m) | Failure::Refused(m) => m,
-        }
-    }
-}
+use keyrack::config::{Config, Lookup, ServeConfig};
+use keyrack::{app, commands, fixtures, http, Failure};
 
 #[derive(Parser)]
 #[command(

@@ -398,12 +398,17 @@ impl Store {
         let must_move =
             self.read(|tx, _| Ok(meta::phase(tx)? == Phase::Dual && needs_move(tx, user_id)?))?;
         if must_move {
-            self.write(|tx, ctx| {
+            let moved = self.write(|tx, ctx| {
                 if meta::phase(tx)? == Phase::Dual {
                     ensure_moved(tx, ctx, user_id)?;
                 }
                 Ok(())
-            })?;
+            });
+            match moved {
+                // A column value that does not open stays where it is; the listing still answers.
+                Err(e @ StoreError::KeyUnreadable { .. }) => log::error!("{e}"),
+                other => other?,
+            }
         }
         self.read(|tx, ctx| {
             let phase = meta::phase(tx)?;

@@ -543,3 +543,38 @@ fn a_panicking_handler_answers_500_and_the_worker_lives() {
     // The one worker still serves.
     assert_eq!(s.get("/healthz", None).status, 200);
 }
+
+#[test]
+fn a_database_locked_too_long_answers_503_busy() {
+    let env = Env::new();
+    let s = env.serve();
+    let t = s.user("ada@example.com");
+    // Another process holds the write lock past keyrack's busy timeout.
+    let mut holder = rusqlite::Connection::open(env.db()).unwrap();
+    let tx = holder
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .unwrap();
+    let r = s.set_key(&t, "openai", "sk-busy-0123456789");
+    assert_eq!((r.status, r.code()), (503, "busy"), "{}", r.raw);
+    assert_eq!(r.header("Retry-After"), Some("1"));
+    assert!(
+        !r.raw.contains("locked"),
+        "no SQLite text reaches the client"
+    );
+    tx.rollback().unwrap();
+    assert_eq!(s.set_key(&t, "openai", "sk-busy-0123456789").status, 200);
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed() {
+    use std::io::Read;
+    let s = Env::new().serve();
+    let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    // Sends nothing: the server closes the connection (it would otherwise hold a thread).
+    let mut buf = [0u8; 64];
+    let n = c.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert_eq!(s.get("/healthz", None).status, 200);
+}

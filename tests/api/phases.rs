@@ -533,3 +533,66 @@ fn load_fixtures_is_all_or_nothing() {
         (Some(1), Some(1), Some(1))
     );
 }
+
+/// Runs a keyrack command on a pseudo-terminal (util-linux `script`), typing `typed`.
+fn on_terminal(env: &Env, args: &str, typed: &str) -> std::process::Output {
+    use std::io::Write;
+    let cmd = format!("{BIN} --db {} {args}", env.db().display());
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .current_dir(env.dir.path())
+        .env("KEYRACK_ENCRYPTION_KEY", KEY_A)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script(1) from util-linux");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(typed.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn confirmation_on_a_terminal_takes_the_exact_word() {
+    let env = legacy_env(2);
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
+    let backup = env.path("typed.db");
+    let args = format!("remove-legacy-column --backup {}", backup.display());
+    let out = on_terminal(&env, &args, "yes\n");
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    assert!(stdout(&out).contains("Type `remove`"), "{}", stdout(&out));
+    assert_eq!(
+        status_json(&env)["phase"],
+        "dual",
+        "a wrong word changes nothing"
+    );
+    std::fs::remove_file(&backup).unwrap();
+    let out = on_terminal(&env, &args, "remove\n");
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert_eq!(status_json(&env)["phase"], "new_only");
+    let out = on_terminal(&env, "revert", "revert\n");
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert_eq!(status_json(&env)["phase"], "legacy");
+}
+
+#[test]
+fn a_failed_backup_refuses_and_changes_nothing() {
+    let env = legacy_env(2);
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
+    let nowhere = env.path("no-such-dir/backup.db");
+    let out = env.run(&[
+        "remove-legacy-column",
+        "--yes",
+        "--backup",
+        nowhere.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("backup"));
+    assert_eq!(status_json(&env)["phase"], "dual");
+    assert_eq!(status_json(&env)["column_keys"], 2);
+}
