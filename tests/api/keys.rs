@@ -377,13 +377,7 @@ fn usage_is_counted_and_flushed_at_clean_shutdown() {
 #[test]
 fn dual_read_moves_a_column_only_key() {
     let env = Env::new();
-    let f = fixtures_file(
-        &env,
-        "f.json",
-        &json!({"users": [{"email": "ada@example.com", "password": "correct horse battery",
-                           "openai_api_key": "sk-legacy-0123456789abcdef"}]}),
-    );
-    let s = env.serve_with(&["--fixtures", f.to_str().unwrap()]);
+    let s = env.serve_with(&["--fixtures", &repo_fixture("legacy-one.json")]);
     assert_eq!(
         sql_value(&env.db(), "SELECT COUNT(*) FROM api_keys"),
         Sql::Integer(0)
@@ -411,13 +405,7 @@ fn dual_read_moves_a_column_only_key() {
 #[test]
 fn adding_an_openai_key_first_moves_the_column_key() {
     let env = Env::new();
-    let f = fixtures_file(
-        &env,
-        "f.json",
-        &json!({"users": [{"email": "ada@example.com", "password": "correct horse battery",
-                           "openai_api_key": "sk-legacy-0123456789abcdef"}]}),
-    );
-    let s = env.serve_with(&["--fixtures", f.to_str().unwrap()]);
+    let s = env.serve_with(&["--fixtures", &repo_fixture("legacy-one.json")]);
     let t = s.login("ada@example.com");
     let r = s.post(
         "/user/api-keys",

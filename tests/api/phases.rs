@@ -113,14 +113,8 @@ fn migrate_from_legacy_lets_the_column_win_over_stale_rows() {
 #[test]
 fn migrate_reports_conflicts_and_failures_with_exit_1() {
     let env = Env::new();
-    let f = fixtures_file(
-        &env,
-        "f.json",
-        &json!({"users": [{"email": "cy@example.com", "password": "correct horse battery",
-                           "openai_api_key": "sk-column-value-0123456789",
-                           "api_keys": [{"provider": "openai", "api_key": "sk-table-value-0123456789"}]}]}),
-    );
-    let out = env.run(&["load-fixtures", f.to_str().unwrap()]);
+    let f = repo_fixture("conflict.json");
+    let out = env.run(&["load-fixtures", &f]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let out = env.run(&["migrate"]);
     assert_eq!(out.status.code(), Some(1));
@@ -137,14 +131,8 @@ fn migrate_reports_conflicts_and_failures_with_exit_1() {
 #[test]
 fn remove_legacy_column_refuses_on_conflict_with_exit_3() {
     let env = Env::new();
-    let f = fixtures_file(
-        &env,
-        "f.json",
-        &json!({"users": [{"email": "cy@example.com", "password": "correct horse battery",
-                           "openai_api_key": "sk-column-value-0123456789",
-                           "api_keys": [{"provider": "openai", "api_key": "sk-table-value-0123456789"}]}]}),
-    );
-    env.run(&["load-fixtures", f.to_str().unwrap()]);
+    let f = repo_fixture("conflict.json");
+    env.run(&["load-fixtures", &f]);
     let out = env.run(&["remove-legacy-column", "--yes"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let err = stderr(&out);
@@ -492,14 +480,8 @@ fn rotate_encryption_key_reseals_everything() {
 #[test]
 fn load_fixtures_is_all_or_nothing() {
     let env = Env::new();
-    let good = fixtures_file(
-        &env,
-        "good.json",
-        &json!({"users": [{"email": "ada@example.com", "password": "correct horse battery",
-                           "openai_api_key": "sk-legacy-0123456789abcdef",
-                           "api_keys": [{"provider": "anthropic", "api_key": "sk-ant-0123456789", "name": "work"}]}]}),
-    );
-    let out = env.run(&["load-fixtures", good.to_str().unwrap()]);
+    let good = repo_fixture("demo.json");
+    let out = env.run(&["load-fixtures", &good]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let dup = fixtures_file(
         &env,
@@ -512,7 +494,7 @@ fn load_fixtures_is_all_or_nothing() {
     assert!(stderr(&out).contains("ada@example.com"), "{}", stderr(&out));
     assert_eq!(
         sql_value(&env.db(), "SELECT COUNT(*) FROM users"),
-        Sql::Integer(1),
+        Sql::Integer(2),
         "nothing inserted"
     );
     let bad = fixtures_file(
@@ -530,7 +512,7 @@ fn load_fixtures_is_all_or_nothing() {
             st["table_keys"].as_i64(),
             st["unmigrated"].as_i64()
         ),
-        (Some(1), Some(1), Some(1))
+        (Some(1), Some(3), Some(1))
     );
 }
 

@@ -465,3 +465,8 @@ pub fn fixtures_file(env: &Env, name: &str, v: &Value) -> PathBuf {
     std::fs::write(&p, serde_json::to_vec_pretty(v).unwrap()).unwrap();
     p
 }
+
+/// A fixtures file of the repository's `fixtures/` folder.
+pub fn repo_fixture(name: &str) -> String {
+    format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
