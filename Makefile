@@ -5,7 +5,7 @@ run:
 	cargo run --release
 
 test:
-	cargo test --locked
+	cargo test
 
 bench:
 	bash benches/run.sh
