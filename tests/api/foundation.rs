@@ -578,3 +578,28 @@ fn an_idle_keep_alive_connection_is_closed() {
     assert_eq!(n, 0, "closed without an answer");
     assert_eq!(s.get("/healthz", None).status, 200);
 }
+
+#[test]
+fn a_refused_body_that_never_comes_does_not_hold_the_worker() {
+    use std::io::{Read, Write};
+    let s = Env::new().serve_with(&["--workers", "1"]);
+    let mut a = std::net::TcpStream::connect(&s.addr).unwrap();
+    a.write_all(b"POST /auth/register HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("payload_too_large") {
+        let n = a.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // `a` stays open and silent. The only worker still answers someone else, well before the
+    // 10 s socket timeout would have freed it.
+    let r = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(6))
+        .build()
+        .get(&format!("{}/healthz", s.base))
+        .call();
+    assert_eq!(r.map(|r| r.status()).ok(), Some(200));
+    drop(a);
+}

@@ -4,6 +4,7 @@ use std::io::{self, Cursor, ErrorKind, Read, Write};
 use std::fmt;
 use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
@@ -88,6 +89,10 @@ pub struct Request {
 /// that a response closed is shut down. Reading it lets the client, still sending, see the
 /// response rather than a reset; the limit keeps a huge body from being read at all.
 const LINGER_BYTES: u64 = 4 * 1024 * 1024;
+/// keyrack patch: the longest time spent on that.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// keyrack patch: the longest wait for one read while lingering.
+const LINGER_STEP: Duration = Duration::from_millis(250);
 
 struct NotifyOnDrop<R> {
     sender: Sender<()>,
@@ -522,7 +527,19 @@ impl Drop for Request {
             if let Some(handle) = self.close_handle.take() {
                 let _ = handle.shutdown(Shutdown::Write);
                 if let Some(mut reader) = self.data_reader.take() {
-                    let _ = io::copy(&mut reader.by_ref().take(LINGER_BYTES), &mut io::sink());
+                    // Bounded in bytes and in time, so a client that stops sending cannot
+                    // hold the worker thread.
+                    let _ = handle.set_read_timeout(Some(LINGER_STEP));
+                    let deadline = Instant::now() + LINGER_TIME;
+                    let mut left = LINGER_BYTES;
+                    let mut buf = [0u8; 8192];
+                    while left > 0 && Instant::now() < deadline {
+                        let want = buf.len().min(left as usize);
+                        match reader.read(&mut buf[..want]) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => left -= n as u64,
+                        }
+                    }
                     let _ = handle.shutdown(Shutdown::Read);
                     drop(reader);
                 } else {
