@@ -82,6 +82,7 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -138,5 +139,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::GenKey => Ok(()),
+    }
+}
+
+/// glibc raises its mmap threshold after the first large block is freed, so later large blocks
+/// (argon2's 9 MiB, big response buffers) come from per-thread arenas and their memory is never
+/// given back: the server's resident size then grows with every worker that once hashed a
+/// password. A fixed threshold keeps large blocks in mmap, returned on free; two arenas bound
+/// the rest.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called once, before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }

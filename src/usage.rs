@@ -37,6 +37,7 @@ impl UsageLog {
             }
             p.iter().map(|(k, v)| (*k, *v)).collect()
         };
+        let _serial = crate::store::write_lock();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut stmt = tx.prepare_cached(

@@ -393,81 +393,26 @@ impl Store {
         })
     }
 
-    /// GET /user/api-keys.
+    /// GET /user/api-keys. In phase dual a key found only in the column is moved first.
     pub fn list_keys(&mut self, user_id: i64) -> Result<KeyList> {
-        let must_move =
-            self.read(|tx, _| Ok(meta::phase(tx)? == Phase::Dual && needs_move(tx, user_id)?))?;
-        if must_move {
-            let moved = self.write(|tx, ctx| {
-                if meta::phase(tx)? == Phase::Dual {
-                    ensure_moved(tx, ctx, user_id)?;
-                }
-                Ok(())
-            });
-            match moved {
-                // A column value that does not open stays where it is; the listing still answers.
-                Err(e @ StoreError::KeyUnreadable { .. }) => log::error!("{e}"),
-                other => other?,
-            }
+        if let Some(list) = self.read(|tx, ctx| list_in(tx, ctx, user_id, true))? {
+            return Ok(list);
         }
-        self.read(|tx, ctx| {
-            let phase = meta::phase(tx)?;
-            let column = if phase.has_column() {
-                column_get(tx, user_id)?
-            } else {
-                None
-            };
-            let mut keys = Vec::new();
-            if phase == Phase::Legacy {
-                if let Some(c) = &column {
-                    keys.push(KeyView {
-                        id: None,
-                        provider: OPENAI.to_owned(),
-                        name: None,
-                        masked_key: masked(ctx, user_id, OPENAI, c, (Source::Column, None)),
-                        is_default: true,
-                        source: Source::Column,
-                        created_at: None,
-                        updated_at: None,
-                        last_used_at: None,
-                        usage_count: 0,
-                    });
-                }
-            } else {
-                let mut stmt = tx.prepare_cached(&format!(
-                    "SELECT {ROW_COLUMNS} FROM api_keys WHERE user_id = ?1 ORDER BY provider, id"
-                ))?;
-                let rows = stmt.query_map([user_id], row)?;
-                for r in rows {
-                    let r = r?;
-                    let (pending, last) = ctx.usage.pending(r.id);
-                    keys.push(KeyView {
-                        id: Some(r.id),
-                        masked_key: masked(
-                            ctx,
-                            user_id,
-                            &r.provider,
-                            &r.sealed,
-                            (Source::Table, Some(r.id)),
-                        ),
-                        provider: r.provider,
-                        name: r.name,
-                        is_default: r.is_default,
-                        source: Source::Table,
-                        created_at: Some(r.created_at),
-                        updated_at: Some(r.updated_at),
-                        last_used_at: r.last_used_at.max(last),
-                        usage_count: r.usage_count + pending,
-                    });
-                }
+        let moved = self.write(|tx, ctx| {
+            if meta::phase(tx)? == Phase::Dual {
+                ensure_moved(tx, ctx, user_id)?;
             }
-            Ok(KeyList {
-                phase,
-                keys,
-                column_present: phase.has_column(),
-                column_has_key: column.is_some(),
+            Ok(())
+        });
+        match moved {
+            // A column value that does not open stays where it is; the listing still answers.
+            Err(e @ StoreError::KeyUnreadable { .. }) => log::error!("{e}"),
+            other => other?,
+        }
+        self.read(|tx, ctx| list_in(tx, ctx, user_id, false))?
+            .ok_or_else(|| {
+                StoreError::PhaseConflict("the listing changed under it; try again".into())
             })
-        })
     }
 
     /// POST /user/api-keys.
@@ -574,6 +519,75 @@ impl Store {
             }
         })
     }
+}
+
+/// The listing, read in one transaction; `None` when `check_move` finds a column-only key that a
+/// dual-phase read must move first.
+fn list_in(
+    tx: &Transaction<'_>,
+    ctx: &Ctx<'_>,
+    user_id: i64,
+    check_move: bool,
+) -> Result<Option<KeyList>> {
+    let phase = meta::phase(tx)?;
+    if check_move && phase == Phase::Dual && needs_move(tx, user_id)? {
+        return Ok(None);
+    }
+    let column = if phase.has_column() {
+        column_get(tx, user_id)?
+    } else {
+        None
+    };
+    let mut keys = Vec::new();
+    if phase == Phase::Legacy {
+        if let Some(c) = &column {
+            keys.push(KeyView {
+                id: None,
+                provider: OPENAI.to_owned(),
+                name: None,
+                masked_key: masked(ctx, user_id, OPENAI, c, (Source::Column, None)),
+                is_default: true,
+                source: Source::Column,
+                created_at: None,
+                updated_at: None,
+                last_used_at: None,
+                usage_count: 0,
+            });
+        }
+    } else {
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT {ROW_COLUMNS} FROM api_keys WHERE user_id = ?1 ORDER BY provider, id"
+        ))?;
+        let rows = stmt.query_map([user_id], row)?;
+        for r in rows {
+            let r = r?;
+            let (pending, last) = ctx.usage.pending(r.id);
+            keys.push(KeyView {
+                id: Some(r.id),
+                masked_key: masked(
+                    ctx,
+                    user_id,
+                    &r.provider,
+                    &r.sealed,
+                    (Source::Table, Some(r.id)),
+                ),
+                provider: r.provider,
+                name: r.name,
+                is_default: r.is_default,
+                source: Source::Table,
+                created_at: Some(r.created_at),
+                updated_at: Some(r.updated_at),
+                last_used_at: r.last_used_at.max(last),
+                usage_count: r.usage_count + pending,
+            });
+        }
+    }
+    Ok(Some(KeyList {
+        phase,
+        keys,
+        column_present: phase.has_column(),
+        column_has_key: column.is_some(),
+    }))
 }
 
 fn masked(

@@ -477,6 +477,13 @@ fn keeps_accepting_after_running_out_of_descriptors() {
     // The server runs with few descriptors; the test opens more connections than it can hold.
     let env = Env::new();
     let bin = BIN;
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut child = std::process::Command::new("sh")
         .arg("-c")
         .arg("ulimit -n 48 && exec \"$0\" \"$@\"")
@@ -496,12 +503,10 @@ fn keeps_accepting_after_running_out_of_descriptors() {
         .stderr(std::fs::File::create(env.path("fd.log")).unwrap())
         .spawn()
         .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _guard = KillOnDrop(child);
     let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
     let addr = line
         .trim()
         .trim_start_matches("keyrack listening on http://")
@@ -527,8 +532,6 @@ fn keeps_accepting_after_running_out_of_descriptors() {
         .get(&format!("http://{addr}/healthz"))
         .call();
     assert_eq!(r.map(|r| r.status()).ok(), Some(200));
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Turns the raw lines of benches/run.sh into a table (stdout, Markdown) and a JSON file."""
+import json
+import os
+import platform
+import sys
+import time
+
+raw_path, json_path = sys.argv[1], sys.argv[2]
+raw = {}
+for line in open(raw_path):
+    key, _, value = line.strip().partition(" ")
+    raw[key] = value
+
+
+def wrk(label, conns):
+    v = raw.get(f"wrk:{label}:{conns}")
+    return json.loads(v) if v else None
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+sync_ceiling = float(raw["sync_ceiling"])
+results = {
+    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    "machine": f"{os.cpu_count()} cores, {cpu_model()}, Linux {platform.release()}",
+    "start_to_ready_ms": {
+        "fresh": float(raw["ready:fresh"]) * 1000,
+        "users_100k": float(raw["ready:100k"]) * 1000,
+        "harness_only": float(raw["ready:harness"]) * 1000,
+    },
+    "sync_ceiling_commits_per_s": sync_ceiling,
+    "throughput": {},
+    "commands": {},
+    "server_rss_mib": {
+        "idle": int(raw["rss_idle_kib"]) / 1024,
+        "peak_after_64_connections": int(raw["rss_peak_kib"]) / 1024,
+    },
+}
+
+targets = {"healthz": 0.9, "reveal": 0.5, "list10": 0.4, "post_dual": 0.05}
+rows = []
+for label in ["healthz", "reveal", "post_dual", "list10", "login"]:
+    for c in [1, 16, 64]:
+        r, b = wrk(label, c), wrk("baseline", c)
+        if not r:
+            continue
+        entry = dict(r)
+        entry["ratio_to_baseline"] = r["rps"] / b["rps"] if b and b["rps"] else None
+        if label == "post_dual":
+            entry["ratio_to_sync_ceiling"] = r["rps"] / sync_ceiling
+        results["throughput"][f"{label}@{c}"] = entry
+        rows.append((label, c, entry))
+for c in [1, 16, 64]:
+    b = wrk("baseline", c)
+    if b:
+        results["throughput"][f"baseline@{c}"] = b
+
+for label in ["migrate", "status", "remove_legacy_column"]:
+    v = raw.get(f"cmd:{label}")
+    if v:
+        secs, kib = v.split()
+        results["commands"][label] = {"seconds": float(secs), "peak_rss_mib": int(kib) / 1024}
+
+json.dump(results, open(json_path, "w"), indent=2)
+
+print(f"keyrack benchmark, {results['date']}, {results['machine']}\n")
+print("| measure | connections | req/s | p50 ms | p99 ms | ratio to baseline | target | non-2xx |")
+print("|---|---|---|---|---|---|---|---|")
+for c in [1, 16, 64]:
+    b = wrk("baseline", c)
+    if b:
+        print(f"| baseline /healthz | {c} | {b['rps']:.0f} | {b['p50_us']/1000:.2f} | {b['p99_us']/1000:.2f} | 1.00 | | {b['non2xx']} |")
+for label, c, e in rows:
+    ratio = e["ratio_to_baseline"]
+    target = targets.get(label)
+    extra = ""
+    if label == "post_dual":
+        extra = f" ({e['ratio_to_sync_ceiling']:.2f} of sync ceiling, target 0.8)"
+    tgt = f"≥ {target}" if target else "(argon2, on its own)"
+    print(f"| {label} | {c} | {e['rps']:.0f} | {e['p50_us']/1000:.2f} | {e['p99_us']/1000:.2f} | {ratio:.2f}{extra} | {tgt} | {e['non2xx']} |")
+s = results["start_to_ready_ms"]
+print()
+print(f"- start to ready line (median of 20): fresh {s['fresh']:.1f} ms (target < 20), "
+      f"100,000 users {s['users_100k']:.1f} ms (target < 50); the measuring script alone {s['harness_only']:.1f} ms")
+print(f"- disk sync ceiling: {sync_ceiling:.0f} single-row commits/s (synchronous=FULL)")
+for label, v in results["commands"].items():
+    print(f"- {label}: {v['seconds']:.2f} s, peak RSS {v['peak_rss_mib']:.1f} MiB")
+m = results["server_rss_mib"]
+print(f"- server peak RSS: idle {m['idle']:.1f} MiB, after the 64-connection loads {m['peak_after_64_connections']:.1f} MiB (target < 32)")
+print(f"\nwritten to {json_path}")

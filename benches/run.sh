@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# keyrack's benchmark (`make bench`). Builds the release binary and measures, in one run, over
+# throwaway servers and databases:
+#   - start to ready line, on a fresh database and on one holding 100,000 users with keys
+#   - requests/s and p50/p99 latency at 1, 16 and 64 keep-alive connections (wrk), for
+#     /healthz, reveal, the dual-write POST, the 10-key listing, and logins
+#   - a baseline tiny_http server (benches/baseline.rs) answering /healthz, and the disk's sync
+#     ceiling (benches/sync_ceiling.rs); throughputs are reported as ratios of these
+#   - migrate over 1,000,000 legacy keys and remove-legacy-column over the result: seconds, peak RSS
+#   - the server's peak RSS idle and after the 64-connection loads
+# Prints a table and writes target/bench/results.json. Not a test; CI does not run it.
+#
+# Knobs: BENCH_SECONDS (per wrk run, default 5), BENCH_MIGRATE_KEYS (default 1000000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_PER_RUN=${BENCH_SECONDS:-5}
+MIGRATE_KEYS=${BENCH_MIGRATE_KEYS:-1000000}
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v hyperfine >/dev/null || need+=(hyperfine)
+command -v curl >/dev/null || need+=(curl)
+[ -x /usr/bin/time ] || need+=(time)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]} from Debian's packages" >&2
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+cargo build --release --bin keyrack --example baseline --example sync_ceiling --example seed_legacy >&2
+BIN=$PWD/target/release/keyrack
+EX=$PWD/target/release/examples
+OUT=$PWD/target/bench
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+RAW="$OUT/raw.txt"
+: > "$RAW"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+export KEYRACK_ENCRYPTION_KEY
+KEYRACK_ENCRYPTION_KEY=$("$BIN" gen-key)
+WORKERS=$(( $(nproc) * 2 < 4 ? 4 : $(nproc) * 2 ))
+
+record() { echo "$1 $2" >> "$RAW"; }
+
+# Starts a server writing its ready line to a file; sets SERVER_PID and SERVER_URL.
+start_server() { # name, command...
+  local name=$1; shift
+  local ready="$WORK/$name.ready"
+  "$@" > "$ready" 2> "$WORK/$name.log" &
+  SERVER_PID=$!
+  PIDS+=("$SERVER_PID")
+  for _ in $(seq 1 500); do
+    grep -q "listening on" "$ready" 2>/dev/null && break
+    sleep 0.01
+  done
+  SERVER_URL=$(sed -n 's/.*listening on \(http[^ ]*\).*/\1/p' "$ready")
+  [ -n "$SERVER_URL" ] || { echo "$name did not start" >&2; cat "$WORK/$name.log" >&2; exit 1; }
+}
+
+peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+
+run_wrk() { # label, connections, url, env assignments...
+  local label=$1 conns=$2 url=$3; shift 3
+  local threads=$(( conns < 2 ? 1 : 2 ))
+  local line
+  line=$(env "$@" wrk -t"$threads" -c"$conns" -d"${SECONDS_PER_RUN}s" --latency \
+    -s benches/wrk/request.lua "$url" | sed -n 's/^WRKJSON //p')
+  record "wrk:$label:$conns" "$line"
+  echo "  $label c=$conns $line" >&2
+}
+
+echo "== start to ready line" >&2
+cat > "$WORK/ready.sh" <<EOF
+#!/usr/bin/env bash
+rm -f "$WORK/fifo"; mkfifo "$WORK/fifo"
+"$BIN" --db "\$1" serve --listen 127.0.0.1:0 > "$WORK/fifo" 2>/dev/null &
+pid=\$!
+head -n1 "$WORK/fifo" > /dev/null
+kill \$pid; wait \$pid 2>/dev/null || true
+EOF
+chmod +x "$WORK/ready.sh"
+hyperfine -N --warmup 3 --runs 20 --export-json "$WORK/ready-fresh.json" \
+  --prepare "rm -f $WORK/fresh.db $WORK/fresh.db-wal $WORK/fresh.db-shm" \
+  "$WORK/ready.sh $WORK/fresh.db" >&2
+"$EX/seed_legacy" "$WORK/big.db" 100000 2>&1 | tail -1 >&2
+"$BIN" --db "$WORK/big.db" migrate >/dev/null 2>&1
+hyperfine -N --warmup 3 --runs 20 --export-json "$WORK/ready-big.json" \
+  "$WORK/ready.sh $WORK/big.db" >&2
+record ready:fresh "$(python3 -c "import json;print(json.load(open('$WORK/ready-fresh.json'))['results'][0]['median'])")"
+record ready:100k "$(python3 -c "import json;print(json.load(open('$WORK/ready-big.json'))['results'][0]['median'])")"
+# The same script around a process that exits at once: what the harness itself costs.
+cat > "$WORK/noop.sh" <<EOF
+#!/usr/bin/env bash
+rm -f "$WORK/fifo"; mkfifo "$WORK/fifo"
+echo ready > "$WORK/fifo" &
+head -n1 "$WORK/fifo" > /dev/null
+wait
+EOF
+chmod +x "$WORK/noop.sh"
+hyperfine -N --warmup 3 --runs 20 --export-json "$WORK/ready-noop.json" "$WORK/noop.sh" >&2
+record ready:harness "$(python3 -c "import json;print(json.load(open('$WORK/ready-noop.json'))['results'][0]['median'])")"
+
+echo "== sync ceiling" >&2
+record sync_ceiling "$("$EX/sync_ceiling" "$WORK" 3)"
+
+echo "== baseline" >&2
+start_server baseline "$EX/baseline" 127.0.0.1:0 "$WORKERS"
+for c in 1 16 64; do run_wrk baseline "$c" "$SERVER_URL"; done
+kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+
+echo "== keyrack" >&2
+start_server keyrack "$BIN" --db "$WORK/serve.db" serve --listen 127.0.0.1:0 --workers "$WORKERS"
+URL=$SERVER_URL
+api() { curl -sf -X "$1" "$URL$2" -H 'Content-Type: application/json' ${3:+-H "Authorization: Bearer $3"} ${4:+-d "$4"}; }
+token_of() { python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])'; }
+PW='"password":"correct horse battery"'
+api POST /auth/register "" "{\"email\":\"reveal@example.com\",$PW}" >/dev/null
+api POST /auth/register "" "{\"email\":\"list@example.com\",$PW}" >/dev/null
+T_REVEAL=$(api POST /auth/login "" "{\"email\":\"reveal@example.com\",$PW}" | token_of)
+T_LIST=$(api POST /auth/login "" "{\"email\":\"list@example.com\",$PW}" | token_of)
+api POST /user/api-key "$T_REVEAL" '{"api_key":"sk-bench-0123456789abcdef"}' >/dev/null
+for i in $(seq 1 10); do
+  api POST /user/api-keys "$T_LIST" "{\"provider\":\"p$(( i % 3 ))\",\"api_key\":\"sk-list-$i-0123456789\"}" >/dev/null
+done
+record rss_idle_kib "$(peak_rss_kib "$SERVER_PID")"
+for c in 1 16 64; do
+  run_wrk healthz "$c" "$URL"
+  run_wrk reveal "$c" "$URL" KR_PATH="/user/api-key?reveal=true" KR_TOKEN="$T_REVEAL"
+  run_wrk post_dual "$c" "$URL" KR_METHOD=POST KR_PATH=/user/api-key KR_TOKEN="$T_REVEAL" \
+    KR_BODY='{"api_key":"sk-bench-0123456789abcdef"}'
+  run_wrk list10 "$c" "$URL" KR_PATH=/user/api-keys KR_TOKEN="$T_LIST"
+  run_wrk login "$c" "$URL" KR_METHOD=POST KR_PATH=/auth/login \
+    KR_BODY='{"email":"list@example.com","password":"correct horse battery"}'
+done
+record rss_peak_kib "$(peak_rss_kib "$SERVER_PID")"
+kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+
+echo "== migrate over $MIGRATE_KEYS legacy keys" >&2
+"$EX/seed_legacy" "$WORK/million.db" "$MIGRATE_KEYS" 2>&1 | tail -1 >&2
+measure() { # label, command...
+  local label=$1; shift
+  /usr/bin/time -f "%e %M" -o "$WORK/time.txt" "$@" > "$WORK/$label.out" 2>&1
+  cat "$WORK/$label.out" | tail -2 >&2
+  record "cmd:$label" "$(cat "$WORK/time.txt")"
+}
+measure migrate "$BIN" --db "$WORK/million.db" migrate
+measure status "$BIN" --db "$WORK/million.db" status --json
+measure remove_legacy_column "$BIN" --db "$WORK/million.db" remove-legacy-column --yes \
+  --backup "$WORK/million-backup.db"
+
+python3 benches/report.py "$RAW" "$OUT/results.json"
