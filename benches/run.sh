@@ -110,13 +110,11 @@ record ready:harness "$(python3 -c "import json;print(json.load(open('$WORK/read
 echo "== sync ceiling" >&2
 record sync_ceiling "$("$EX/sync_ceiling" "$WORK" 3)"
 
-echo "== baseline" >&2
+echo "== throughput: baseline and keyrack, interleaved" >&2
 start_server baseline "$EX/baseline" 127.0.0.1:0 "$WORKERS"
-for c in 1 16 64; do run_wrk baseline "$c" "$SERVER_URL"; done
-kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
-
-echo "== keyrack" >&2
+BASE=$SERVER_URL
 start_server keyrack "$BIN" --db "$WORK/serve.db" serve --listen 127.0.0.1:0 --workers "$WORKERS"
+KEYRACK_PID=$SERVER_PID
 URL=$SERVER_URL
 api() { curl -sf -X "$1" "$URL$2" -H 'Content-Type: application/json' ${3:+-H "Authorization: Bearer $3"} ${4:+-d "$4"}; }
 token_of() { python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])'; }
@@ -129,18 +127,26 @@ api POST /user/api-key "$T_REVEAL" '{"api_key":"sk-bench-0123456789abcdef"}' >/d
 for i in $(seq 1 10); do
   api POST /user/api-keys "$T_LIST" "{\"provider\":\"p$(( i % 3 ))\",\"api_key\":\"sk-list-$i-0123456789\"}" >/dev/null
 done
-record rss_idle_kib "$(peak_rss_kib "$SERVER_PID")"
+record rss_idle_kib "$(peak_rss_kib "$KEYRACK_PID")"
+# The machine is noisy: the baseline is measured right before and right after each group of
+# keyrack runs with the same connection count, and the ratios use the mean of the two.
 for c in 1 16 64; do
+  run_wrk baseline_before "$c" "$BASE"
   run_wrk healthz "$c" "$URL"
   run_wrk reveal "$c" "$URL" KR_PATH="/user/api-key?reveal=true" KR_TOKEN="$T_REVEAL"
+  run_wrk list10 "$c" "$URL" KR_PATH=/user/api-keys KR_TOKEN="$T_LIST"
   run_wrk post_dual "$c" "$URL" KR_METHOD=POST KR_PATH=/user/api-key KR_TOKEN="$T_REVEAL" \
     KR_BODY='{"api_key":"sk-bench-0123456789abcdef"}'
-  run_wrk list10 "$c" "$URL" KR_PATH=/user/api-keys KR_TOKEN="$T_LIST"
+  run_wrk baseline_after "$c" "$BASE"
+done
+record rss_peak_kib "$(peak_rss_kib "$KEYRACK_PID")"
+# Logins last: argon2 is slow and memory-hungry on purpose; reported on their own.
+for c in 1 16 64; do
   run_wrk login "$c" "$URL" KR_METHOD=POST KR_PATH=/auth/login \
     KR_BODY='{"email":"list@example.com","password":"correct horse battery"}'
 done
-record rss_peak_kib "$(peak_rss_kib "$SERVER_PID")"
-kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+record rss_peak_with_logins_kib "$(peak_rss_kib "$KEYRACK_PID")"
+kill "$KEYRACK_PID" "${PIDS[0]}"; wait 2>/dev/null || true
 
 echo "== migrate over $MIGRATE_KEYS legacy keys" >&2
 "$EX/seed_legacy" "$WORK/million.db" "$MIGRATE_KEYS" 2>&1 | tail -1 >&2

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod crypto;
@@ -10,6 +11,7 @@ pub mod db;
 pub mod domain;
 pub mod fixtures;
 pub mod http;
+pub mod logging;
 pub mod phase;
 pub mod status;
 pub mod store;

@@ -140,21 +140,7 @@ pub struct Ctx<'a> {
     pub usage: &'a UsageLog,
 }
 
-/// Seconds since the Unix epoch.
-pub fn now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
-/// A Unix time as RFC 3339 (UTC).
-pub fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|d| {
-            d.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
+pub use crate::clock::{now, rfc3339};
 
 /// True when the error is a UNIQUE constraint violation.
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
