@@ -1,7 +1,9 @@
 //! The HTTP vocabulary of keyrack: the request as handlers see it, the reply, the error body
 //! and its status codes (SPEC section 4), and the JSON field readers that name the bad field.
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use zeroize::Zeroizing;
 
 use crate::domain::Invalid;
 use crate::store::StoreError;
@@ -82,23 +84,31 @@ impl Fields {
     }
 }
 
-/// A reply: status, JSON body (none for 204), extra headers, and whether to close the connection.
+/// A reply: status, serialized JSON body (none for 204), extra headers, and whether to close
+/// the connection. The body may hold a revealed key: it is wiped when the reply is dropped.
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
-    pub body: Option<Value>,
+    pub body: Option<Zeroizing<Vec<u8>>>,
     pub headers: Vec<(&'static str, String)>,
     pub close: bool,
 }
 
 impl Reply {
-    pub fn json(status: u16, body: Value) -> Reply {
+    /// A reply with `body` serialized as JSON.
+    pub fn of<T: Serialize>(status: u16, body: &T) -> Reply {
+        // Serializing plain structs and maps into memory cannot fail.
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
         Reply {
             status,
-            body: Some(body),
+            body: Some(Zeroizing::new(bytes)),
             headers: Vec::new(),
             close: false,
         }
+    }
+
+    pub fn json(status: u16, body: Value) -> Reply {
+        Reply::of(status, &body)
     }
 
     pub fn no_content() -> Reply {
@@ -169,12 +179,27 @@ impl ApiError {
     }
 
     pub fn into_reply(self) -> Reply {
-        Reply {
-            status: self.status,
-            body: Some(json!({"error": {"code": self.code, "message": self.message}})),
-            headers: self.headers,
-            close: self.close,
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: Inner<'a>,
         }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            code: &'a str,
+            message: &'a str,
+        }
+        let mut reply = Reply::of(
+            self.status,
+            &Body {
+                error: Inner {
+                    code: self.code,
+                    message: &self.message,
+                },
+            },
+        );
+        reply.headers = self.headers;
+        reply.close = self.close;
+        reply
     }
 }
 

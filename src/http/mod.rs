@@ -6,7 +6,7 @@
 pub mod api;
 pub mod routes;
 
-use std::io::{Read, Write};
+use std::io::{Cursor, Read, Write};
 use std::net::TcpListener;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Arc};
@@ -14,7 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
-use tiny_http::{ConnectionOptions, Header, Response, Server};
+use tiny_http::{ConnectionOptions, Header, Response, Server, StatusCode};
+use zeroize::Zeroizing;
 
 use crate::app::App;
 use crate::config::ServeConfig;
@@ -186,12 +187,16 @@ fn read_incoming(
     })
 }
 
-fn to_response(reply: Reply) -> Response<std::io::Cursor<Vec<u8>>> {
-    let body = reply
-        .body
-        .map(|v| serde_json::to_vec(&v).unwrap_or_default())
-        .unwrap_or_default();
-    let mut resp = Response::from_data(body).with_status_code(reply.status);
+fn to_response(reply: Reply) -> Response<Cursor<Zeroizing<Vec<u8>>>> {
+    let body = reply.body.unwrap_or_default();
+    let len = body.len();
+    let mut resp = Response::new(
+        StatusCode(reply.status),
+        Vec::with_capacity(4),
+        Cursor::new(body),
+        Some(len),
+        None,
+    );
     let mut add = |name: &str, value: &str| {
         if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
             resp.add_header(h);

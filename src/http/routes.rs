@@ -1,7 +1,8 @@
 //! The router and the handlers. Handlers are thin: parse into domain types, call the store,
 //! shape the JSON. They hold no SQL and no phase rules.
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
 
 use super::api::{ApiError, Incoming, Reply};
 use crate::app::App;
@@ -113,11 +114,22 @@ fn bearer(header: &str) -> Option<&str> {
 
 // ---- handlers ------------------------------------------------------------------------------
 
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    phase: &'static str,
+    version: &'static str,
+}
+
 fn healthz(_: &App, store: &mut Store, _: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
     let phase = meta::phase(store.conn())?;
-    Ok(Reply::json(
+    Ok(Reply::of(
         200,
-        json!({"status": "ok", "phase": phase.as_str(), "version": env!("CARGO_PKG_VERSION")}),
+        &Health {
+            status: "ok",
+            phase: phase.as_str(),
+            version: env!("CARGO_PKG_VERSION"),
+        },
     ))
 }
 
@@ -214,24 +226,34 @@ fn get_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
         }
     };
     let found = store.get_default_key(user.id, &provider, reveal)?;
-    let body = match found {
-        None => {
-            json!({"has_key": false, "provider": provider.as_str(), "masked_key": null, "source": null})
-        }
-        Some(f) => {
-            let mut v = json!({
-                "has_key": true,
-                "provider": provider.as_str(),
-                "masked_key": f.key.masked(),
-                "source": f.source.as_str(),
-            });
-            if reveal {
-                v["api_key"] = Value::String(f.key.expose().to_owned());
-            }
-            v
-        }
+    let body = match &found {
+        None => KeyState {
+            has_key: false,
+            provider: provider.as_str(),
+            masked_key: None,
+            source: None,
+            api_key: None,
+        },
+        Some(f) => KeyState {
+            has_key: true,
+            provider: provider.as_str(),
+            masked_key: Some(f.key.masked()),
+            source: Some(f.source.as_str()),
+            api_key: reveal.then(|| f.key.expose()),
+        },
     };
-    Ok(Reply::json(200, body))
+    Ok(Reply::of(200, &body))
+}
+
+/// The answer of GET and POST /user/api-key.
+#[derive(Serialize)]
+struct KeyState<'a> {
+    has_key: bool,
+    provider: &'a str,
+    masked_key: Option<String>,
+    source: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key: Option<&'a str>,
 }
 
 fn set_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
@@ -240,9 +262,15 @@ fn set_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
     let key = ApiKey::parse(body.required_str("api_key")?)?;
     let provider = Provider::parse_or_default(body.optional_str("provider")?)?;
     let source = store.set_default_key(user.id, &provider, &key)?;
-    Ok(Reply::json(
+    Ok(Reply::of(
         200,
-        json!({"has_key": true, "provider": provider.as_str(), "masked_key": key.masked(), "source": source.as_str()}),
+        &KeyState {
+            has_key: true,
+            provider: provider.as_str(),
+            masked_key: Some(key.masked()),
+            source: Some(source.as_str()),
+            api_key: None,
+        },
     ))
 }
 
@@ -258,36 +286,64 @@ fn delete_default_key(
     Ok(Reply::no_content())
 }
 
-fn key_json(k: &KeyView) -> Value {
-    json!({
-        "id": k.id,
-        "provider": k.provider,
-        "name": k.name,
-        "masked_key": k.masked_key,
-        "is_default": k.is_default,
-        "source": k.source.as_str(),
-        "created_at": k.created_at.map(rfc3339),
-        "updated_at": k.updated_at.map(rfc3339),
-        "last_used_at": k.last_used_at.map(rfc3339),
-        "usage_count": k.usage_count,
-    })
+/// A key as GET and POST /user/api-keys show it.
+#[derive(Serialize)]
+struct KeyJson<'a> {
+    id: Option<i64>,
+    provider: &'a str,
+    name: Option<&'a str>,
+    masked_key: Option<&'a str>,
+    is_default: bool,
+    source: &'static str,
+    created_at: Option<String>,
+    updated_at: Option<String>,
+    last_used_at: Option<String>,
+    usage_count: i64,
+}
+
+impl<'a> From<&'a KeyView> for KeyJson<'a> {
+    fn from(k: &'a KeyView) -> KeyJson<'a> {
+        KeyJson {
+            id: k.id,
+            provider: &k.provider,
+            name: k.name.as_deref(),
+            masked_key: k.masked_key.as_deref(),
+            is_default: k.is_default,
+            source: k.source.as_str(),
+            created_at: k.created_at.map(rfc3339),
+            updated_at: k.updated_at.map(rfc3339),
+            last_used_at: k.last_used_at.map(rfc3339),
+            usage_count: k.usage_count,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct KeyListJson<'a> {
+    phase: &'static str,
+    keys: Vec<KeyJson<'a>>,
+    legacy_column: LegacyColumn,
+}
+
+#[derive(Serialize)]
+struct LegacyColumn {
+    present: bool,
+    has_key: bool,
 }
 
 fn list_keys(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
     let user = authenticate(store, req)?;
-    let KeyList {
-        phase,
-        keys,
-        column_present,
-        column_has_key,
-    } = store.list_keys(user.id)?;
-    Ok(Reply::json(
+    let list: KeyList = store.list_keys(user.id)?;
+    Ok(Reply::of(
         200,
-        json!({
-            "phase": phase.as_str(),
-            "keys": keys.iter().map(key_json).collect::<Vec<_>>(),
-            "legacy_column": {"present": column_present, "has_key": column_has_key},
-        }),
+        &KeyListJson {
+            phase: list.phase.as_str(),
+            keys: list.keys.iter().map(KeyJson::from).collect(),
+            legacy_column: LegacyColumn {
+                present: list.column_present,
+                has_key: list.column_has_key,
+            },
+        },
     ))
 }
 
@@ -301,7 +357,16 @@ fn add_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
         is_default: body.optional_bool("is_default")?,
     };
     let view = store.add_key(user.id, &new)?;
-    Ok(Reply::json(201, json!({"key": key_json(&view)})))
+    #[derive(Serialize)]
+    struct Created<'a> {
+        key: KeyJson<'a>,
+    }
+    Ok(Reply::of(
+        201,
+        &Created {
+            key: KeyJson::from(&view),
+        },
+    ))
 }
 
 fn delete_key(
