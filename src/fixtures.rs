@@ -97,7 +97,7 @@ pub fn load(app: &App, path: &Path) -> Result<usize, Failure> {
     let mut store = app.store()?;
     let n = users.len();
     store
-        .write(|tx, ctx| {
+        .write_alone(|tx, ctx| {
             let phase = meta::phase(tx)?;
             for u in &users {
                 let user =

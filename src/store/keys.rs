@@ -323,7 +323,8 @@ impl Store {
     ) -> Result<Option<FoundKey>> {
         let mut found = self.read(|tx, ctx| lookup(tx, ctx, user_id, provider, false))?;
         if let Lookup::MustMove = found {
-            found = self.write(|tx, ctx| lookup(tx, ctx, user_id, provider, true))?;
+            let provider = provider.clone();
+            found = self.write(move |tx, ctx| lookup(tx, ctx, user_id, &provider, true))?;
         }
         match found {
             Lookup::Found(key, row_id) => {
@@ -343,10 +344,18 @@ impl Store {
         provider: &Provider,
         key: &ApiKey,
     ) -> Result<Source> {
-        self.write(|tx, ctx| {
+        // Sealing needs no transaction: done before, so the group's transaction stays short.
+        let sealed = self.ring.seal(
+            Binding {
+                user_id,
+                provider: provider.as_str(),
+            },
+            key.expose(),
+        );
+        let provider = provider.clone();
+        self.write(move |tx, _| {
             let phase = meta::phase(tx)?;
             let p = provider.as_str();
-            let sealed = ctx.ring.seal(Binding { user_id, provider: p }, key.expose());
             match phase {
                 Phase::Legacy => {
                     if !provider.is_openai() {
@@ -378,7 +387,8 @@ impl Store {
 
     /// DELETE /user/api-key: removes the default key of the provider from every store of the phase.
     pub fn delete_default_key(&mut self, user_id: i64, provider: &Provider) -> Result<()> {
-        self.write(|tx, _| {
+        let provider = provider.clone();
+        self.write(move |tx, _| {
             let phase = meta::phase(tx)?;
             if phase.uses_table() {
                 tx.prepare_cached(
@@ -398,7 +408,7 @@ impl Store {
         if let Some(list) = self.read(|tx, ctx| list_in(tx, ctx, user_id, true))? {
             return Ok(list);
         }
-        let moved = self.write(|tx, ctx| {
+        let moved = self.write(move |tx, ctx| {
             if meta::phase(tx)? == Phase::Dual {
                 ensure_moved(tx, ctx, user_id)?;
             }
@@ -417,38 +427,41 @@ impl Store {
 
     /// POST /user/api-keys.
     pub fn add_key(&mut self, user_id: i64, new: &NewKey) -> Result<KeyView> {
-        self.write(|tx, ctx| {
+        let provider = new.provider.clone();
+        let sealed = self.ring.seal(
+            Binding {
+                user_id,
+                provider: provider.as_str(),
+            },
+            new.key.expose(),
+        );
+        let name = new.name.as_ref().map(|n| n.as_str().to_owned());
+        let masked_key = new.key.masked();
+        let wants_default = new.is_default;
+        self.write(move |tx, ctx| {
             let phase = meta::phase(tx)?;
             if phase == Phase::Legacy {
                 return Err(conflict_in_legacy("adding keys"));
             }
-            let p = new.provider.as_str();
-            if phase == Phase::Dual && new.provider.is_openai() {
+            let p = provider.as_str();
+            if phase == Phase::Dual && provider.is_openai() {
                 ensure_moved(tx, ctx, user_id)?;
             }
             let has_default = default_row(tx, user_id, p)?.is_some();
-            let make_default = !has_default || new.is_default == Some(true);
+            let make_default = !has_default || wants_default == Some(true);
             if make_default && has_default {
                 clear_default(tx, user_id, p)?;
             }
-            let sealed = ctx.ring.seal(
-                Binding {
-                    user_id,
-                    provider: p,
-                },
-                new.key.expose(),
-            );
-            let name = new.name.as_ref().map(KeyName::as_str);
-            let id = insert_row(tx, user_id, p, name, &sealed, make_default)?;
-            if phase == Phase::Dual && new.provider.is_openai() && make_default {
+            let id = insert_row(tx, user_id, p, name.as_deref(), &sealed, make_default)?;
+            if phase == Phase::Dual && provider.is_openai() && make_default {
                 column_set(tx, user_id, Some(&sealed))?;
             }
             let t = now();
             Ok(KeyView {
                 id: Some(id),
                 provider: p.to_owned(),
-                name: name.map(str::to_owned),
-                masked_key: Some(new.key.masked()),
+                name,
+                masked_key: Some(masked_key),
                 is_default: make_default,
                 source: Source::Table,
                 created_at: Some(t),
@@ -461,7 +474,7 @@ impl Store {
 
     /// DELETE /user/api-keys/{id}.
     pub fn delete_key(&mut self, user_id: i64, id: i64) -> Result<()> {
-        self.write(|tx, _| {
+        self.write(move |tx, _| {
             let phase = meta::phase(tx)?;
             if phase == Phase::Legacy {
                 return Err(conflict_in_legacy("deleting keys by id"));
@@ -486,7 +499,7 @@ impl Store {
 
     /// POST /user/migrate-api-keys: moves this user's column key, reporting a conflict.
     pub fn migrate_user(&mut self, user_id: i64) -> Result<(Moved, Phase)> {
-        self.write(|tx, ctx| {
+        self.write(move |tx, ctx| {
             let phase = meta::phase(tx)?;
             match phase {
                 Phase::Legacy => Err(conflict_in_legacy("migrating keys")),

@@ -86,13 +86,9 @@ impl Store {
         &mut self.conn
     }
 
-    /// Runs `f` in an IMMEDIATE transaction and commits when it returns `Ok`.
-    ///
-    /// Writers of this process take `WRITE_LOCK` first: they then queue on a mutex instead of
-    /// in SQLite's busy handler, which sleeps in steps of up to 100 ms and made p99 latency
-    /// under concurrent writes hundreds of milliseconds. Other processes (the phase commands)
-    /// still meet the busy timeout.
-    pub fn write<T>(
+    /// Runs `f` in an IMMEDIATE transaction of its own and commits when it returns `Ok`. For
+    /// large one-off work (fixtures); requests use `write`, which shares commits.
+    pub fn write_alone<T>(
         &mut self,
         f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T>,
     ) -> Result<T> {
@@ -107,6 +103,126 @@ impl Store {
         let out = f(&tx, &ctx)?;
         tx.commit()?;
         Ok(out)
+    }
+
+    /// Runs `f` as one write and returns once it is committed and synced (group commit).
+    ///
+    /// Writers of this process queue `f` and then take `WRITE_LOCK`. Whoever holds the lock
+    /// runs every queued write in one IMMEDIATE transaction, each inside a savepoint (a write
+    /// that fails is undone alone and gets its own error), commits once — one sync for the
+    /// whole group — and hands each writer its result. A writer that finds its result already
+    /// there when it gets the lock just returns it. Queuing on a mutex also replaces SQLite's
+    /// busy handler, which sleeps in steps of up to 100 ms, for writers of this process; other
+    /// processes (the phase commands) still meet the busy timeout.
+    pub fn write<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let slot: Arc<Mutex<Option<Result<T>>>> = Arc::new(Mutex::new(None));
+        let mine = slot.clone();
+        let job: Job = Box::new(move |tx| {
+            let result = match tx {
+                Some((tx, ctx)) => f(tx, ctx),
+                None => Err(StoreError::Busy),
+            };
+            let ok = result.is_ok();
+            let deliver: Deliver = Box::new(move |commit_error| {
+                let out = match commit_error {
+                    None => result,
+                    Some(e) => Err(e),
+                };
+                *mine.lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
+            });
+            (ok, deliver)
+        });
+        lock(&PENDING).push(job);
+        let _serial = write_lock();
+        loop {
+            if let Some(out) = lock(&slot).take() {
+                return out;
+            }
+            let batch: Vec<Job> = {
+                let mut pending = lock(&PENDING);
+                let n = pending.len().min(MAX_GROUP);
+                pending.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                // Only if a leader panicked with our write in its group.
+                return Err(StoreError::Sql(rusqlite::Error::ExecuteReturnedResults));
+            }
+            self.run_group(batch);
+        }
+    }
+
+    /// Runs one group of queued writes in one transaction and delivers every result.
+    fn run_group(&mut self, batch: Vec<Job>) {
+        let ctx = Ctx {
+            ring: &self.ring,
+            usage: &self.usage,
+        };
+        let tx = match self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+        {
+            Ok(tx) => tx,
+            Err(_) => {
+                // The lock stayed taken by another process: every write answers busy.
+                for job in batch {
+                    job(None).1(None);
+                }
+                return;
+            }
+        };
+        let mut delivers = Vec::with_capacity(batch.len());
+        if batch.len() == 1 {
+            // Alone in its group: no savepoint needed; a failure rolls the transaction back.
+            for job in batch {
+                let (ok, deliver) = job(Some((&tx, &ctx)));
+                if !ok {
+                    drop(tx);
+                    deliver(None);
+                    return;
+                }
+                delivers.push(deliver);
+            }
+        } else {
+            for job in batch {
+                if savepoint(&tx, "SAVEPOINT w").is_err() {
+                    delivers.push(job(None).1);
+                    continue;
+                }
+                let (ok, deliver) = job(Some((&tx, &ctx)));
+                let ended = if ok {
+                    savepoint(&tx, "RELEASE w")
+                } else {
+                    savepoint(&tx, "ROLLBACK TO w").and_then(|()| savepoint(&tx, "RELEASE w"))
+                };
+                if let Err(e) = ended {
+                    log::error!("ending a savepoint failed: {e}");
+                }
+                delivers.push(deliver);
+            }
+        }
+        match tx.commit() {
+            Ok(()) => delivers.into_iter().for_each(|d| d(None)),
+            Err(e) => {
+                log::warn!("a group commit failed: {e}");
+                let busy = matches!(
+                    e.sqlite_error_code(),
+                    Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                );
+                for d in delivers {
+                    d(Some(if busy {
+                        StoreError::Busy
+                    } else {
+                        StoreError::Sql(rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                            Some("commit failed".into()),
+                        ))
+                    }));
+                }
+            }
+        }
     }
 
     /// Runs `f` in a read transaction: one consistent snapshot, no lock taken for writing.
@@ -128,6 +244,25 @@ impl Store {
 }
 
 static WRITE_LOCK: Mutex<()> = Mutex::new(());
+
+/// Most writes committed together.
+const MAX_GROUP: usize = 128;
+
+/// A queued write: run with the group's transaction (`None`: no transaction could be had), it
+/// says whether it succeeded and returns how to hand over its result once the commit is known.
+type Job = Box<dyn FnOnce(Option<(&Transaction<'_>, &Ctx<'_>)>) -> (bool, Deliver) + Send>;
+/// Hands a result over; given the commit's error when the commit failed.
+type Deliver = Box<dyn FnOnce(Option<StoreError>) + Send>;
+
+static PENDING: Mutex<Vec<Job>> = Mutex::new(Vec::new());
+
+fn savepoint(tx: &Transaction<'_>, sql: &str) -> rusqlite::Result<()> {
+    tx.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The in-process writer lock (see `Store::write`).
 pub fn write_lock() -> MutexGuard<'static, ()> {

@@ -20,7 +20,8 @@ pub struct Credentials {
 
 impl Store {
     pub fn create_user(&mut self, email: &Email, password_hash: &str) -> Result<User> {
-        self.write(|tx, _| insert_user(tx, email, password_hash))
+        let (email, hash) = (email.clone(), password_hash.to_owned());
+        self.write(move |tx, _| insert_user(tx, &email, &hash))
     }
 
     pub fn credentials(&mut self, email: &str) -> Result<Option<Credentials>> {
@@ -46,7 +47,8 @@ impl Store {
         token_hash: &[u8],
         expires_at: i64,
     ) -> Result<()> {
-        self.write(|tx, _| {
+        let token_hash = token_hash.to_vec();
+        self.write(move |tx, _| {
             let t = now();
             // Expired sessions of this user go at the same time, so the table does not grow.
             tx.prepare_cached("DELETE FROM sessions WHERE user_id = ?1 AND expires_at <= ?2")?
@@ -78,7 +80,8 @@ impl Store {
     }
 
     pub fn delete_session(&mut self, token_hash: &[u8]) -> Result<()> {
-        self.write(|tx, _| {
+        let token_hash = token_hash.to_vec();
+        self.write(move |tx, _| {
             tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
                 .execute([token_hash])?;
             Ok(())

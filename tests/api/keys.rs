@@ -553,3 +553,69 @@ fn admin_status_needs_the_admin_token() {
     assert_eq!(s.get("/admin/status", None).status, 401);
     assert!(!s.logs().contains("admin-secret-token"));
 }
+
+#[test]
+fn concurrent_writes_commit_in_groups_each_with_its_own_answer() {
+    let env = Env::new();
+    let s = env.serve_with(&["--workers", "8"]);
+    let users: Vec<(String, String)> = (0..8)
+        .map(|i| {
+            let email = format!("w{i}@example.com");
+            let t = s.user(&email);
+            (email, t)
+        })
+        .collect();
+    let base = s.base.clone();
+    let threads: Vec<_> = users
+        .iter()
+        .cloned()
+        .map(|(email, t)| {
+            let base = base.clone();
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new().build();
+                let mut created = 0;
+                for j in 0..15 {
+                    let r = agent
+                        .post(&format!("{base}/user/api-keys"))
+                        .set("Authorization", &format!("Bearer {t}"))
+                        .send_json(json!({"provider": "p", "api_key": format!("sk-{email}-{j}-0123456789")}));
+                    assert_eq!(r.map(|r| r.status()).ok(), Some(201));
+                    created += 1;
+                    // A write that fails in the same groups: answered alone, undoes nothing else.
+                    let r = agent
+                        .delete(&format!("{base}/user/api-keys/999999"))
+                        .set("Authorization", &format!("Bearer {t}"))
+                        .call();
+                    assert!(matches!(r, Err(ureq::Error::Status(404, _))));
+                }
+                created
+            })
+        })
+        .collect();
+    let created: i64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(created, 120);
+    // Acknowledged means on disk: kill -9, then count.
+    s.kill9();
+    assert_eq!(
+        sql_value(&env.db(), "SELECT COUNT(*) FROM api_keys"),
+        Sql::Integer(120)
+    );
+    assert_eq!(
+        sql_value(
+            &env.db(),
+            "SELECT COUNT(*) FROM api_keys WHERE is_default = 1"
+        ),
+        Sql::Integer(8),
+        "one default per user"
+    );
+    let s = env.serve();
+    let (email, _) = &users[3];
+    let t = s.login(email);
+    assert_eq!(
+        s.get("/user/api-keys", Some(&t)).body["keys"]
+            .as_array()
+            .unwrap()
+            .len(),
+        15
+    );
+}
