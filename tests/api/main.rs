@@ -2,6 +2,7 @@
 //! parallel, each against its own server and database.
 
 mod foundation;
+mod hostile;
 mod keys;
 mod phases;
 mod support;

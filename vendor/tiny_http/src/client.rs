@@ -5,11 +5,13 @@ use std::io::Result as IoResult;
 use std::io::{BufReader, BufWriter, ErrorKind, Read};
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::str::FromStr;
 
 use crate::common::{HTTPVersion, Method};
 use crate::connection::Connection;
+use crate::util::refined_tcp_stream::now_ms;
 use crate::util::RefinedTcpStream;
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::Request;
@@ -39,6 +41,39 @@ pub struct ClientConnection {
 
     // keyrack patch: the socket, for responses that close the connection
     close_handle: Option<Arc<Connection>>,
+
+    // keyrack patch: the read deadline shared with the socket's read half
+    deadline: Arc<AtomicU64>,
+}
+
+/// keyrack patch: the longest request line; past it, 414.
+const MAX_REQUEST_LINE: usize = 8 * 1024;
+/// keyrack patch: the longest header line, the most header lines, and the most bytes of
+/// header lines in all; past any of them, 431.
+const MAX_HEADER_LINE: usize = 8 * 1024;
+const MAX_HEADERS: usize = 100;
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// keyrack patch: the time a request head (and a small body, read with it) may take, from the
+/// moment this connection is ready to read it.
+const HEAD_DEADLINE_MS: u64 = 10_000;
+
+/// keyrack patch: a JSON error answer for a head over the limits; the connection then closes.
+fn limit_response(status: u16, code: &str, message: &str) -> crate::Response<std::io::Cursor<Vec<u8>>> {
+    let body = format!(r#"{{"error":{{"code":"{code}","message":"{message}"}}}}"#);
+    let mut response = crate::Response::from_string(body).with_status_code(status);
+    if let Ok(h) = crate::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
+        response.add_header(h);
+    }
+    if let Ok(h) = crate::Header::from_bytes(&b"Connection"[..], &b"close"[..]) {
+        response.add_header(h);
+    }
+    response
+}
+
+/// keyrack patch: why reading a line stopped.
+enum LineError {
+    Io(IoError),
+    TooLong,
 }
 
 /// Error that can happen when reading a request.
@@ -49,6 +84,10 @@ enum ReadError {
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     ReadIoError(IoError),
+    /// keyrack patch: the request line is longer than `MAX_REQUEST_LINE`
+    UriTooLong,
+    /// keyrack patch: the headers are over one of the header limits
+    HeadersTooLarge(HTTPVersion),
 }
 
 impl ClientConnection {
@@ -60,6 +99,7 @@ impl ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
         let close_handle = read_socket.close_handle().map(Arc::new);
+        let deadline = read_socket.deadline();
 
         let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(1024, read_socket));
         let first_header = source.next().unwrap();
@@ -72,6 +112,7 @@ impl ClientConnection {
             no_more_requests: false,
             secure,
             close_handle,
+            deadline,
         }
     }
 
@@ -84,7 +125,7 @@ impl ClientConnection {
     ///
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
-    fn read_next_line(&mut self) -> IoResult<AsciiString> {
+    fn read_next_line(&mut self, limit: usize) -> Result<AsciiString, LineError> {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
 
@@ -92,18 +133,28 @@ impl ClientConnection {
             let byte = self.next_header_source.by_ref().bytes().next();
 
             let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
+                Some(b) => b.map_err(LineError::Io)?,
+                None => {
+                    return Err(LineError::Io(IoError::new(
+                        ErrorKind::ConnectionAborted,
+                        "Unexpected EOF",
+                    )))
+                }
             };
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf)
-                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
+                return AsciiString::from_ascii(buf).map_err(|_| {
+                    LineError::Io(IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"))
+                });
             }
 
             prev_byte_was_cr = byte == b'\r';
 
+            // keyrack patch: the original grew the line without limit
+            if buf.len() >= limit + 1 {
+                return Err(LineError::TooLong);
+            }
             buf.push(byte);
         }
     }
@@ -113,8 +164,17 @@ impl ClientConnection {
     fn read(&mut self) -> Result<Request, ReadError> {
         let (method, path, version, headers) = {
             // reading the request line
+            // keyrack patch: the head must arrive within the deadline, counted from when this
+            // connection may read it (after the previous request's body).
+            self.next_header_source.wait_turn();
+            self.deadline
+                .store(now_ms() + HEAD_DEADLINE_MS, AtomicOrdering::Relaxed);
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                let line = match self.read_next_line(MAX_REQUEST_LINE) {
+                    Ok(line) => line,
+                    Err(LineError::TooLong) => return Err(ReadError::UriTooLong),
+                    Err(LineError::Io(e)) => return Err(ReadError::ReadIoError(e)),
+                };
 
                 parse_request_line(
                     line.as_str().trim(), // TODO: remove this conversion
@@ -124,12 +184,21 @@ impl ClientConnection {
             // getting all headers
             let headers = {
                 let mut headers = Vec::new();
+                let mut header_bytes = 0;
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = match self.read_next_line(MAX_HEADER_LINE) {
+                        Ok(line) => line,
+                        Err(LineError::TooLong) => return Err(ReadError::HeadersTooLarge(version)),
+                        Err(LineError::Io(e)) => return Err(ReadError::ReadIoError(e)),
+                    };
 
                     if line.is_empty() {
                         break;
                     };
+                    header_bytes += line.len();
+                    if headers.len() >= MAX_HEADERS || header_bytes > MAX_HEADER_BYTES {
+                        return Err(ReadError::HeadersTooLarge(version));
+                    }
                     headers.push(match FromStr::from_str(line.as_str().trim()) {
                         // TODO: remove this conversion
                         Ok(h) => h,
@@ -172,6 +241,9 @@ impl ClientConnection {
             }
         })?;
 
+        // keyrack patch: the head (and any small body) is in; no deadline for what follows
+        self.deadline.store(0, AtomicOrdering::Relaxed);
+
         // return the request
         Ok(request.with_close_handle(self.close_handle.clone()))
     }
@@ -209,6 +281,31 @@ impl Iterator for ClientConnection {
                     response.raw_print(writer, ver, &[], false, None).ok();
                     return None; // we don't know where the next request would start,
                                  // se we have to close
+                }
+
+                // keyrack patch: limits on the head
+                Err(ReadError::UriTooLong) => {
+                    let writer = self.sink.next().unwrap();
+                    let response = limit_response(
+                        414,
+                        "uri_too_long",
+                        "the request line is longer than 8 KiB",
+                    );
+                    response
+                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
+                        .ok();
+                    return None;
+                }
+
+                Err(ReadError::HeadersTooLarge(ver)) => {
+                    let writer = self.sink.next().unwrap();
+                    let response = limit_response(
+                        431,
+                        "headers_too_large",
+                        "the request headers are over the limits (8 KiB a line, 100 lines, 32 KiB in all)",
+                    );
+                    response.raw_print(writer, ver, &[], false, None).ok();
+                    return None;
                 }
 
                 Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {

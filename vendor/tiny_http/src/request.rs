@@ -89,6 +89,10 @@ pub struct Request {
 /// that a response closed is shut down. Reading it lets the client, still sending, see the
 /// response rather than a reset; the limit keeps a huge body from being read at all.
 const LINGER_BYTES: u64 = 4 * 1024 * 1024;
+/// keyrack patch: bodies up to this size are read with the head, by the connection's own
+/// thread and under the head's deadline, so that a slow body never holds a worker thread (the
+/// original read only bodies up to 1 KiB so). keyrack's body limit is 64 KiB.
+const PREBUFFER_LIMIT: usize = 64 * 1024;
 /// keyrack patch: the longest time spent on that.
 const LINGER_TIME: Duration = Duration::from_secs(2);
 /// keyrack patch: the longest wait for one read while lingering.
@@ -209,7 +213,7 @@ where
     } else if let Some(content_length) = content_length {
         if content_length == 0 {
             Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-        } else if content_length <= 1024 && !expects_continue {
+        } else if content_length <= PREBUFFER_LIMIT && !expects_continue {
             // if the content-length is small enough, we just read everything into a buffer
 
             let mut buffer = vec![0; content_length];

@@ -1,6 +1,9 @@
 use std::io::Result as IoResult;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::connection::Connection;
 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -88,6 +91,16 @@ pub struct RefinedTcpStream {
     stream: Stream,
     close_read: bool,
     close_write: bool,
+    // keyrack patch: a deadline for reads (ms since the Unix epoch, 0: none), shared with the
+    // `ClientConnection`, which sets it while a request head (and small body) is read.
+    deadline: Arc<AtomicU64>,
+}
+
+/// keyrack patch: milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl RefinedTcpStream {
@@ -99,16 +112,19 @@ impl RefinedTcpStream {
 
         let (read, write) = (stream.try_clone()?, stream);
 
+        let deadline = Arc::new(AtomicU64::new(0));
         let read = RefinedTcpStream {
             stream: read,
             close_read: true,
             close_write: false,
+            deadline: deadline.clone(),
         };
 
         let write = RefinedTcpStream {
             stream: write,
             close_read: false,
             close_write: true,
+            deadline,
         };
 
         Ok((read, write))
@@ -133,6 +149,11 @@ impl RefinedTcpStream {
     pub(crate) fn peer_addr(&mut self) -> IoResult<Option<SocketAddr>> {
         self.stream.peer_addr()
     }
+
+    /// keyrack patch: the shared read deadline.
+    pub(crate) fn deadline(&self) -> Arc<AtomicU64> {
+        self.deadline.clone()
+    }
 }
 
 impl Drop for RefinedTcpStream {
@@ -149,6 +170,16 @@ impl Drop for RefinedTcpStream {
 
 impl Read for RefinedTcpStream {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
+        // keyrack patch: checked once per read from the socket (not per byte): a client that
+        // trickles its request head cannot hold the connection past the deadline (plus at most
+        // one socket read timeout).
+        let deadline = self.deadline.load(Ordering::Relaxed);
+        if deadline != 0 && now_ms() > deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request head took too long",
+            ));
+        }
         self.stream.read(buf)
     }
 }

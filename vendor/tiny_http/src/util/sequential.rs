@@ -110,11 +110,25 @@ impl<W: Write + Send> Iterator for SequentialWriterBuilder<W> {
     }
 }
 
+impl<R: Read + Send> SequentialReader<R> {
+    /// keyrack patch: blocks until the previous reader is done, without reading.
+    pub fn wait_turn(&mut self) {
+        if let SequentialReaderInner::Waiting(ref mut recv) = self.inner {
+            if let Ok(reader) = recv.recv() {
+                self.inner = SequentialReaderInner::MyTurn(reader);
+            }
+        }
+    }
+}
+
 impl<R: Read + Send> Read for SequentialReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
         let mut reader = match self.inner {
             SequentialReaderInner::MyTurn(ref mut reader) => return reader.read(buf),
-            SequentialReaderInner::Waiting(ref mut recv) => recv.recv().unwrap(),
+            // keyrack patch: the original unwrapped here
+            SequentialReaderInner::Waiting(ref mut recv) => recv.recv().map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "previous reader gone")
+            })?,
             SequentialReaderInner::Empty => unreachable!(),
         };
 

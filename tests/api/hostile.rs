@@ -1,0 +1,152 @@
+//! Hostile input: oversized heads, slow clients, trickled bodies.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// Sends `request` and reads the answer until the server closes the connection.
+fn exchange(addr: &str, request: &[u8]) -> String {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = c.write_all(request);
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn oversized_request_line_is_414_and_headers_431() {
+    let s = Env::new().serve();
+    let long_path = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(10_000));
+    let ans = exchange(&s.addr, long_path.as_bytes());
+    assert!(ans.starts_with("HTTP/1.1 414"), "{ans}");
+    assert!(ans.contains("uri_too_long"));
+
+    let long_header = format!(
+        "GET /healthz HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(10_000)
+    );
+    let ans = exchange(&s.addr, long_header.as_bytes());
+    assert!(ans.starts_with("HTTP/1.1 431"), "{ans}");
+    assert!(ans.contains("headers_too_large"));
+
+    let mut many = String::from("GET /healthz HTTP/1.1\r\n");
+    for i in 0..150 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let ans = exchange(&s.addr, many.as_bytes());
+    assert!(ans.starts_with("HTTP/1.1 431"), "{ans}");
+
+    // A line that never ends is cut off, not buffered without bound.
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nX-Endless: ")
+        .unwrap();
+    let chunk = vec![b'z'; 64 * 1024];
+    for _ in 0..16 {
+        if c.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 431"));
+
+    assert_eq!(s.get("/healthz", None).status, 200);
+}
+
+#[test]
+fn slow_clients_do_not_hold_the_server() {
+    let s = Env::new().serve_with(&["--workers", "4"]);
+    let pid = s.child.id();
+    // 200 connections that send part of a head and then nothing; 20 that send a head and
+    // part of a small body.
+    let mut slow = Vec::new();
+    for i in 0..200 {
+        let mut c = TcpStream::connect(&s.addr).unwrap();
+        c.write_all(format!("GET /healthz HTTP/1.1\r\nX-Slow-{i}: ").as_bytes())
+            .unwrap();
+        slow.push(c);
+    }
+    for _ in 0..20 {
+        let mut c = TcpStream::connect(&s.addr).unwrap();
+        c.write_all(b"POST /auth/login HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"email\":")
+            .unwrap();
+        slow.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // A healthy client is answered at once, on a new connection, several times.
+    for _ in 0..5 {
+        let start = Instant::now();
+        let r = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .get(&format!("{}/healthz", s.base))
+            .call();
+        assert_eq!(r.map(|r| r.status()).ok(), Some(200));
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (threads, rss_kib) = (field("Threads:"), field("VmRSS:"));
+    eprintln!("with 220 slow connections: {threads} threads, {rss_kib} KiB resident");
+    // One thread per open connection (bounded by the connection limit), plus a few.
+    assert!(threads <= 220 + 32, "{threads} threads");
+    assert!(rss_kib < 64 * 1024, "{rss_kib} KiB");
+    drop(slow);
+}
+
+#[test]
+fn a_trickled_head_is_cut_off_at_the_deadline() {
+    let s = Env::new().serve();
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = Instant::now();
+    let mut closed = false;
+    // One byte a second: each read of the server succeeds, so only the head deadline ends it.
+    for b in b"GET /healthz HTTP/1.1\r\nX-Trickle: "
+        .iter()
+        .cycle()
+        .take(40)
+    {
+        if c.write_all(&[*b]).is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match c.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(_) => {
+                closed = true;
+                break;
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    assert!(closed, "still open after {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(s.get("/healthz", None).status, 200);
+}
