@@ -1,5 +1,5 @@
 # keyrack: the everyday commands. The README gives the same ones.
-.PHONY: run test bench fmt lint ci
+.PHONY: run test bench fmt lint ci fuzz-api faults
 
 run:
 	cargo run --release
@@ -19,3 +19,6 @@ lint:
 
 ci:
 	bash .ci/run
+
+fuzz-api:
+	bash tests/scripts/fuzz-api.sh

@@ -89,6 +89,7 @@ impl Fields {
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
+    pub content_type: &'static str,
     pub body: Option<Zeroizing<Vec<u8>>>,
     pub headers: Vec<(&'static str, String)>,
     pub close: bool,
@@ -101,7 +102,19 @@ impl Reply {
         let bytes = serde_json::to_vec(body).unwrap_or_default();
         Reply {
             status,
+            content_type: "application/json",
             body: Some(Zeroizing::new(bytes)),
+            headers: Vec::new(),
+            close: false,
+        }
+    }
+
+    /// A reply of other bytes than JSON.
+    pub fn raw(status: u16, content_type: &'static str, bytes: &[u8]) -> Reply {
+        Reply {
+            status,
+            content_type,
+            body: Some(Zeroizing::new(bytes.to_vec())),
             headers: Vec::new(),
             close: false,
         }
@@ -114,6 +127,7 @@ impl Reply {
     pub fn no_content() -> Reply {
         Reply {
             status: 204,
+            content_type: "application/json",
             body: None,
             headers: Vec::new(),
             close: false,

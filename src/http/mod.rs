@@ -203,7 +203,7 @@ fn to_response(reply: Reply) -> Response<Cursor<Zeroizing<Vec<u8>>>> {
         }
     };
     if reply.status != 204 {
-        add("Content-Type", "application/json");
+        add("Content-Type", reply.content_type);
     }
     // Responses may carry key data; nothing is to be cached anywhere.
     add("Cache-Control", "no-store");

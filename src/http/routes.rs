@@ -18,6 +18,7 @@ type Handler = fn(&App, &mut Store, &Incoming, &[&str]) -> Result<Reply, ApiErro
 /// The routes: each path with its methods. Path segments `{id}` match anything and are passed on.
 const ROUTES: &[(&str, &[(&str, Handler)])] = &[
     ("/healthz", &[("GET", healthz)]),
+    ("/openapi.yaml", &[("GET", openapi)]),
     ("/auth/register", &[("POST", register)]),
     ("/auth/login", &[("POST", login)]),
     ("/auth/logout", &[("POST", logout)]),
@@ -131,6 +132,13 @@ fn healthz(_: &App, store: &mut Store, _: &Incoming, _: &[&str]) -> Result<Reply
             version: env!("CARGO_PKG_VERSION"),
         },
     ))
+}
+
+/// The API description, kept true by `tests::openapi_matches_the_router`.
+const OPENAPI: &str = include_str!("../../openapi.yaml");
+
+fn openapi(_: &App, _: &mut Store, _: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    Ok(Reply::raw(200, "application/yaml", OPENAPI.as_bytes()))
 }
 
 fn register(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
@@ -434,6 +442,47 @@ mod tests {
         assert_eq!(match_path("/user/api-keys/{id}", "/user/api-keys"), None);
         assert_eq!(match_path("/healthz", "/healthz"), Some(vec![]));
         assert_eq!(match_path("/healthz", "/healthz/x"), None);
+    }
+
+    /// Every path and method of the router is in openapi.yaml, and nothing else is.
+    #[test]
+    fn openapi_matches_the_router() {
+        use std::collections::BTreeSet;
+        let mut documented = BTreeSet::new();
+        let mut in_paths = false;
+        let mut path = String::new();
+        for line in OPENAPI.lines() {
+            if !line.starts_with(' ') && !line.is_empty() {
+                in_paths = line == "paths:";
+                continue;
+            }
+            if !in_paths {
+                continue;
+            }
+            if let Some(p) = line.strip_prefix("  /") {
+                path = format!("/{}", p.trim_end_matches(':'));
+            } else if let Some(m) = line.strip_prefix("    ") {
+                let m = m.trim_end_matches(':');
+                if ["get", "post", "delete", "put", "patch"].contains(&m) {
+                    documented.insert((path.clone(), m.to_uppercase()));
+                }
+            }
+        }
+        let routed: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .flat_map(|(p, ms)| ms.iter().map(|(m, _)| (p.to_string(), m.to_string())))
+            .collect();
+        assert!(documented.len() > 10, "the parser found {documented:?}");
+        let missing: Vec<_> = routed.difference(&documented).collect();
+        let extra: Vec<_> = documented.difference(&routed).collect();
+        assert!(
+            missing.is_empty(),
+            "routes missing from openapi.yaml: {missing:?}"
+        );
+        assert!(
+            extra.is_empty(),
+            "documented routes that do not exist: {extra:?}"
+        );
     }
 
     #[test]
