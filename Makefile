@@ -22,3 +22,6 @@ ci:
 
 fuzz-api:
 	bash tests/scripts/fuzz-api.sh
+
+faults:
+	bash tests/scripts/faults.sh
