@@ -1,5 +1,5 @@
 # keyrack: the everyday commands. The README gives the same ones.
-.PHONY: run test bench fmt lint ci fuzz-api faults
+.PHONY: run test bench fmt lint ci fuzz-api faults load fuzz
 
 run:
 	cargo run --release
@@ -25,3 +25,7 @@ fuzz-api:
 
 faults:
 	bash tests/scripts/faults.sh
+
+load:
+	cargo build --release --bin keyrack
+	python3 tests/scripts/load.py target/release/keyrack 60
