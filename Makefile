@@ -29,3 +29,7 @@ faults:
 load:
 	cargo build --release --bin keyrack
 	python3 tests/scripts/load.py target/release/keyrack 60
+
+fuzz:
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run request -- -max_total_time=$${FUZZ_SECONDS:-600}

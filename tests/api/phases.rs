@@ -447,9 +447,34 @@ fn rotate_encryption_key_reseals_everything() {
     }
     .var("KEYRACK_ENCRYPTION_KEY", KEY_B)
     .var("KEYRACK_OLD_ENCRYPTION_KEYS", KEY_A);
+    // A server with both keys serves every value before, during and after the rotation.
+    let during = rotated.serve();
+    let t = during.login("ada@example.com");
+    assert_eq!(
+        during.reveal(&t, "openai").as_deref(),
+        Some("sk-rotate-0123456789")
+    );
+    // A value written now is sealed with the new key already.
+    during.set_key(&t, "mistral", "sk-mistral-rotate-0123456789");
     let out = rotated.run(&["rotate-encryption-key"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stdout(&out).contains("re-encrypted 3"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("re-encrypted 3, already under the current key 1"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        during.reveal(&t, "anthropic").as_deref(),
+        Some("sk-ant-rotate-0123456789")
+    );
+    assert_eq!(
+        during.reveal(&t, "mistral").as_deref(),
+        Some("sk-mistral-rotate-0123456789")
+    );
+    during.terminate();
+    // A rerun has nothing left to do.
+    let out = rotated.run(&["rotate-encryption-key"]);
+    assert!(stdout(&out).contains("re-encrypted 0"), "{}", stdout(&out));
     // The new key alone now opens everything, and is the recorded identity.
     let new_only = Env {
         dir: rotated.dir,
