@@ -215,14 +215,9 @@ fn refuse_with(survey: &keys::Survey) -> Failure {
         "refused: the legacy column cannot be removed yet (unmigrated {}, conflicts {}, undecryptable {})",
         survey.unmigrated, survey.conflicts, survey.undecryptable
     );
-    for (what, ids) in [
-        ("unmigrated", &survey.unmigrated_ids),
-        ("conflicts", &survey.conflict_ids),
-        ("undecryptable", &survey.undecryptable_ids),
-    ] {
-        if !ids.is_empty() {
-            msg.push_str(&format!("\n{what}: user ids {}", join_ids(ids)));
-        }
+    for line in survey.problem_lines() {
+        msg.push('\n');
+        msg.push_str(&line);
     }
     msg.push_str("\nrun `keyrack migrate` for unmigrated keys; see the README's troubleshooting for conflicts");
     Failure::Refused(msg)

@@ -60,14 +60,9 @@ impl Status {
             s.conflicts,
             s.undecryptable
         );
-        for (what, ids) in [
-            ("unmigrated", &s.unmigrated_ids),
-            ("conflicts", &s.conflict_ids),
-            ("undecryptable", &s.undecryptable_ids),
-        ] {
-            if !ids.is_empty() {
-                out.push_str(&format!("{what}: user ids {}\n", join_ids(ids)));
-            }
+        for line in s.problem_lines() {
+            out.push_str(&line);
+            out.push('\n');
         }
         out
     }

@@ -638,6 +638,24 @@ pub struct Survey {
 
 pub const SAMPLE: usize = 20;
 
+impl Survey {
+    /// One line per kind of problem found: `unmigrated: user ids 3, 7`.
+    pub fn problem_lines(&self) -> Vec<String> {
+        [
+            ("unmigrated", &self.unmigrated_ids),
+            ("conflicts", &self.conflict_ids),
+            ("undecryptable", &self.undecryptable_ids),
+        ]
+        .into_iter()
+        .filter(|(_, ids)| !ids.is_empty())
+        .map(|(what, ids)| {
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            format!("{what}: user ids {}", ids.join(", "))
+        })
+        .collect()
+    }
+}
+
 fn sample(ids: &mut Vec<i64>, id: i64) {
     if ids.len() < SAMPLE && ids.last() != Some(&id) {
         ids.push(id);

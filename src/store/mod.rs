@@ -93,16 +93,7 @@ impl Store {
         f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T>,
     ) -> Result<T> {
         let _serial = write_lock();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let ctx = Ctx {
-            ring: &self.ring,
-            usage: &self.usage,
-        };
-        let out = f(&tx, &ctx)?;
-        tx.commit()?;
-        Ok(out)
+        self.in_transaction(TransactionBehavior::Immediate, f)
     }
 
     /// Runs `f` as one write and returns once it is committed and synced (group commit).
@@ -230,9 +221,15 @@ impl Store {
         &mut self,
         f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T>,
     ) -> Result<T> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        self.in_transaction(TransactionBehavior::Deferred, f)
+    }
+
+    fn in_transaction<T>(
+        &mut self,
+        behavior: TransactionBehavior,
+        f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let tx = self.conn.transaction_with_behavior(behavior)?;
         let ctx = Ctx {
             ring: &self.ring,
             usage: &self.usage,
