@@ -160,6 +160,7 @@ def server_rounds(key, open_value):
     users = 16
     counts = {"rounds": 0, "writes_sent": 0, "ok": 0}
     tokens = None
+    expected = {}
     for r in range(ROUNDS):
         p = subprocess.Popen([BIN, "--db", db, "serve", "--listen", "127.0.0.1:0"], env=env,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -179,6 +180,13 @@ def server_rounds(key, open_value):
             c.close()
             return resp.status, data
 
+        if tokens is not None:
+            # The restart after the kill: every value the database held reveals, exactly.
+            for i, want in expected.items():
+                status, data = call("GET", "/user/api-key?reveal=true", token=tokens[i])
+                got = json.loads(data).get("api_key") if status == 200 else f"status {status}"
+                if got != want:
+                    failures.append(f"server round {r}: user {i} reveals {got!r}, expected {want!r}")
         if tokens is None:
             tokens = {}
             for i in range(users):
@@ -227,9 +235,11 @@ def server_rounds(key, open_value):
             uid = c.execute("SELECT id FROM users WHERE email = ?", (f"load{i}@example.com",)).fetchone()[0]
             row = c.execute("SELECT sealed_key FROM api_keys WHERE user_id = ? AND provider = 'openai' "
                             "AND is_default = 1", (uid,)).fetchone()
+            stored = open_value(uid, "openai", row[0]) if row else None
+            if stored is not None:
+                expected[i] = stored
             if i not in acked:
                 continue
-            stored = open_value(uid, "openai", row[0]) if row else None
             # The last acknowledged value, or one sent after it whose answer the kill cut off.
             allowed = sent[i][sent[i].index(acked[i]):]
             if stored not in allowed:
@@ -239,6 +249,20 @@ def server_rounds(key, open_value):
             failures.append(f"server round {r}: {'; '.join(problems[:3])}")
         else:
             counts["ok"] += 1
+    # The restart after the last kill, checked the same way.
+    p = subprocess.Popen([BIN, "--db", db, "serve", "--listen", "127.0.0.1:0"], env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    host, port = p.stdout.readline().strip().rsplit("//", 1)[1].split(":")
+    for i, want in expected.items():
+        c = http.client.HTTPConnection(host, int(port), timeout=30)
+        c.request("GET", "/user/api-key?reveal=true", headers={"Authorization": f"Bearer {tokens[i]}"})
+        resp = c.getresponse()
+        got = json.loads(resp.read()).get("api_key")
+        if got != want:
+            failures.append(f"server, last restart: user {i} reveals {got!r}, expected {want!r}")
+    p.terminate()
+    p.wait()
     tally["server under write load"] = counts
 
 
