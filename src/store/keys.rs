@@ -36,8 +36,13 @@ struct Row {
     usage_count: i64,
 }
 
-const ROW_COLUMNS: &str = "id, provider, name, sealed_key, is_default, created_at, updated_at, \
-                           last_used_at, usage_count";
+/// The columns `row` reads, in its order; a macro so that statements are built at compile time
+/// (these run on every key read).
+macro_rules! row_columns {
+    () => {
+        "id, provider, name, sealed_key, is_default, created_at, updated_at, last_used_at, usage_count"
+    };
+}
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
@@ -127,9 +132,10 @@ fn column_set(conn: &Connection, user_id: i64, sealed: Option<&str>) -> Result<(
 
 fn default_row(conn: &Connection, user_id: i64, provider: &str) -> Result<Option<Row>> {
     Ok(conn
-        .prepare_cached(&format!(
-            "SELECT {ROW_COLUMNS} FROM api_keys
-             WHERE user_id = ?1 AND provider = ?2 AND is_default = 1"
+        .prepare_cached(concat!(
+            "SELECT ",
+            row_columns!(),
+            " FROM api_keys WHERE user_id = ?1 AND provider = ?2 AND is_default = 1"
         ))?
         .query_row(params![user_id, provider], row)
         .optional()?)
@@ -568,8 +574,10 @@ fn list_in(
             });
         }
     } else {
-        let mut stmt = tx.prepare_cached(&format!(
-            "SELECT {ROW_COLUMNS} FROM api_keys WHERE user_id = ?1 ORDER BY provider, id"
+        let mut stmt = tx.prepare_cached(concat!(
+            "SELECT ",
+            row_columns!(),
+            " FROM api_keys WHERE user_id = ?1 ORDER BY provider, id"
         ))?;
         let rows = stmt.query_map([user_id], row)?;
         for r in rows {
