@@ -262,13 +262,12 @@ pub fn remove_legacy_column(
         )));
     }
     // VACUUM INTO writes a consistent snapshot, whoever else is writing.
-    conn.execute("VACUUM INTO ?1", [backup_path.to_string_lossy()])
-        .map_err(|e| {
-            Failure::Refused(format!(
-                "refused: the backup to {} failed ({e}); nothing was changed",
-                backup_path.display()
-            ))
-        })?;
+    crate::db::backup_to(&conn, &backup_path).map_err(|e| {
+        Failure::Refused(format!(
+            "refused: the backup to {} failed ({e}); nothing was changed",
+            backup_path.display()
+        ))
+    })?;
     println!("backup written to {}", backup_path.display());
     confirm(
         yes,
@@ -377,81 +376,28 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
     let progress = Progress::new("rotate-encryption-key");
     let (mut resealed, mut failed, mut current) = (0u64, 0u64, 0u64);
     let mut failed_ids = Vec::new();
-    for store in ["api_keys", "users_column"] {
+    for which in [keys::Sealed::Table, keys::Sealed::Column] {
         let mut after = 0i64;
         loop {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db_err)?;
-            let column = meta::column_present(&tx).map_err(store_err)?;
-            if store == "users_column" && !column {
-                break;
-            }
-            let sql = if store == "api_keys" {
-                "SELECT id, user_id, provider, sealed_key FROM api_keys WHERE id > ?1 ORDER BY id LIMIT ?2"
-            } else {
-                // Mirrors of a default row were re-sealed with it and are not counted twice.
-                "SELECT id, id, 'openai', openai_api_key FROM users
-                 WHERE id > ?1 AND openai_api_key IS NOT NULL
-                   AND openai_api_key IS NOT (SELECT k.sealed_key FROM api_keys k
-                       WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1)
-                 ORDER BY id LIMIT ?2"
-            };
-            let rows: Vec<(i64, i64, String, String)> = tx
-                .prepare(sql)
-                .and_then(|mut s| {
-                    s.query_map(rusqlite::params![after, BATCH], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })?
-                    .collect()
-                })
-                .map_err(db_err)?;
-            let Some(last) = rows.last().map(|r| r.0) else {
-                break;
-            };
-            for (id, uid, provider, sealed) in rows {
-                if app.ring.is_current(&sealed) {
-                    current += 1;
-                    continue;
-                }
-                let binding = Binding {
-                    user_id: uid,
-                    provider: &provider,
-                };
-                match app.ring.open(binding, &sealed) {
-                    Ok(plain) => {
-                        let new = app.ring.seal(binding, plain.expose());
-                        let update = if store == "api_keys" {
-                            "UPDATE api_keys SET sealed_key = ?2 WHERE id = ?1"
-                        } else {
-                            "UPDATE users SET openai_api_key = ?2 WHERE id = ?1"
-                        };
-                        tx.execute(update, rusqlite::params![id, new])
-                            .map_err(db_err)?;
-                        // In phase dual the column mirrors the default row: keep them the same text.
-                        if store == "api_keys" && column && provider == "openai" {
-                            resealed += tx
-                                .execute(
-                                    "UPDATE users SET openai_api_key = ?2
-                                 WHERE id = ?1 AND openai_api_key = ?3",
-                                    rusqlite::params![uid, new, sealed],
-                                )
-                                .map_err(db_err)? as u64;
-                        }
-                        resealed += 1;
-                    }
-                    Err(e) => {
-                        log::error!("user {uid}: {store} value (id {id}) does not decrypt: {e}");
-                        failed += 1;
-                        if failed_ids.len() < SAMPLE {
-                            failed_ids.push(uid);
-                        }
-                    }
-                }
-            }
+            let batch =
+                keys::reseal_batch(&tx, &app.ring, which, after, BATCH).map_err(store_err)?;
             tx.commit().map_err(db_err)?;
-            after = last;
+            resealed += batch.resealed;
+            current += batch.current;
+            failed += batch.failed;
+            for id in batch.failed_ids {
+                if failed_ids.len() < SAMPLE {
+                    failed_ids.push(id);
+                }
+            }
             progress.update(resealed + current + failed);
+            match batch.last_id {
+                Some(id) => after = id,
+                None => break,
+            }
         }
     }
     progress.finish();

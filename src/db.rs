@@ -99,3 +99,10 @@ pub fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
         |r| r.get(0),
     )
 }
+
+/// Writes a consistent copy of the database to `path` (`VACUUM INTO`: a snapshot, whoever else
+/// is writing). Fails if `path` exists.
+pub fn backup_to(conn: &Connection, path: &std::path::Path) -> rusqlite::Result<()> {
+    conn.execute("VACUUM INTO ?1", [path.to_string_lossy()])
+        .map(|_| ())
+}

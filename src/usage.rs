@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 
 #[derive(Debug, Default)]
 pub struct UsageLog {
@@ -29,7 +29,7 @@ impl UsageLog {
     }
 
     /// Writes the pending counts in one transaction. On failure they are kept for the next try.
-    pub fn flush(&self, conn: &mut Connection) -> rusqlite::Result<usize> {
+    pub fn flush(&self, conn: &mut Connection) -> Result<usize, crate::store::StoreError> {
         let batch: Vec<(i64, (i64, i64))> = {
             let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             if p.is_empty() {
@@ -39,15 +39,8 @@ impl UsageLog {
         };
         let _serial = crate::store::write_lock();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE api_keys SET usage_count = usage_count + ?2,
-                     last_used_at = MAX(COALESCE(last_used_at, 0), ?3)
-                 WHERE id = ?1",
-            )?;
-            for (id, (n, at)) in &batch {
-                stmt.execute(params![id, n, at])?;
-            }
+        for (id, (n, at)) in &batch {
+            crate::store::keys::add_usage(&tx, *id, *n, *at)?;
         }
         tx.commit()?;
         // Subtract what was written; uses recorded meanwhile stay pending.
