@@ -234,6 +234,12 @@ impl ClientConnection {
         .map_err(|e| {
             use crate::request;
             match e {
+                // keyrack patch: a malformed chunked body read with the head is a bad request
+                request::RequestCreationError::CreationIoError(e)
+                    if matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::InvalidData) =>
+                {
+                    ReadError::WrongHeader(version.clone())
+                }
                 request::RequestCreationError::CreationIoError(e) => ReadError::ReadIoError(e),
                 request::RequestCreationError::ExpectationFailed => {
                     ReadError::ExpectationFailed(version)

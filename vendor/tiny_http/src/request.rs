@@ -240,7 +240,25 @@ where
     } else if transfer_encoding.is_some() {
         // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
         // over the message (RFC2616 #3.6)
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
+        let mut decoder = Decoder::new(source_data);
+        if expects_continue {
+            Box::new(FusedReader::new(decoder)) as Box<dyn Read + Send + 'static>
+        } else {
+            // keyrack patch: read up to the pre-buffer limit now, on the connection's thread and
+            // under the head's deadline, as for bodies with a length; a longer body goes on
+            // from the socket after what was read.
+            let mut buffer = Vec::new();
+            decoder
+                .by_ref()
+                .take(PREBUFFER_LIMIT as u64 + 1)
+                .read_to_end(&mut buffer)?;
+            if buffer.len() <= PREBUFFER_LIMIT {
+                Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
+            } else {
+                Box::new(Cursor::new(buffer).chain(FusedReader::new(decoder)))
+                    as Box<dyn Read + Send + 'static>
+            }
+        }
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,
         // assuming that we have no data
