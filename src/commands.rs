@@ -13,7 +13,7 @@ use crate::config::DbLocation;
 use crate::crypto::{Binding, EncryptionKey};
 use crate::phase::{self, Command, Phase, Step};
 use crate::status::{join_ids, Status};
-use crate::store::keys::{self, Backfill, SAMPLE};
+use crate::store::keys::{self, Backfill};
 use crate::store::{meta, StoreError};
 use crate::Failure;
 
@@ -119,16 +119,12 @@ pub fn migrate(app: &App) -> Result<(), Failure> {
         total.conflicts += b.conflicts;
         total.failed += b.failed;
         total.users_seen += b.users_seen;
-        for id in b.conflict_ids {
-            if total.conflict_ids.len() < SAMPLE {
-                total.conflict_ids.push(id);
-            }
-        }
-        for id in b.failed_ids {
-            if total.failed_ids.len() < SAMPLE {
-                total.failed_ids.push(id);
-            }
-        }
+        b.conflict_ids
+            .iter()
+            .for_each(|&id| keys::sample(&mut total.conflict_ids, id));
+        b.failed_ids
+            .iter()
+            .for_each(|&id| keys::sample(&mut total.failed_ids, id));
         progress.update(total.users_seen);
         match b.last_user_id {
             Some(id) => after = id,
@@ -388,11 +384,10 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
             resealed += batch.resealed;
             current += batch.current;
             failed += batch.failed;
-            for id in batch.failed_ids {
-                if failed_ids.len() < SAMPLE {
-                    failed_ids.push(id);
-                }
-            }
+            batch
+                .failed_ids
+                .iter()
+                .for_each(|&id| keys::sample(&mut failed_ids, id));
             progress.update(resealed + current + failed);
             match batch.last_id {
                 Some(id) => after = id,

@@ -664,7 +664,8 @@ impl Survey {
     }
 }
 
-fn sample(ids: &mut Vec<i64>, id: i64) {
+/// Keeps up to `SAMPLE` user ids for a report.
+pub fn sample(ids: &mut Vec<i64>, id: i64) {
     if ids.len() < SAMPLE && ids.last() != Some(&id) {
         ids.push(id);
     }
