@@ -12,7 +12,7 @@ use crate::config::{Config, DbLocation};
 use crate::crypto::{EncryptionKey, KeyId, KeyRing};
 use crate::db::{self, Database};
 use crate::domain::Secret;
-use crate::store::{meta, Store};
+use crate::store::{meta, phases, Store};
 use crate::usage::UsageLog;
 use crate::Failure;
 
@@ -47,6 +47,14 @@ impl App {
                 describe(&config.db)
             ))
         })?;
+        let sql = |e: crate::store::StoreError| {
+            Failure::Runtime(format!(
+                "cannot prepare the database {}: {e}",
+                describe(&config.db)
+            ))
+        };
+        phases::ensure_column_index(&conn).map_err(sql)?;
+        meta::upgrade_backfill_flag(&conn).map_err(sql)?;
         let ring = settle_key(&mut config, &conn)?;
         Ok(App {
             db,
@@ -56,6 +64,39 @@ impl App {
             session_ttl_secs: config.session_ttl_secs,
             admin_token: config.admin_token,
         })
+    }
+
+    /// Before serving: every stored value must be sealed with a key of the ring, so that a
+    /// missing key stops keyrack here (exit 2, naming the key ids) instead of answering 500 one
+    /// request at a time. The key ids in use are read from an index, nothing is decrypted.
+    pub fn check_keys_for_serving(&self) -> Result<(), Failure> {
+        let sql = |e: crate::store::StoreError| {
+            Failure::Runtime(format!("cannot read the database: {e}"))
+        };
+        let conn = self
+            .db
+            .connect()
+            .map_err(|e| Failure::Runtime(format!("cannot open the database: {e}")))?;
+        let mut missing = Vec::new();
+        for id in phases::key_ids_in_use(&conn).map_err(sql)? {
+            let id = KeyId::from_stored(&id);
+            if !self.ring.knows(&id) {
+                let n = phases::count_sealed_with(&conn, &id).map_err(sql)?;
+                missing.push(format!("key id {id} ({n} values)"));
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let configured: Vec<String> = self.ring.ids().map(KeyId::to_string).collect();
+        Err(Failure::Config(format!(
+            "stored values are sealed with keys that are not configured: {}; the configured keys \
+             are {} (the database's current key is key id {}). Add the missing keys to \
+             KEYRACK_OLD_ENCRYPTION_KEYS (and finish `keyrack rotate-encryption-key`) before serving",
+            missing.join(", "),
+            configured.join(", "),
+            self.ring.current_id()
+        )))
     }
 
     /// A store on a new connection (one per worker thread).
@@ -121,17 +162,30 @@ fn settle_key(config: &mut Config, conn: &rusqlite::Connection) -> Result<KeyRin
     let ring = KeyRing::new(current, old);
     match recorded {
         None => meta::set_key_id(conn, ring.current_id().as_str()).map_err(sql)?,
-        Some(id) if ring.knows(&id) => {}
+        Some(id) if ring.switch_to(&id) => {
+            if &id != ring.configured_id() {
+                // The configured key is not current yet: values go on being sealed with the
+                // database's current key until a rotation makes the configured one current.
+                log::info!(
+                    "KEYRACK_ENCRYPTION_KEY (key id {}) is not yet the database's current key \
+                     (key id {id}): new values are sealed with key id {id} until \
+                     `keyrack rotate-encryption-key` makes it current",
+                    ring.configured_id()
+                );
+            }
+        }
         Some(_) if fresh_key_file => {
             // Nothing was sealed with the recorded key: the new key file's key takes its place.
             meta::set_key_id(conn, ring.current_id().as_str()).map_err(sql)?
         }
         Some(id) => {
             return Err(Failure::Config(format!(
-                "KEYRACK_ENCRYPTION_KEY is not the key this database was created with (the database \
-                 expects key id {id}, the configured key is {}); set the right key, or list the old \
-                 one in KEYRACK_OLD_ENCRYPTION_KEYS and run `keyrack rotate-encryption-key`",
-                ring.current_id()
+                "KEYRACK_ENCRYPTION_KEY (key id {}) is not the database's current key (key id \
+                 {id}), and no key of KEYRACK_OLD_ENCRYPTION_KEYS is; set KEYRACK_ENCRYPTION_KEY \
+                 to the database's current key (to change keys: restart with the new key and the \
+                 old one in KEYRACK_OLD_ENCRYPTION_KEYS, run `keyrack rotate-encryption-key`, then \
+                 restart with the new key alone)",
+                ring.configured_id()
             )))
         }
     }

@@ -4,16 +4,21 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use rusqlite::TransactionBehavior;
 
 use crate::app::App;
 use crate::config::DbLocation;
-use crate::crypto::{Binding, EncryptionKey};
+use crate::crypto::EncryptionKey;
 use crate::phase::{self, Command, Phase, Step};
 use crate::status::{join_ids, Status};
-use crate::store::keys::{self, Backfill};
+use crate::store::keys;
+use crate::store::phases::{self, Backfill, RevertPlan, Survey};
 use crate::store::{meta, StoreError};
 use crate::Failure;
 
@@ -73,11 +78,36 @@ fn current_phase(app: &App) -> Result<Phase, Failure> {
     meta::phase(&conn).map_err(store_err)
 }
 
-/// Phase 1. Returns the report line; fails (exit 1) when there were conflicts or failures.
-pub fn migrate(app: &App) -> Result<(), Failure> {
+/// Phase 1. Fails (exit 1) when there were conflicts or failures, or when interrupted.
+pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
     let mut conn = app.db.connect().map_err(db_err)?;
-    // The phase change is committed first, on its own: in phase dual every read already falls
-    // back to the column, so nothing is missed while the backfill runs.
+    if dry_run {
+        let tx = conn.transaction().map_err(db_err)?;
+        let current = meta::phase(&tx).map_err(store_err)?;
+        match phase::plan(Command::Migrate, current) {
+            Step::AlreadyDone(m) => {
+                println!("{m}");
+                return Ok(());
+            }
+            Step::WrongPhase(m) => return Err(Failure::Refused(m)),
+            Step::Run { .. } => {}
+        }
+        let plan = phases::backfill_plan(&tx, &app.ring, current).map_err(store_err)?;
+        println!(
+            "dry run: migrate would set phase dual (now {current}) and copy: migrated {}, already migrated {}, conflicts {}, failed {}; nothing was written",
+            plan.migrated, plan.already_migrated, plan.conflicts, plan.failed
+        );
+        return finish_migrate(&plan);
+    }
+    // Ctrl-C or SIGTERM: finish the batch in flight, then say how far the backfill got.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
+    }
+    // The phase change is committed first, on its own: in phase dual every request settles a
+    // user pending backfill (the column wins) or a column-only key before answering, so nothing
+    // stale is served while the backfill runs.
     {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -91,11 +121,11 @@ pub fn migrate(app: &App) -> Result<(), Failure> {
             Step::WrongPhase(m) => return Err(Failure::Refused(m)),
             Step::Run { target } => {
                 if current == Phase::Legacy {
-                    // The column was the source of truth: its values win over stale table rows.
-                    meta::set_backfill_from_legacy(&tx, true).map_err(store_err)?;
-                    let n = keys::undefault_stale_rows(&tx).map_err(store_err)?;
-                    if n > 0 {
-                        log::info!("{n} default OpenAI table keys of users whose column is empty are kept as extra keys");
+                    let (pending, undefaulted) =
+                        phases::start_backfill_from_legacy(&tx).map_err(store_err)?;
+                    log::info!("{pending} users hold a column key: until the backfill reaches them, their column value wins");
+                    if undefaulted > 0 {
+                        log::info!("{undefaulted} default OpenAI table keys of users whose column is empty are kept as extra keys");
                     }
                 }
                 meta::set_phase(&tx, target).map_err(store_err)?;
@@ -108,23 +138,28 @@ pub fn migrate(app: &App) -> Result<(), Failure> {
     let mut total = Backfill::default();
     let mut after = 0;
     loop {
+        if stop.load(Ordering::Relaxed) {
+            progress.finish();
+            let left = meta::backfill_left(&conn).map_err(store_err)?;
+            let line = format!(
+                "migrate interrupted after {} users (migrated {}, already migrated {}, conflicts {}, failed {}); \
+                 {left} users are still pending backfill from legacy (their legacy column value still wins); \
+                 run `keyrack migrate` again to finish",
+                total.users_seen, total.migrated, total.already_migrated, total.conflicts, total.failed
+            );
+            log::warn!("{line}");
+            println!("{line}");
+            return Err(Failure::Runtime(
+                "migrate was interrupted; nothing is lost, and a rerun finishes it".into(),
+            ));
+        }
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db_err)?;
         let b =
-            keys::backfill_batch(&tx, &app.ring, &app.usage, after, BATCH).map_err(store_err)?;
+            phases::backfill_batch(&tx, &app.ring, &app.usage, after, BATCH).map_err(store_err)?;
         tx.commit().map_err(db_err)?;
-        total.migrated += b.migrated;
-        total.already_migrated += b.already_migrated;
-        total.conflicts += b.conflicts;
-        total.failed += b.failed;
-        total.users_seen += b.users_seen;
-        b.conflict_ids
-            .iter()
-            .for_each(|&id| keys::sample(&mut total.conflict_ids, id));
-        b.failed_ids
-            .iter()
-            .for_each(|&id| keys::sample(&mut total.failed_ids, id));
+        total.add(&b);
         progress.update(total.users_seen);
         match b.last_user_id {
             Some(id) => after = id,
@@ -132,9 +167,6 @@ pub fn migrate(app: &App) -> Result<(), Failure> {
         }
     }
     progress.finish();
-    if total.failed == 0 {
-        meta::set_backfill_from_legacy(&conn, false).map_err(store_err)?;
-    }
 
     let line = format!(
         "migrated {}, already migrated {}, conflicts {}, failed {}",
@@ -142,6 +174,16 @@ pub fn migrate(app: &App) -> Result<(), Failure> {
     );
     log::info!("{line}");
     println!("{line}");
+    let left = meta::backfill_left(&conn).map_err(store_err)?;
+    if left > 0 {
+        println!(
+            "backfill from legacy unfinished: {left} users left (their values do not decrypt)"
+        );
+    }
+    finish_migrate(&total)
+}
+
+fn finish_migrate(total: &Backfill) -> Result<(), Failure> {
     if !total.conflict_ids.is_empty() {
         println!("conflicts: user ids {}", join_ids(&total.conflict_ids));
     }
@@ -171,13 +213,13 @@ pub fn status(app: &App, json: bool) -> Result<(), Failure> {
 }
 
 /// Asks for `word` on the terminal unless `--yes`. No terminal and no `--yes`: exit 2.
-fn confirm(yes: bool, word: &str, what: &str) -> Result<(), Failure> {
+fn confirm(yes: bool, word: &str, what: &str, command: &str) -> Result<(), Failure> {
     if yes {
         return Ok(());
     }
     if !std::io::stdin().is_terminal() {
         return Err(Failure::Config(format!(
-            "{what} needs confirmation: run it on a terminal and type `{word}`, or pass --yes; nothing was changed"
+            "{command} needs confirmation: run it on a terminal and type `{word}`, or pass --yes; nothing was changed"
         )));
     }
     eprint!("{what}. Type `{word}` to go on: ");
@@ -195,22 +237,120 @@ fn confirm(yes: bool, word: &str, what: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-fn default_backup_path(db: &Path) -> PathBuf {
-    let stamp = time::OffsetDateTime::now_utc()
-        .format(time::macros::format_description!(
-            "[year][month][day]-[hour][minute][second]"
-        ))
-        .unwrap_or_else(|_| "backup".into());
-    let mut s = db.as_os_str().to_owned();
-    s.push(format!(".backup-{stamp}"));
-    PathBuf::from(s)
+/// Where a phase command writes its backup: `--backup PATH`, or beside the database, named
+/// with the date and time.
+enum BackupTo {
+    Given(PathBuf),
+    Beside(PathBuf),
 }
 
-fn refuse_with(survey: &keys::Survey) -> Failure {
+impl BackupTo {
+    fn new(db: &DbLocation, given: Option<&Path>, command: &str) -> Result<BackupTo, Failure> {
+        let DbLocation::File(db_path) = db else {
+            return Err(Failure::Config(format!(
+                "{command} needs a database file, not :memory:"
+            )));
+        };
+        Ok(match given {
+            Some(p) => BackupTo::Given(p.to_path_buf()),
+            None => BackupTo::Beside(db_path.clone()),
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            BackupTo::Given(p) => p.display().to_string(),
+            BackupTo::Beside(db) => format!("{}.backup-<date>-<time>", db.display()),
+        }
+    }
+
+    /// Writes the backup and returns its path. The file is created here, new (never over an
+    /// existing file or through a symbolic link) and readable by its owner only; a backup that
+    /// fails is removed.
+    fn write(&self, conn: &rusqlite::Connection) -> Result<PathBuf, Failure> {
+        let (path, file) = match self {
+            BackupTo::Given(p) => match create_backup_file(p) {
+                Ok(f) => (p.clone(), f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(Failure::Refused(format!(
+                        "refused: {} already exists (a backup never replaces a file or follows a symbolic link); give another --backup PATH; nothing was changed",
+                        p.display()
+                    )))
+                }
+                Err(e) => {
+                    return Err(Failure::Refused(format!(
+                        "refused: cannot create the backup file {} ({e}); nothing was changed",
+                        p.display()
+                    )))
+                }
+            },
+            BackupTo::Beside(db) => {
+                let stamp = time::OffsetDateTime::now_utc()
+                    .format(time::macros::format_description!(
+                        "[year][month][day]-[hour][minute][second]"
+                    ))
+                    .unwrap_or_else(|_| "backup".into());
+                let mut n = 1;
+                loop {
+                    let mut s = db.as_os_str().to_owned();
+                    s.push(format!(".backup-{stamp}"));
+                    if n > 1 {
+                        s.push(format!("-{n}"));
+                    }
+                    let p = PathBuf::from(s);
+                    match create_backup_file(&p) {
+                        Ok(f) => break (p, f),
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => {
+                            n += 1
+                        }
+                        Err(e) => {
+                            return Err(Failure::Refused(format!(
+                                "refused: cannot create the backup file {} ({e}); nothing was changed",
+                                p.display()
+                            )))
+                        }
+                    }
+                }
+            }
+        };
+        let written = crate::db::backup_to(conn, &path)
+            .map_err(|e| e.to_string())
+            .and_then(|()| file.sync_all().map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(Failure::Refused(format!(
+                "refused: the backup to {} failed ({e}); it was removed; nothing was changed",
+                path.display()
+            )));
+        }
+        println!("backup written to {}", path.display());
+        Ok(path)
+    }
+}
+
+/// A new, empty file, mode 0600; an existing file or a symbolic link at `path` is refused
+/// (O_EXCL never follows one). SQLite's `VACUUM INTO` then writes into the empty file.
+fn create_backup_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+fn refuse_with(survey: &Survey) -> Failure {
     let mut msg = format!(
         "refused: the legacy column cannot be removed yet (unmigrated {}, conflicts {}, undecryptable {})",
         survey.unmigrated, survey.conflicts, survey.undecryptable
     );
+    if survey.backfill_left > 0 {
+        msg.push_str(&format!(
+            "; backfill from legacy unfinished: {} users left",
+            survey.backfill_left
+        ));
+    }
     for line in survey.problem_lines() {
         msg.push('\n');
         msg.push_str(&line);
@@ -219,12 +359,17 @@ fn refuse_with(survey: &keys::Survey) -> Failure {
     Failure::Refused(msg)
 }
 
+fn blocks_removal(s: &Survey) -> bool {
+    s.unmigrated > 0 || s.conflicts > 0 || s.undecryptable > 0 || s.backfill_left > 0
+}
+
 /// Phase 3.
 pub fn remove_legacy_column(
     app: &App,
     db: &DbLocation,
     yes: bool,
     backup: Option<&Path>,
+    dry_run: bool,
 ) -> Result<(), Failure> {
     match phase::plan(Command::RemoveLegacyColumn, current_phase(app)?) {
         Step::AlreadyDone(m) => {
@@ -237,43 +382,34 @@ pub fn remove_legacy_column(
     let mut conn = app.db.connect().map_err(db_err)?;
     let status = Status::collect(&mut conn, &app.ring).map_err(store_err)?;
     let s = &status.survey;
-    if s.unmigrated > 0 || s.conflicts > 0 || s.undecryptable > 0 {
+    if blocks_removal(s) {
         return Err(refuse_with(s));
     }
-    if !yes && !std::io::stdin().is_terminal() {
-        return Err(Failure::Config(
-            "remove-legacy-column needs confirmation: run it on a terminal and type `remove`, or pass --yes; nothing was changed".into(),
-        ));
-    }
+    let backup_to = BackupTo::new(db, backup, "remove-legacy-column")?;
     let DbLocation::File(db_path) = db else {
-        return Err(Failure::Config(
-            "remove-legacy-column needs a database file, not :memory:".into(),
-        ));
+        unreachable!("BackupTo::new refuses :memory:")
     };
-    let backup_path = backup.map_or_else(|| default_backup_path(db_path), Path::to_path_buf);
-    if backup_path.exists() {
-        return Err(Failure::Refused(format!(
-            "refused: the backup file {} already exists; give another --backup PATH",
-            backup_path.display()
-        )));
+    if dry_run {
+        println!(
+            "dry run: remove-legacy-column would write a backup to {}, then drop users.openai_api_key ({} column keys, all in api_keys, would be dropped; 0 refused) and set phase new_only; nothing was written",
+            backup_to.describe(),
+            s.column_keys
+        );
+        return Ok(());
     }
-    // VACUUM INTO writes a consistent snapshot, whoever else is writing.
-    crate::db::backup_to(&conn, &backup_path).map_err(|e| {
-        Failure::Refused(format!(
-            "refused: the backup to {} failed ({e}); nothing was changed",
-            backup_path.display()
-        ))
-    })?;
-    println!("backup written to {}", backup_path.display());
     confirm(
         yes,
         "remove",
         &format!(
-            "This drops users.openai_api_key from {} ({} column keys, all in api_keys)",
+            "This drops users.openai_api_key from {} ({} column keys, all in api_keys), after a backup to {}",
             db_path.display(),
-            s.column_keys
+            s.column_keys,
+            backup_to.describe()
         ),
+        "remove-legacy-column",
     )?;
+    // VACUUM INTO writes a consistent snapshot, whoever else is writing.
+    let backup_path = backup_to.write(&conn)?;
 
     let start = Instant::now();
     let tx = conn
@@ -290,28 +426,11 @@ pub fn remove_legacy_column(
         }
         Step::WrongPhase(m) => return Err(Failure::Refused(m)),
         Step::Run { target } => {
-            let mut late = keys::Survey::default();
-            for (uid, column, table) in keys::column_table_mismatches(&tx).map_err(store_err)? {
-                let b = |p| Binding {
-                    user_id: uid,
-                    provider: p,
-                };
-                let c = app.ring.open(b("openai"), &column).ok();
-                let t = table
-                    .as_deref()
-                    .and_then(|t| app.ring.open(b("openai"), t).ok());
-                match (c, t, table.is_some()) {
-                    (None, _, _) => late.undecryptable += 1,
-                    (Some(_), None, false) => late.unmigrated += 1,
-                    (Some(_), None, true) => late.undecryptable += 1,
-                    (Some(c), Some(t), _) if c != t => late.conflicts += 1,
-                    _ => {}
-                }
-            }
-            if late.unmigrated + late.conflicts + late.undecryptable > 0 {
+            let late = phases::recheck_before_drop(&tx, &app.ring).map_err(store_err)?;
+            if blocks_removal(&late) {
                 return Err(refuse_with(&late));
             }
-            keys::drop_column(&tx).map_err(store_err)?;
+            phases::drop_column(&tx).map_err(store_err)?;
             meta::set_phase(&tx, target).map_err(store_err)?;
         }
     }
@@ -326,49 +445,131 @@ pub fn remove_legacy_column(
     Ok(())
 }
 
-/// Back to phase legacy.
-pub fn revert(app: &App, yes: bool) -> Result<(), Failure> {
-    let before = current_phase(app)?;
-    match phase::plan(Command::Revert, before) {
-        Step::AlreadyDone(m) => {
-            println!("{m}");
-            return Ok(());
-        }
-        Step::WrongPhase(m) => return Err(Failure::Refused(m)),
-        Step::Run { .. } => {}
+/// What a revert writes and keeps, in words.
+fn revert_lines(p: &RevertPlan, done: bool) -> Vec<String> {
+    let (will, keeps, stays) = if done {
+        ("", "kept", "stay")
+    } else {
+        ("would be ", "would be kept", "would stay")
+    };
+    let mut lines = vec![format!(
+        "{} keys in the legacy column ({} {will}written from api_keys, {} already there, {} {keeps} as they were, {} conflicting {will}replaced by the api_keys key), {} table keys (other providers, extra keys) {stays} in api_keys unreachable until the next `keyrack migrate`",
+        p.in_column(),
+        p.written,
+        p.in_step,
+        p.kept(),
+        p.overwritten,
+        p.table_stay
+    )];
+    if p.kept() > 0 {
+        lines.push(format!(
+            "column values {keeps} as they were: {} not in api_keys, {} that do not decrypt, {} newer than api_keys; user ids {}",
+            p.kept_unmigrated,
+            p.kept_unreadable,
+            p.kept_newer,
+            join_ids(&p.kept_ids)
+        ));
     }
-    confirm(yes, "revert", &format!(
-        "This returns the database from phase {before} to phase legacy: only the default OpenAI keys stay reachable"
-    ))?;
+    if p.overwritten > 0 {
+        lines.push(format!(
+            "conflicting column values {will}replaced by the api_keys key, each {keeps} first in api_keys as an extra OpenAI key named \"{}\": user ids {}",
+            phases::KEPT_AT_REVERT,
+            join_ids(&p.overwritten_ids)
+        ));
+    }
+    lines
+}
+
+/// Back to phase legacy.
+pub fn revert(
+    app: &App,
+    db: &DbLocation,
+    yes: bool,
+    backup: Option<&Path>,
+    dry_run: bool,
+) -> Result<(), Failure> {
     let mut conn = app.db.connect().map_err(db_err)?;
+    let (before, plan) = {
+        let tx = conn.transaction().map_err(db_err)?;
+        let before = meta::phase(&tx).map_err(store_err)?;
+        match phase::plan(Command::Revert, before) {
+            Step::AlreadyDone(m) => {
+                println!("{m}");
+                return Ok(());
+            }
+            Step::WrongPhase(m) => return Err(Failure::Refused(m)),
+            Step::Run { .. } => {}
+        }
+        (
+            before,
+            phases::revert(&tx, &app.ring, false).map_err(store_err)?,
+        )
+    };
+    let backup_to = BackupTo::new(db, backup, "revert")?;
+    if dry_run {
+        println!(
+            "dry run: revert would write a backup to {}, then return the database from phase {before} to phase legacy:",
+            backup_to.describe()
+        );
+        for line in revert_lines(&plan, false) {
+            println!("{line}");
+        }
+        println!("nothing was written");
+        return Ok(());
+    }
+    let mut what = format!(
+        "This returns the database from phase {before} to phase legacy, after a backup to {}: {} keys from api_keys are written into the empty legacy column, {} conflicting column values are replaced by the api_keys key (each kept in api_keys first), {} column values the table lacks or cannot replace stay as they are; {} table keys stay in api_keys unreachable until the next `keyrack migrate`",
+        backup_to.describe(),
+        plan.written,
+        plan.overwritten,
+        plan.kept(),
+        plan.table_stay
+    );
+    if before == Phase::Dual && plan.kept() + plan.overwritten == 0 {
+        what.push_str("; only the default OpenAI keys stay reachable");
+    }
+    confirm(yes, "revert", &what, "revert")?;
+    let backup_path = backup_to.write(&conn)?;
+
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_err)?;
-    let (written, stay) = match phase::plan(Command::Revert, meta::phase(&tx).map_err(store_err)?) {
+    let done = match phase::plan(Command::Revert, meta::phase(&tx).map_err(store_err)?) {
         Step::AlreadyDone(m) => {
             println!("{m}");
             return Ok(());
         }
         Step::WrongPhase(m) => return Err(Failure::Refused(m)),
         Step::Run { target } => {
-            let counts = keys::restore_column(&tx).map_err(store_err)?;
-            meta::set_backfill_from_legacy(&tx, false).map_err(store_err)?;
+            let done = phases::revert(&tx, &app.ring, true).map_err(store_err)?;
             meta::set_phase(&tx, target).map_err(store_err)?;
-            counts
+            done
         }
     };
     tx.commit().map_err(db_err)?;
-    let line = format!(
-        "reverted to phase legacy: {written} keys in the legacy column, {stay} table keys (other providers, extra keys) stay in api_keys unreachable until the next `keyrack migrate`"
-    );
-    log::info!("{line}");
-    println!("{line}");
+    let mut lines = revert_lines(&done, true);
+    lines[0] = format!("reverted to phase legacy: {}", lines[0]);
+    lines.push(format!("the backup is {}", backup_path.display()));
+    for line in &lines {
+        log::info!("{line}");
+        println!("{line}");
+    }
     Ok(())
 }
 
 /// Re-seals every value not sealed with the current key, in batches; a rerun resumes.
 pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
     let mut conn = app.db.connect().map_err(db_err)?;
+    // The configured key becomes the database's current key first: a server that holds it
+    // switches to it at its next write, one that does not refuses writes (and says to restart),
+    // so no value is sealed with the old key behind the rotation's back.
+    let new = app.ring.configured_id().clone();
+    let recorded = meta::key_id(&conn).map_err(store_err)?;
+    if recorded.as_deref() != Some(new.as_str()) {
+        meta::set_key_id(&conn, new.as_str()).map_err(store_err)?;
+        log::info!("the database's current key is now key id {new}");
+    }
+    app.ring.switch_to(&new);
     let progress = Progress::new("rotate-encryption-key");
     let (mut resealed, mut failed, mut current) = (0u64, 0u64, 0u64);
     let mut failed_ids = Vec::new();
@@ -387,7 +588,7 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
             batch
                 .failed_ids
                 .iter()
-                .for_each(|&id| keys::sample(&mut failed_ids, id));
+                .for_each(|&id| phases::sample(&mut failed_ids, id));
             progress.update(resealed + current + failed);
             match batch.last_id {
                 Some(id) => after = id,
@@ -396,9 +597,6 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
         }
     }
     progress.finish();
-    if failed == 0 {
-        meta::set_key_id(&conn, app.ring.current_id().as_str()).map_err(store_err)?;
-    }
     let line = format!(
         "re-encrypted {resealed}, already under the current key {current}, failed {failed}"
     );

@@ -12,6 +12,7 @@ use base64::Engine as _;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use zeroize::Zeroizing;
 
 use crate::domain::Secret;
@@ -133,38 +134,69 @@ pub enum OpenError {
     Rejected,
 }
 
-/// The current key, which seals, and older keys, which only open (rotation).
+/// The configured keys: the one that seals, and others that only open (rotation).
+///
+/// The key that seals is the database's current key (the id recorded in the database), which
+/// a ring holding it switches to (`switch_to`): at start, and when `rotate-encryption-key` run
+/// by another process records a new one while a server is serving. It is the configured
+/// `KEYRACK_ENCRYPTION_KEY` unless the database still records an older key of the ring.
 pub struct KeyRing {
-    current: (EncryptionKey, Aes256Gcm),
-    old: Vec<(EncryptionKey, Aes256Gcm)>,
+    /// The configured current key first, then the old keys.
+    keys: Vec<(EncryptionKey, Aes256Gcm)>,
+    /// Index into `keys` of the key that seals.
+    sealing: AtomicUsize,
 }
 
 impl fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyRing")
-            .field("current", &self.current.0.id)
-            .field("old", &self.old.iter().map(|k| &k.0.id).collect::<Vec<_>>())
+            .field("current", self.current_id())
+            .field(
+                "keys",
+                &self.keys.iter().map(|k| &k.0.id).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
 
 impl KeyRing {
     pub fn new(current: EncryptionKey, old: Vec<EncryptionKey>) -> KeyRing {
-        let c = current.cipher();
         KeyRing {
-            current: (current, c),
-            old: old
-                .into_iter()
+            keys: std::iter::once(current)
+                .chain(old)
                 .map(|k| {
                     let c = k.cipher();
                     (k, c)
                 })
                 .collect(),
+            sealing: AtomicUsize::new(0),
         }
     }
 
+    /// The id of the key that seals new values.
     pub fn current_id(&self) -> &KeyId {
-        self.current.0.id()
+        self.keys[self.sealing.load(Ordering::Relaxed)].0.id()
+    }
+
+    /// The id of `KEYRACK_ENCRYPTION_KEY`, the key a rotation re-seals under.
+    pub fn configured_id(&self) -> &KeyId {
+        self.keys[0].0.id()
+    }
+
+    /// The ids of every key of the ring, the configured current key first.
+    pub fn ids(&self) -> impl Iterator<Item = &KeyId> {
+        self.keys.iter().map(|(k, _)| k.id())
+    }
+
+    /// Makes the key `id` the one that seals. False when the ring does not hold it.
+    pub fn switch_to(&self, id: &KeyId) -> bool {
+        match self.keys.iter().position(|(k, _)| k.id() == id) {
+            Some(i) => {
+                self.sealing.store(i, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 
     /// True when `id` is the current key or one of the old ones.
@@ -173,8 +205,8 @@ impl KeyRing {
     }
 
     fn cipher_for(&self, id: &str) -> Option<&Aes256Gcm> {
-        std::iter::once(&self.current)
-            .chain(self.old.iter())
+        self.keys
+            .iter()
             .find(|(k, _)| k.id.as_str() == id)
             .map(|(_, c)| c)
     }
@@ -183,9 +215,8 @@ impl KeyRing {
     pub fn seal(&self, binding: Binding<'_>, plaintext: &str) -> String {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let aad = binding.aad();
-        let ct = self
-            .current
-            .1
+        let (key, cipher) = &self.keys[self.sealing.load(Ordering::Relaxed)];
+        let ct = cipher
             .encrypt(
                 &nonce,
                 Payload {
@@ -198,7 +229,7 @@ impl KeyRing {
         let mut raw = Vec::with_capacity(NONCE_LEN + ct.len());
         raw.extend_from_slice(&nonce);
         raw.extend_from_slice(&ct);
-        format!("{PREFIX}:{}:{}", self.current.0.id, STANDARD.encode(raw))
+        format!("{PREFIX}:{}:{}", key.id, STANDARD.encode(raw))
     }
 
     /// The id of the key that sealed `sealed`, if the value is well formed.
@@ -321,6 +352,18 @@ mod tests {
             "sk-rotated-value"
         );
         assert!(!both.is_current(&sealed));
+
+        // Switching to the old key seals with it; a key the ring lacks is refused.
+        let old_id = KeyRing::sealed_with(&sealed).unwrap();
+        assert!(both.switch_to(&old_id));
+        assert_eq!(both.current_id(), &old_id);
+        assert_ne!(both.configured_id(), &old_id);
+        assert_eq!(
+            KeyRing::sealed_with(&both.seal(ADA, "sk-after-switch")),
+            Some(old_id)
+        );
+        assert!(!both.switch_to(&KeyId::from_stored("0000000000000000")));
+        assert_eq!(both.ids().count(), 2);
     }
 
     #[test]

@@ -101,8 +101,16 @@ pub fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
 }
 
 /// Writes a consistent copy of the database to `path` (`VACUUM INTO`: a snapshot, whoever else
-/// is writing). Fails if `path` exists.
+/// is writing). `path` must not exist or be an empty file. It is a plain file path, never read
+/// as an SQLite URI (`file:…?mode=…`): a relative path is given to SQLite as `./path`.
 pub fn backup_to(conn: &Connection, path: &std::path::Path) -> rusqlite::Result<()> {
-    conn.execute("VACUUM INTO ?1", [path.to_string_lossy()])
-        .map(|_| ())
+    let Some(text) = path.to_str() else {
+        return Err(rusqlite::Error::InvalidPath(path.to_path_buf()));
+    };
+    let plain = if path.is_absolute() {
+        text.to_owned()
+    } else {
+        format!("./{text}")
+    };
+    conn.execute("VACUUM INTO ?1", [plain]).map(|_| ())
 }

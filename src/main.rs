@@ -35,7 +35,11 @@ enum Cmd {
     /// Serve the HTTP API (the default command)
     Serve(ServeArgs),
     /// Phase 1: set phase dual and copy every column key into api_keys
-    Migrate,
+    Migrate {
+        /// Print what would be copied, write nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the phase, the schema version and the key counts
     Status {
         /// Print one JSON object
@@ -50,12 +54,21 @@ enum Cmd {
         /// Where to write the backup [default: beside the database, named with the date and time]
         #[arg(long, value_name = "PATH")]
         backup: Option<PathBuf>,
+        /// Print the checks and what would be dropped, write nothing
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Go back to phase legacy, writing each default OpenAI key into the column
     Revert {
         /// Do not ask for confirmation
         #[arg(long)]
         yes: bool,
+        /// Where to write the backup [default: beside the database, named with the date and time]
+        #[arg(long, value_name = "PATH")]
+        backup: Option<PathBuf>,
+        /// Print what would be written and kept, write nothing
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Re-encrypt every stored value under KEYRACK_ENCRYPTION_KEY
     RotateEncryptionKey,
@@ -116,18 +129,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let app = app::App::open(config)?;
     match command {
         Cmd::Serve(args) => {
+            app.check_keys_for_serving()?;
             if let Some(f) = &args.fixtures {
                 fixtures::load(&app, f)?;
             }
             let cfg = serve_config.expect("resolved above for serve");
             http::serve(Arc::new(app), &cfg)
         }
-        Cmd::Migrate => commands::migrate(&app),
+        Cmd::Migrate { dry_run } => commands::migrate(&app, dry_run),
         Cmd::Status { json } => commands::status(&app, json),
-        Cmd::RemoveLegacyColumn { yes, backup } => {
-            commands::remove_legacy_column(&app, &db_location, yes, backup.as_deref())
-        }
-        Cmd::Revert { yes } => commands::revert(&app, yes),
+        Cmd::RemoveLegacyColumn {
+            yes,
+            backup,
+            dry_run,
+        } => commands::remove_legacy_column(&app, &db_location, yes, backup.as_deref(), dry_run),
+        Cmd::Revert {
+            yes,
+            backup,
+            dry_run,
+        } => commands::revert(&app, &db_location, yes, backup.as_deref(), dry_run),
         Cmd::RotateEncryptionKey => commands::rotate_encryption_key(&app),
         Cmd::LoadFixtures { file } => {
             let n = fixtures::load(&app, &file)?;

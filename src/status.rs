@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use crate::crypto::KeyRing;
 use crate::db;
 use crate::phase::Phase;
-use crate::store::keys::{self, Survey};
+use crate::store::phases::{self, Survey};
 use crate::store::{meta, StoreError};
 
 #[derive(Debug)]
@@ -23,7 +23,7 @@ impl Status {
         let tx = conn.transaction()?;
         let phase = meta::phase(&tx)?;
         let schema_version = db::schema_version(&tx)?;
-        let survey = keys::survey(&tx, ring, phase)?;
+        let survey = phases::survey(&tx, ring, phase)?;
         tx.commit()?;
         Ok(Status {
             phase,
@@ -43,6 +43,8 @@ impl Status {
             "unmigrated": s.unmigrated,
             "conflicts": s.conflicts,
             "undecryptable": s.undecryptable,
+            "backfill_unfinished": s.backfill_left > 0,
+            "backfill_users_left": s.backfill_left,
         })
     }
 
@@ -60,6 +62,12 @@ impl Status {
             s.conflicts,
             s.undecryptable
         );
+        if s.backfill_left > 0 {
+            out.push_str(&format!(
+                "backfill from legacy unfinished: {} users left (their legacy column value wins until `keyrack migrate` reaches them)\n",
+                s.backfill_left
+            ));
+        }
         for line in s.problem_lines() {
             out.push_str(&line);
             out.push('\n');

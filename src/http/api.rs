@@ -244,7 +244,15 @@ impl From<StoreError> for ApiError {
                     "a stored key could not be decrypted; an operator must look at the server log",
                 )
             }
-            StoreError::Sql(e) => {
+            StoreError::KeyChanged(id) => ApiError::new(
+                503,
+                "key_changed",
+                format!(
+                    "the database's current key (key id {id}) changed and this server does not hold \
+                     it; an operator must restart keyrack with that key as KEYRACK_ENCRYPTION_KEY"
+                ),
+            ),
+            e @ (StoreError::Sql(_) | StoreError::Reseal) => {
                 log::error!("database error: {e}");
                 ApiError::internal()
             }

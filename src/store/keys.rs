@@ -15,8 +15,9 @@
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
+use super::classify::{classify, Verdict};
 use super::{meta, now, Ctx, Result, Source, Store, StoreError};
-use crate::crypto::{Binding, KeyRing};
+use crate::crypto::{Binding, KeyId, KeyRing, OpenError};
 use crate::domain::{ApiKey, KeyName, Provider};
 use crate::phase::Phase;
 
@@ -185,61 +186,134 @@ fn open(
         })
 }
 
-// ---- moving one user's column key into the table (dual phase) ------------------------------
+// ---- settling one user's OpenAI key between the column and the table (dual phase) ----------
 
-/// Moves the user's column key into the table when the table lacks it. `column` is the sealed
-/// column value. With `column_wins` (a `migrate` from phase legacy), a differing column value is
-/// the newer one: the old default row stays as an extra key and the column value becomes the
-/// default. Otherwise a differing value is a conflict: both are kept and it is counted.
-fn move_column_key(
+/// Settles the user's OpenAI key as `classify` says: a column key the table lacks, or one that
+/// wins (the user is pending backfill from legacy), becomes the default row — the old default
+/// stays as an extra key — and the user is no longer pending. A conflict is counted, both values
+/// kept. A value that does not open is an error naming where it is; nothing is moved.
+fn settle(tx: &Connection, ctx: &Ctx<'_>, user_id: i64) -> Result<(Verdict, Moved)> {
+    let column = column_get(tx, user_id)?;
+    let table = default_row(tx, user_id, OPENAI)?;
+    let pending = meta::backfill_pending(tx, user_id)?;
+    let verdict = classify(
+        column.as_deref(),
+        table.as_ref().map(|r| r.sealed.as_str()),
+        pending,
+        |sealed| {
+            ctx.ring
+                .open(
+                    Binding {
+                        user_id,
+                        provider: OPENAI,
+                    },
+                    sealed,
+                )
+                .ok()
+        },
+    );
+    let mut out = Moved::default();
+    match (verdict, &column, &table) {
+        (Verdict::NoColumn, _, t) => out.already_migrated = u64::from(t.is_some()),
+        (Verdict::InStep, _, _) => out.already_migrated = 1,
+        (Verdict::Unmigrated | Verdict::ColumnWins, Some(c), t) => {
+            if t.is_some() {
+                clear_default(tx, user_id, OPENAI)?;
+            }
+            insert_row(tx, user_id, OPENAI, None, c, true)?;
+            out.migrated = 1;
+        }
+        (Verdict::Conflict, _, _) => out.conflicts = 1,
+        (Verdict::ColumnUnreadable, Some(c), _) => {
+            return Err(unreadable(ctx, user_id, c, (Source::Column, None)))
+        }
+        (Verdict::TableUnreadable, _, Some(r)) => {
+            return Err(unreadable(
+                ctx,
+                user_id,
+                &r.sealed,
+                (Source::Table, Some(r.id)),
+            ))
+        }
+        // `classify` gives these verdicts only with the values they name.
+        (Verdict::Unmigrated | Verdict::ColumnWins | Verdict::ColumnUnreadable, None, _)
+        | (Verdict::TableUnreadable, _, None) => {}
+    }
+    if pending {
+        meta::backfill_done(tx, user_id)?;
+    }
+    Ok((verdict, out))
+}
+
+/// The error for an OpenAI value that does not open.
+fn unreadable(ctx: &Ctx<'_>, user_id: i64, sealed: &str, at: (Source, Option<i64>)) -> StoreError {
+    match open(ctx, user_id, OPENAI, sealed, at) {
+        Err(e) => e,
+        Ok(_) => StoreError::KeyUnreadable {
+            user_id,
+            source_store: at.0,
+            key_id: at.1,
+            reason: OpenError::Rejected,
+        },
+    }
+}
+
+/// In phase dual, before a write that touches the user's OpenAI keys: the column's key is
+/// settled first (moved when the table lacks it or when it wins), so the write can neither lose
+/// it nor be undone by it later. With `replacing`, the write replaces the user's key anyway, so
+/// a value that does not open does not stop it (the user is settled all the same).
+fn settle_before_write(
     tx: &Connection,
     ctx: &Ctx<'_>,
     user_id: i64,
-    column: &str,
-    column_wins: bool,
-) -> Result<Moved> {
-    let mut out = Moved::default();
-    match default_row(tx, user_id, OPENAI)? {
-        None => {
-            // Only a value that opens is moved; one that does not is reported, not copied.
-            open(ctx, user_id, OPENAI, column, (Source::Column, None))?;
-            insert_row(tx, user_id, OPENAI, None, column, true)?;
-            out.migrated = 1;
+    replacing: bool,
+) -> Result<()> {
+    match settle(tx, ctx, user_id) {
+        Ok(_) => Ok(()),
+        Err(e @ StoreError::KeyUnreadable { .. }) if replacing => {
+            log::warn!("{e}; the user's write replaces it");
+            meta::backfill_done(tx, user_id)
         }
-        Some(r) if r.sealed == column => out.already_migrated = 1,
-        Some(r) => {
-            let in_column = open(ctx, user_id, OPENAI, column, (Source::Column, None))?;
-            let in_table = open(ctx, user_id, OPENAI, &r.sealed, (Source::Table, Some(r.id)))?;
-            if in_column == in_table {
-                out.already_migrated = 1;
-            } else if column_wins {
-                clear_default(tx, user_id, OPENAI)?;
-                insert_row(tx, user_id, OPENAI, None, column, true)?;
-                out.migrated = 1;
-            } else {
-                out.conflicts = 1;
-            }
-        }
+        Err(e) => Err(e),
     }
-    Ok(out)
 }
 
-/// In phase dual, before a write that touches the user's OpenAI keys: a key found only in the
-/// column is moved into the table first, so the write cannot lose it.
-fn ensure_moved(tx: &Connection, ctx: &Ctx<'_>, user_id: i64) -> Result<()> {
-    if let Some(column) = column_get(tx, user_id)? {
-        if default_row(tx, user_id, OPENAI)?.is_none() {
-            let wins = meta::backfill_from_legacy(tx)?;
-            move_column_key(tx, ctx, user_id, &column, wins)?;
-        }
-    }
-    Ok(())
-}
-
-/// Whether a dual-phase read of this user would move a column-only key.
+/// Whether a dual-phase request of this user must settle the column first (a write).
 fn needs_move(tx: &Connection, user_id: i64) -> Result<bool> {
-    Ok(column_get(tx, user_id)?.is_some() && default_row(tx, user_id, OPENAI)?.is_none())
+    Ok(meta::backfill_pending(tx, user_id)?
+        || (column_get(tx, user_id)?.is_some() && default_row(tx, user_id, OPENAI)?.is_none()))
 }
+
+/// A write that sealed `sealed` before its transaction: the value must be sealed with the
+/// database's current key. When `rotate-encryption-key` has recorded another one since, a ring
+/// holding it switches to it (the caller seals again: `StoreError::Reseal`); a ring without it
+/// refuses the write (`StoreError::KeyChanged`, 503), logged once.
+fn check_sealing_key(tx: &Connection, ctx: &Ctx<'_>, sealed: &str) -> Result<()> {
+    let Some(recorded) = meta::key_id(tx)? else {
+        return Ok(());
+    };
+    if KeyRing::sealed_with(sealed).is_some_and(|id| id.as_str() == recorded) {
+        return Ok(());
+    }
+    let id = KeyId::from_stored(&recorded);
+    if ctx.ring.switch_to(&id) {
+        log::warn!(
+            "the database's current key is now key id {id} (rotate-encryption-key ran): new values \
+             are sealed with it from now on"
+        );
+        return Err(StoreError::Reseal);
+    }
+    if !KEY_CHANGE_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        log::error!(
+            "the database's current key is now key id {id}, which this server does not hold: \
+             writes of keys are refused (503) until keyrack is restarted with that key as \
+             KEYRACK_ENCRYPTION_KEY (and the keys it replaces in KEYRACK_OLD_ENCRYPTION_KEYS)"
+        );
+    }
+    Err(StoreError::KeyChanged(recorded))
+}
+
+static KEY_CHANGE_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 // ---- the key operations of the HTTP API ----------------------------------------------------
 
@@ -288,34 +362,42 @@ fn lookup(
             })
         }
         Phase::Dual => {
-            if let Some(found) = from_table(tx)? {
-                return Ok(found);
+            if provider.is_openai() && needs_move(tx, user_id)? {
+                // A column key the table lacks, or the user is pending backfill from legacy
+                // (the column wins): settled in a write transaction, then read from the table.
+                if !may_move {
+                    return Ok(Lookup::MustMove);
+                }
+                let (verdict, _) = settle(tx, ctx, user_id)?;
+                let found = from_table(tx)?;
+                if verdict.needs_move() {
+                    log::info!(
+                        "user {user_id}: moved the OpenAI key from the legacy column into api_keys on read"
+                    );
+                    if let Some(Lookup::Found(key, id)) = found {
+                        return Ok(Lookup::Found(
+                            FoundKey {
+                                source: Source::Column,
+                                ..key
+                            },
+                            id,
+                        ));
+                    }
+                }
+                return Ok(found.unwrap_or(Lookup::Missing));
             }
-            if !provider.is_openai() {
-                return Ok(Lookup::Missing);
-            }
-            let Some(column) = column_get(tx, user_id)? else {
-                return Ok(Lookup::Missing);
-            };
-            if !may_move {
-                return Ok(Lookup::MustMove);
-            }
-            let key = open(ctx, user_id, p, &column, (Source::Column, None))?;
-            let wins = meta::backfill_from_legacy(tx)?;
-            move_column_key(tx, ctx, user_id, &column, wins)?;
-            let id = default_row(tx, user_id, p)?.map(|r| r.id);
-            log::info!(
-                "user {user_id}: moved the OpenAI key from the legacy column into api_keys on read"
-            );
-            Ok(Lookup::Found(
-                FoundKey {
-                    key,
-                    source: Source::Column,
-                },
-                id,
-            ))
+            Ok(from_table(tx)?.unwrap_or(Lookup::Missing))
         }
         Phase::NewOnly => Ok(from_table(tx)?.unwrap_or(Lookup::Missing)),
+    }
+}
+
+/// Runs a write that seals before its transaction, once more when the database's current key
+/// changed under it (`check_sealing_key` switched the ring): the value is then sealed again.
+fn sealing_again<T>(mut write: impl FnMut() -> Result<T>) -> Result<T> {
+    match write() {
+        Err(StoreError::Reseal) => write(),
+        other => other,
     }
 }
 
@@ -350,52 +432,64 @@ impl Store {
         provider: &Provider,
         key: &ApiKey,
     ) -> Result<Source> {
-        // Sealing needs no transaction: done before, so the group's transaction stays short.
-        let sealed = self.ring.seal(
-            Binding {
-                user_id,
-                provider: provider.as_str(),
-            },
-            key.expose(),
-        );
-        let provider = provider.clone();
-        self.write(move |tx, _| {
-            let phase = meta::phase(tx)?;
-            let p = provider.as_str();
-            match phase {
-                Phase::Legacy => {
-                    if !provider.is_openai() {
-                        return Err(conflict_in_legacy("a key for a provider other than openai"));
-                    }
-                    column_set(tx, user_id, Some(&sealed))?;
-                    Ok(Source::Column)
-                }
-                Phase::Dual | Phase::NewOnly => {
-                    match default_row(tx, user_id, p)? {
-                        Some(r) => {
-                            tx.prepare_cached(
-                                "UPDATE api_keys SET sealed_key = ?2, updated_at = ?3 WHERE id = ?1",
-                            )?
-                            .execute(params![r.id, sealed, now()])?;
+        sealing_again(|| {
+            // Sealing needs no transaction: done before, so the group's transaction stays short.
+            let sealed = self.ring.seal(
+                Binding {
+                    user_id,
+                    provider: provider.as_str(),
+                },
+                key.expose(),
+            );
+            let provider = provider.clone();
+            self.write(move |tx, ctx| {
+                check_sealing_key(tx, ctx, &sealed)?;
+                let phase = meta::phase(tx)?;
+                let p = provider.as_str();
+                match phase {
+                    Phase::Legacy => {
+                        if !provider.is_openai() {
+                            return Err(conflict_in_legacy(
+                                "a key for a provider other than openai",
+                            ));
                         }
-                        None => {
-                            insert_row(tx, user_id, p, None, &sealed, true)?;
-                        }
-                    }
-                    if phase == Phase::Dual && provider.is_openai() {
                         column_set(tx, user_id, Some(&sealed))?;
+                        Ok(Source::Column)
                     }
-                    Ok(Source::Table)
+                    Phase::Dual | Phase::NewOnly => {
+                        if phase == Phase::Dual && provider.is_openai() {
+                            settle_before_write(tx, ctx, user_id, true)?;
+                        }
+                        match default_row(tx, user_id, p)? {
+                            Some(r) => {
+                                tx.prepare_cached(
+                                    "UPDATE api_keys SET sealed_key = ?2, updated_at = ?3 WHERE id = ?1",
+                                )?
+                                .execute(params![r.id, sealed, now()])?;
+                            }
+                            None => {
+                                insert_row(tx, user_id, p, None, &sealed, true)?;
+                            }
+                        }
+                        if phase == Phase::Dual && provider.is_openai() {
+                            column_set(tx, user_id, Some(&sealed))?;
+                        }
+                        Ok(Source::Table)
+                    }
                 }
-            }
+            })
         })
     }
 
     /// DELETE /user/api-key: removes the default key of the provider from every store of the phase.
     pub fn delete_default_key(&mut self, user_id: i64, provider: &Provider) -> Result<()> {
         let provider = provider.clone();
-        self.write(move |tx, _| {
+        self.write(move |tx, ctx| {
             let phase = meta::phase(tx)?;
+            if phase == Phase::Dual && provider.is_openai() {
+                // The key the user sees goes; an older default the column had replaced stays.
+                settle_before_write(tx, ctx, user_id, true)?;
+            }
             if phase.uses_table() {
                 tx.prepare_cached(
                     "DELETE FROM api_keys WHERE user_id = ?1 AND provider = ?2 AND is_default = 1",
@@ -416,7 +510,7 @@ impl Store {
         }
         let moved = self.write(move |tx, ctx| {
             if meta::phase(tx)? == Phase::Dual {
-                ensure_moved(tx, ctx, user_id)?;
+                settle(tx, ctx, user_id)?;
             }
             Ok(())
         });
@@ -433,6 +527,10 @@ impl Store {
 
     /// POST /user/api-keys.
     pub fn add_key(&mut self, user_id: i64, new: &NewKey) -> Result<KeyView> {
+        sealing_again(|| self.add_key_once(user_id, new))
+    }
+
+    fn add_key_once(&mut self, user_id: i64, new: &NewKey) -> Result<KeyView> {
         let provider = new.provider.clone();
         let sealed = self.ring.seal(
             Binding {
@@ -445,13 +543,14 @@ impl Store {
         let masked_key = new.key.masked();
         let wants_default = new.is_default;
         self.write(move |tx, ctx| {
+            check_sealing_key(tx, ctx, &sealed)?;
             let phase = meta::phase(tx)?;
             if phase == Phase::Legacy {
                 return Err(conflict_in_legacy("adding keys"));
             }
             let p = provider.as_str();
             if phase == Phase::Dual && provider.is_openai() {
-                ensure_moved(tx, ctx, user_id)?;
+                settle_before_write(tx, ctx, user_id, false)?;
             }
             let has_default = default_row(tx, user_id, p)?.is_some();
             let make_default = !has_default || wants_default == Some(true);
@@ -480,7 +579,7 @@ impl Store {
 
     /// DELETE /user/api-keys/{id}.
     pub fn delete_key(&mut self, user_id: i64, id: i64) -> Result<()> {
-        self.write(move |tx, _| {
+        self.write(move |tx, ctx| {
             let phase = meta::phase(tx)?;
             if phase == Phase::Legacy {
                 return Err(conflict_in_legacy("deleting keys by id"));
@@ -494,6 +593,16 @@ impl Store {
             let Some((provider, is_default)) = found else {
                 return Err(StoreError::NotFound);
             };
+            if phase == Phase::Dual && provider == OPENAI && is_default {
+                // A column key that replaced this row wins first: deleting the row then
+                // deletes the stale key, not the user's newer one.
+                settle_before_write(tx, ctx, user_id, true)?;
+                if default_row(tx, user_id, OPENAI)?.map(|r| r.id) != Some(id) {
+                    tx.prepare_cached("DELETE FROM api_keys WHERE id = ?1 AND user_id = ?2")?
+                        .execute(params![id, user_id])?;
+                    return Ok(());
+                }
+            }
             tx.prepare_cached("DELETE FROM api_keys WHERE id = ?1 AND user_id = ?2")?
                 .execute(params![id, user_id])?;
             if phase == Phase::Dual && provider == OPENAI && is_default {
@@ -520,16 +629,7 @@ impl Store {
                     ))
                 }
                 Phase::Dual => {
-                    let moved = match column_get(tx, user_id)? {
-                        Some(c) => {
-                            let wins = meta::backfill_from_legacy(tx)?;
-                            move_column_key(tx, ctx, user_id, &c, wins)?
-                        }
-                        None => Moved {
-                            already_migrated: u64::from(default_row(tx, user_id, OPENAI)?.is_some()),
-                            ..Moved::default()
-                        },
-                    };
+                    let (_, moved) = settle(tx, ctx, user_id)?;
                     if moved.conflicts > 0 {
                         log::warn!("user {user_id}: the legacy column and api_keys hold different OpenAI keys (conflict kept, not resolved)");
                     }
@@ -627,232 +727,24 @@ fn masked(
     }
 }
 
-// ---- whole-database work for the phase commands --------------------------------------------
+// ---- used by the whole-database work of the phase commands (`store::phases`) ---------------
 
-/// Counts of the whole store, as `keyrack status` reports them.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Survey {
-    pub users: u64,
-    pub column_keys: u64,
-    pub table_keys: u64,
-    pub unmigrated: u64,
-    pub conflicts: u64,
-    pub undecryptable: u64,
-    /// Up to `SAMPLE` user ids for each kind of problem.
-    pub unmigrated_ids: Vec<i64>,
-    pub conflict_ids: Vec<i64>,
-    pub undecryptable_ids: Vec<i64>,
+pub(super) fn settle_user(
+    tx: &Connection,
+    ctx: &Ctx<'_>,
+    user_id: i64,
+) -> Result<(Verdict, Moved)> {
+    settle(tx, ctx, user_id)
 }
 
-pub const SAMPLE: usize = 20;
-
-impl Survey {
-    /// One line per kind of problem found: `unmigrated: user ids 3, 7`.
-    pub fn problem_lines(&self) -> Vec<String> {
-        [
-            ("unmigrated", &self.unmigrated_ids),
-            ("conflicts", &self.conflict_ids),
-            ("undecryptable", &self.undecryptable_ids),
-        ]
-        .into_iter()
-        .filter(|(_, ids)| !ids.is_empty())
-        .map(|(what, ids)| {
-            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
-            format!("{what}: user ids {}", ids.join(", "))
-        })
-        .collect()
-    }
-}
-
-/// Keeps up to `SAMPLE` user ids for a report.
-pub fn sample(ids: &mut Vec<i64>, id: i64) {
-    if ids.len() < SAMPLE && ids.last() != Some(&id) {
-        ids.push(id);
-    }
-}
-
-/// Decrypts every stored value and compares the column with the table, streaming (memory does
-/// not grow with the number of keys).
-pub fn survey(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<Survey> {
-    let mut s = Survey {
-        users: conn.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?,
-        ..Survey::default()
-    };
-    let opens = |user_id: i64, provider: &str, sealed: &str| {
-        ring.open(Binding { user_id, provider }, sealed).ok()
-    };
-
-    let mut stmt = conn.prepare("SELECT user_id, provider, sealed_key FROM api_keys")?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
-        s.table_keys += 1;
-        let (uid, provider, sealed): (i64, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
-        if opens(uid, &provider, &sealed).is_none() {
-            s.undecryptable += 1;
-            sample(&mut s.undecryptable_ids, uid);
-        }
-    }
-
-    if meta::column_present(conn)? {
-        let column_wins = meta::backfill_from_legacy(conn)?;
-        let mut stmt = conn.prepare(
-            "SELECT u.id, u.openai_api_key, k.sealed_key FROM users u
-             LEFT JOIN api_keys k ON k.user_id = u.id AND k.provider = 'openai' AND k.is_default = 1
-             WHERE u.openai_api_key IS NOT NULL ORDER BY u.id",
-        )?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            s.column_keys += 1;
-            let (uid, column, table): (i64, String, Option<String>) =
-                (r.get(0)?, r.get(1)?, r.get(2)?);
-            let Some(in_column) = opens(uid, OPENAI, &column) else {
-                s.undecryptable += 1;
-                sample(&mut s.undecryptable_ids, uid);
-                continue;
-            };
-            if phase == Phase::Legacy {
-                // The column is the source of truth; the table is not used.
-                continue;
-            }
-            match table {
-                None => {
-                    s.unmigrated += 1;
-                    sample(&mut s.unmigrated_ids, uid);
-                }
-                Some(t) if t == column => {}
-                Some(t) => match opens(uid, OPENAI, &t) {
-                    // Counted once, among the undecryptable table values above.
-                    None => {}
-                    Some(in_table) if in_table == in_column => {}
-                    Some(_) if column_wins => {
-                        s.unmigrated += 1;
-                        sample(&mut s.unmigrated_ids, uid);
-                    }
-                    Some(_) => {
-                        s.conflicts += 1;
-                        sample(&mut s.conflict_ids, uid);
-                    }
-                },
-            }
-        }
-    }
-    Ok(s)
-}
-
-/// Counts of one backfill batch.
-#[derive(Debug, Default, Clone)]
-pub struct Backfill {
-    pub migrated: u64,
-    pub already_migrated: u64,
-    pub conflicts: u64,
-    pub failed: u64,
-    pub conflict_ids: Vec<i64>,
-    pub failed_ids: Vec<i64>,
-    /// The last user id looked at; `None` when there was nothing after `after`.
-    pub last_user_id: Option<i64>,
-    pub users_seen: u64,
-}
-
-/// One batch of Phase 1: the next `limit` users after `after` that hold a column key.
-/// Runs in the caller's IMMEDIATE transaction.
-pub fn backfill_batch(
-    tx: &Transaction<'_>,
-    ring: &KeyRing,
-    usage: &crate::usage::UsageLog,
-    after: i64,
-    limit: i64,
-) -> Result<Backfill> {
-    let ctx = Ctx { ring, usage };
-    let column_wins = meta::backfill_from_legacy(tx)?;
-    let mut b = Backfill::default();
-    let batch: Vec<(i64, String)> = tx
-        .prepare_cached(
-            "SELECT id, openai_api_key FROM users
-             WHERE id > ?1 AND openai_api_key IS NOT NULL ORDER BY id LIMIT ?2",
-        )?
-        .query_map(params![after, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    for (uid, column) in batch {
-        b.last_user_id = Some(uid);
-        b.users_seen += 1;
-        match move_column_key(tx, &ctx, uid, &column, column_wins) {
-            Ok(m) => {
-                b.migrated += m.migrated;
-                b.already_migrated += m.already_migrated;
-                if m.conflicts > 0 {
-                    b.conflicts += 1;
-                    sample(&mut b.conflict_ids, uid);
-                }
-            }
-            Err(e @ StoreError::KeyUnreadable { .. }) => {
-                log::error!("{e}");
-                b.failed += 1;
-                sample(&mut b.failed_ids, uid);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(b)
-}
-
-/// In legacy→dual migration: a default OpenAI row of a user whose column is empty was written
-/// before the revert to legacy, and the user has since removed the key. It stays as an extra
-/// key, no longer the default (rows are never deleted by a phase change).
-pub fn undefault_stale_rows(tx: &Transaction<'_>) -> Result<u64> {
-    Ok(tx.execute(
-        "UPDATE api_keys SET is_default = 0
-         WHERE provider = 'openai' AND is_default = 1
-           AND user_id IN (SELECT id FROM users WHERE openai_api_key IS NULL)",
-        [],
-    )? as u64)
-}
-
-/// The users whose column and default table key differ by sealed text, with both values:
-/// what `remove-legacy-column` checks again inside its final transaction.
-pub fn column_table_mismatches(tx: &Transaction<'_>) -> Result<Vec<(i64, String, Option<String>)>> {
-    Ok(tx
-        .prepare(
-            "SELECT u.id, u.openai_api_key, k.sealed_key FROM users u
-             LEFT JOIN api_keys k ON k.user_id = u.id AND k.provider = 'openai' AND k.is_default = 1
-             WHERE u.openai_api_key IS NOT NULL AND (k.sealed_key IS NULL OR k.sealed_key != u.openai_api_key)",
-        )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<rusqlite::Result<_>>()?)
-}
-
-/// Phase 3: drops the legacy column.
-pub fn drop_column(tx: &Transaction<'_>) -> Result<()> {
-    tx.execute_batch("ALTER TABLE users DROP COLUMN openai_api_key")?;
-    Ok(())
-}
-
-/// Revert: re-adds the column if it is gone and writes each user's default OpenAI key into it.
-/// Returns (keys written back, table keys that stay in the table unreachable in phase legacy).
-pub fn restore_column(tx: &Transaction<'_>) -> Result<(u64, u64)> {
-    if !meta::column_present(tx)? {
-        tx.execute_batch("ALTER TABLE users ADD COLUMN openai_api_key TEXT")?;
-    }
-    tx.execute(
-        "UPDATE users SET openai_api_key = (
-             SELECT k.sealed_key FROM api_keys k
-             WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1)
-         WHERE openai_api_key IS NOT (
-             SELECT k.sealed_key FROM api_keys k
-             WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1)",
-        [],
-    )?;
-    let written: u64 = tx.query_row(
-        "SELECT COUNT(*) FROM users WHERE openai_api_key IS NOT NULL",
-        [],
-        |r| r.get(0),
-    )?;
-    let total: u64 = tx.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
-    let defaults: u64 = tx.query_row(
-        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1",
-        [],
-        |r| r.get(0),
-    )?;
-    Ok((written, total - defaults))
+/// An extra (not default) OpenAI row holding `sealed` as it is.
+pub(super) fn insert_extra_openai_row(
+    tx: &Connection,
+    user_id: i64,
+    name: &str,
+    sealed: &str,
+) -> Result<i64> {
+    insert_row(tx, user_id, OPENAI, Some(name), sealed, false)
 }
 
 /// Fixtures: a legacy column value, as data written before the migration.
@@ -996,7 +888,7 @@ pub fn reseal_batch(
                     store.as_str()
                 );
                 out.failed += 1;
-                sample(&mut out.failed_ids, uid);
+                super::phases::sample(&mut out.failed_ids, uid);
             }
         }
     }

@@ -1,16 +1,17 @@
-//! `keyrack_meta`: the phase, the identity of the encryption key, and the markers of phase
-//! commands in progress.
+//! `keyrack_meta`: the phase, the identity of the database's current encryption key, and the
+//! users still pending a backfill from phase legacy (`legacy_backfill`).
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::{Result, StoreError};
 use crate::phase::Phase;
 
 const PHASE: &str = "phase";
 const KEY_ID: &str = "encryption_key_id";
-/// Set while a `migrate` that started from phase legacy has not finished its backfill: until
-/// then a column value that differs from the table is the newer one, not a conflict.
-const BACKFILL_FROM_LEGACY: &str = "backfill_from_legacy";
+/// Written by versions before `legacy_backfill` existed: one flag for the whole database.
+/// Turned into per-user rows at start (`upgrade_backfill_flag`).
+const OLD_BACKFILL_FLAG: &str = "backfill_from_legacy";
 
 fn get(conn: &Connection, name: &str) -> Result<Option<String>> {
     Ok(conn
@@ -28,16 +29,38 @@ fn set(conn: &Connection, name: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-/// The current phase. Read inside the caller's transaction.
+/// The current phase. Read inside the caller's transaction. A change since this process last
+/// read it (a phase command run by another process) is logged once.
 pub fn phase(conn: &Connection) -> Result<Phase> {
     let raw = get(conn, PHASE)?.unwrap_or_else(|| "dual".to_owned());
-    Phase::parse(&raw).ok_or_else(|| {
+    let phase = Phase::parse(&raw).ok_or_else(|| {
         StoreError::Sql(rusqlite::Error::InvalidColumnType(
             0,
             format!("keyrack_meta.phase={raw}"),
             rusqlite::types::Type::Text,
         ))
-    })
+    })?;
+    let code = phase_code(phase);
+    let before = LAST_SEEN_PHASE.swap(code, Ordering::Relaxed);
+    if before != 0 && before != code {
+        log::info!(
+            "the phase changed from {} to {phase} (a phase command ran); following it from this request on",
+            PHASES[usize::from(before) - 1]
+        );
+    }
+    Ok(phase)
+}
+
+/// The phase this process last read (0: none yet), for logging the changes it follows.
+static LAST_SEEN_PHASE: AtomicU8 = AtomicU8::new(0);
+const PHASES: [Phase; 3] = [Phase::Legacy, Phase::Dual, Phase::NewOnly];
+
+fn phase_code(p: Phase) -> u8 {
+    match p {
+        Phase::Legacy => 1,
+        Phase::Dual => 2,
+        Phase::NewOnly => 3,
+    }
 }
 
 pub fn set_phase(conn: &Connection, phase: Phase) -> Result<()> {
@@ -52,20 +75,59 @@ pub fn set_key_id(conn: &Connection, id: &str) -> Result<()> {
     set(conn, KEY_ID, id)
 }
 
-pub fn backfill_from_legacy(conn: &Connection) -> Result<bool> {
-    Ok(get(conn, BACKFILL_FROM_LEGACY)?.is_some())
+/// Whether the user is still pending a backfill from phase legacy: their column value wins.
+pub fn backfill_pending(conn: &Connection, user_id: i64) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM legacy_backfill WHERE user_id = ?1)")?
+        .query_row([user_id], |r| r.get(0))?)
 }
 
-pub fn set_backfill_from_legacy(conn: &Connection, on: bool) -> Result<()> {
-    if on {
-        set(conn, BACKFILL_FROM_LEGACY, "1")
+/// The user's OpenAI key is settled: the column no longer wins for them.
+pub fn backfill_done(conn: &Connection, user_id: i64) -> Result<()> {
+    conn.prepare_cached("DELETE FROM legacy_backfill WHERE user_id = ?1")?
+        .execute([user_id])?;
+    Ok(())
+}
+
+/// How many users are still pending a backfill from phase legacy.
+pub fn backfill_left(conn: &Connection) -> Result<u64> {
+    Ok(conn.query_row("SELECT COUNT(*) FROM legacy_backfill", [], |r| r.get(0))?)
+}
+
+/// `migrate` from phase legacy: every user holding a column key is pending.
+pub fn backfill_start(conn: &Connection) -> Result<u64> {
+    Ok(conn.execute(
+        "INSERT OR IGNORE INTO legacy_backfill(user_id)
+         SELECT id FROM users WHERE openai_api_key IS NOT NULL",
+        [],
+    )? as u64)
+}
+
+/// Forgets every pending user (revert: in phase legacy the column is the truth for all).
+/// Also the users whose column became empty, when `only_empty_columns`.
+pub fn backfill_clear(conn: &Connection, only_empty_columns: bool) -> Result<u64> {
+    let sql = if only_empty_columns {
+        "DELETE FROM legacy_backfill
+         WHERE user_id IN (SELECT id FROM users WHERE openai_api_key IS NULL)"
     } else {
+        "DELETE FROM legacy_backfill"
+    };
+    Ok(conn.execute(sql, params![])? as u64)
+}
+
+/// A database written by a version that kept one flag for the whole backfill: the users it
+/// covered (every column key) become pending, and the flag goes.
+pub fn upgrade_backfill_flag(conn: &Connection) -> Result<()> {
+    if get(conn, OLD_BACKFILL_FLAG)?.is_some() {
+        if column_present(conn)? {
+            backfill_start(conn)?;
+        }
         conn.execute(
             "DELETE FROM keyrack_meta WHERE name = ?1",
-            [BACKFILL_FROM_LEGACY],
+            [OLD_BACKFILL_FLAG],
         )?;
-        Ok(())
     }
+    Ok(())
 }
 
 /// Whether `users.openai_api_key` exists (it is dropped in phase new_only).

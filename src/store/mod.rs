@@ -4,8 +4,10 @@
 //! reads the phase inside its own transaction (`store::keys`), so a phase command run by another
 //! process takes effect at the next request.
 
+pub mod classify;
 pub mod keys;
 pub mod meta;
+pub mod phases;
 pub mod users;
 
 use rusqlite::{Connection, ErrorCode, Transaction, TransactionBehavior};
@@ -51,6 +53,14 @@ pub enum StoreError {
         key_id: Option<i64>,
         reason: OpenError,
     },
+    /// The database's current key is one this process does not hold (a rotation recorded it
+    /// while a server was serving): writes are refused until a restart with that key.
+    #[error("the database's current key is key id {0}, which this server does not hold")]
+    KeyChanged(String),
+    /// The database's current key changed and the ring switched to it: seal again and retry.
+    /// Never leaves the store.
+    #[error("the database's current key changed; the value is sealed again")]
+    Reseal,
     #[error("database error: {0}")]
     Sql(rusqlite::Error),
 }

@@ -28,12 +28,13 @@ fn schema_v2_over_a_legacy_database_starts_in_phase_legacy() {
     assert_eq!(env.run(&["status"]).status.code(), Some(0));
     sql(
         &env.db(),
-        "DROP TABLE api_keys; DROP TABLE keyrack_meta; DELETE FROM refinery_schema_history WHERE version = 2;",
+        "DROP TABLE legacy_backfill; DROP INDEX users_by_key_id; DROP TABLE api_keys; \
+         DROP TABLE keyrack_meta; DELETE FROM refinery_schema_history WHERE version >= 2;",
     );
     seed_legacy_users(&env.db(), 3);
     let st = status_json(&env);
     assert_eq!(st["phase"], "legacy");
-    assert_eq!(st["schema_version"], 2);
+    assert_eq!(st["schema_version"], 3);
     assert_eq!(st["column_keys"], 3);
     assert_eq!(st["unmigrated"], 0, "nothing is unmigrated in phase legacy");
 }
@@ -263,7 +264,9 @@ fn revert_needs_confirmation_and_reports_counts() {
     let out = env.run(&["revert", "--yes"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(
-        stdout(&out).contains("1 keys in the legacy column, 1 table keys"),
+        stdout(&out)
+            .contains("1 keys in the legacy column (0 written from api_keys, 1 already there")
+            && stdout(&out).contains(", 1 table keys"),
         "{}",
         stdout(&out)
     );
@@ -454,14 +457,39 @@ fn rotate_encryption_key_reseals_everything() {
         during.reveal(&t, "openai").as_deref(),
         Some("sk-rotate-0123456789")
     );
-    // A value written now is sealed with the new key already.
+    // A value written now is sealed with the database's current key, still A: a server with
+    // A alone could still read it.
     during.set_key(&t, "mistral", "sk-mistral-rotate-0123456789");
+    let sealed_with = |provider: &str| match sql_value(
+        &rotated.db(),
+        &format!("SELECT substr(sealed_key, 1, 21) FROM api_keys WHERE provider = '{provider}'"),
+    ) {
+        Sql::Text(t) => t,
+        other => panic!("{other:?}"),
+    };
+    let id_of = |key: &str| seal_like_keyrack(key, 1, "openai", "x")[..21].to_owned();
+    assert_eq!(sealed_with("mistral"), id_of(KEY_A));
     let out = rotated.run(&["rotate-encryption-key"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("re-encrypted 3, already under the current key 1"),
+        stdout(&out).contains("re-encrypted 4, already under the current key 0"),
         "{}",
         stdout(&out)
+    );
+    // The running server follows: what it writes now is sealed with B, and it says so once.
+    assert_eq!(
+        during
+            .set_key(&t, "groq", "sk-groq-rotate-0123456789")
+            .status,
+        200
+    );
+    assert_eq!(sealed_with("groq"), id_of(KEY_B));
+    assert!(
+        during
+            .logs()
+            .contains("the database's current key is now key id"),
+        "{}",
+        during.logs()
     );
     assert_eq!(
         during.reveal(&t, "anthropic").as_deref(),
@@ -578,7 +606,10 @@ fn confirmation_on_a_terminal_takes_the_exact_word() {
         "dual",
         "a wrong word changes nothing"
     );
-    std::fs::remove_file(&backup).unwrap();
+    assert!(
+        !backup.exists(),
+        "the confirmation comes before the backup: a declined prompt writes none"
+    );
     let out = on_terminal(&env, &args, "remove\n");
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     assert_eq!(status_json(&env)["phase"], "new_only");

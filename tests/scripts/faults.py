@@ -150,6 +150,10 @@ def fault_rounds(name, start_db, args_for_round, env, open_value):
             failures.append(f"{name} round {r} (killed after {wait * 1000:.0f} ms): {'; '.join(problems)}")
         else:
             counts["ok"] += 1
+        # The backups of the round (a kill may leave a partial one behind): not needed again.
+        for f in os.listdir(work):
+            if f.startswith("backup-round-"):
+                os.remove(os.path.join(work, f))
     counts["full_run_ms"] = round(full * 1000)
     tally[name] = counts
 
@@ -281,13 +285,17 @@ def main():
     run(["--db", dual, "migrate"], env_old)
     fault_rounds("remove-legacy-column", dual,
                  lambda r: ["remove-legacy-column", "--yes", "--backup",
-                            os.path.join(work, f"backup-{r}-{time.monotonic_ns()}.db")],
+                            os.path.join(work, f"backup-round-{r}-{time.monotonic_ns()}.db")],
                  env_old, both)
     new_only = os.path.join(work, "new_only.db")
     copy_db(dual, new_only)
     run(["--db", new_only, "remove-legacy-column", "--yes", "--backup",
          os.path.join(work, "backup-start.db")], env_old)
-    fault_rounds("revert", new_only, lambda r: ["revert", "--yes"], env_old, both)
+    # revert writes a backup first; each run gets its own path.
+    fault_rounds("revert", new_only,
+                 lambda r: ["revert", "--yes", "--backup",
+                            os.path.join(work, f"backup-round-{r}-{time.monotonic_ns()}.db")],
+                 env_old, both)
     fault_rounds("rotate-encryption-key", dual, lambda r: ["rotate-encryption-key"],
                  env_with(new_key, old_key), both)
     server_rounds(old_key, both)

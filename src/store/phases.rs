@@ -1,0 +1,499 @@
+//! Whole-database work of the phase commands: the survey behind `status`, the backfill of
+//! `migrate`, the last re-check of `remove-legacy-column`, the plan and the work of `revert`, and
+//! the key ids in use. Every comparison of a user's column and table values goes through
+//! `classify`, the rule the per-request code uses too.
+
+use rusqlite::{params, Connection, Transaction};
+use std::collections::BTreeSet;
+
+use super::classify::{classify, Verdict};
+use super::keys::{insert_extra_openai_row, settle_user};
+use super::{meta, Ctx, Result, StoreError};
+use crate::crypto::{Binding, KeyId, KeyRing};
+use crate::domain::{Provider, Secret};
+use crate::phase::Phase;
+
+const OPENAI: &str = Provider::OPENAI;
+
+/// Up to this many user ids are named for each kind of problem.
+pub const SAMPLE: usize = 20;
+
+/// Keeps up to `SAMPLE` user ids for a report.
+pub fn sample(ids: &mut Vec<i64>, id: i64) {
+    if ids.len() < SAMPLE && ids.last() != Some(&id) {
+        ids.push(id);
+    }
+}
+
+fn opener(ring: &KeyRing, user_id: i64) -> impl Fn(&str) -> Option<Secret> + '_ {
+    move |sealed| {
+        ring.open(
+            Binding {
+                user_id,
+                provider: OPENAI,
+            },
+            sealed,
+        )
+        .ok()
+    }
+}
+
+/// Counts of the whole store, as `keyrack status` reports them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Survey {
+    pub users: u64,
+    pub column_keys: u64,
+    pub table_keys: u64,
+    pub unmigrated: u64,
+    pub conflicts: u64,
+    pub undecryptable: u64,
+    /// Users still pending a backfill from phase legacy (the column wins for them).
+    pub backfill_left: u64,
+    /// Up to `SAMPLE` user ids for each kind of problem.
+    pub unmigrated_ids: Vec<i64>,
+    pub conflict_ids: Vec<i64>,
+    pub undecryptable_ids: Vec<i64>,
+}
+
+impl Survey {
+    /// One line per kind of problem found: `unmigrated: user ids 3, 7`.
+    pub fn problem_lines(&self) -> Vec<String> {
+        [
+            ("unmigrated", &self.unmigrated_ids),
+            ("conflicts", &self.conflict_ids),
+            ("undecryptable", &self.undecryptable_ids),
+        ]
+        .into_iter()
+        .filter(|(_, ids)| !ids.is_empty())
+        .map(|(what, ids)| {
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            format!("{what}: user ids {}", ids.join(", "))
+        })
+        .collect()
+    }
+
+    /// Counts one user's column value as `classify` judged it (phase dual).
+    fn count(&mut self, uid: i64, verdict: Verdict) {
+        match verdict {
+            Verdict::NoColumn => {}
+            Verdict::InStep => {}
+            Verdict::Unmigrated | Verdict::ColumnWins => {
+                self.unmigrated += 1;
+                sample(&mut self.unmigrated_ids, uid);
+            }
+            Verdict::Conflict => {
+                self.conflicts += 1;
+                sample(&mut self.conflict_ids, uid);
+            }
+            Verdict::ColumnUnreadable => {
+                self.undecryptable += 1;
+                sample(&mut self.undecryptable_ids, uid);
+            }
+            // Counted once, among the undecryptable table values.
+            Verdict::TableUnreadable => {}
+        }
+    }
+}
+
+/// The column values of every user, with the default OpenAI table value and whether the user is
+/// pending backfill; `only_mismatches` leaves out users whose two stores hold one sealed text.
+fn column_rows_sql(only_mismatches: bool) -> &'static str {
+    if only_mismatches {
+        "SELECT u.id, u.openai_api_key, k.sealed_key, p.user_id IS NOT NULL FROM users u
+         LEFT JOIN api_keys k ON k.user_id = u.id AND k.provider = 'openai' AND k.is_default = 1
+         LEFT JOIN legacy_backfill p ON p.user_id = u.id
+         WHERE u.openai_api_key IS NOT NULL AND u.openai_api_key IS NOT k.sealed_key
+         ORDER BY u.id"
+    } else {
+        "SELECT u.id, u.openai_api_key, k.sealed_key, p.user_id IS NOT NULL FROM users u
+         LEFT JOIN api_keys k ON k.user_id = u.id AND k.provider = 'openai' AND k.is_default = 1
+         LEFT JOIN legacy_backfill p ON p.user_id = u.id
+         WHERE u.openai_api_key IS NOT NULL ORDER BY u.id"
+    }
+}
+
+type ColumnRow = (i64, String, Option<String>, bool);
+
+fn column_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ColumnRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+}
+
+/// Decrypts every stored value and compares the column with the table, streaming (memory does
+/// not grow with the number of keys).
+pub fn survey(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<Survey> {
+    let mut s = Survey {
+        users: conn.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?,
+        backfill_left: meta::backfill_left(conn)?,
+        ..Survey::default()
+    };
+
+    let mut stmt = conn.prepare("SELECT user_id, provider, sealed_key FROM api_keys")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        s.table_keys += 1;
+        let (uid, provider, sealed): (i64, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        let opens = ring
+            .open(
+                Binding {
+                    user_id: uid,
+                    provider: &provider,
+                },
+                &sealed,
+            )
+            .is_ok();
+        if !opens {
+            s.undecryptable += 1;
+            sample(&mut s.undecryptable_ids, uid);
+        }
+    }
+
+    if meta::column_present(conn)? {
+        let mut stmt = conn.prepare(column_rows_sql(false))?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let (uid, column, table, pending) = column_row(r)?;
+            s.column_keys += 1;
+            if phase == Phase::Legacy {
+                // The column is the source of truth; the table is not used.
+                if opener(ring, uid)(&column).is_none() {
+                    s.count(uid, Verdict::ColumnUnreadable);
+                }
+                continue;
+            }
+            s.count(
+                uid,
+                classify(Some(&column), table.as_deref(), pending, opener(ring, uid)),
+            );
+        }
+    }
+    Ok(s)
+}
+
+/// Counts of one backfill batch (or of a whole `migrate`).
+#[derive(Debug, Default, Clone)]
+pub struct Backfill {
+    pub migrated: u64,
+    pub already_migrated: u64,
+    pub conflicts: u64,
+    pub failed: u64,
+    pub conflict_ids: Vec<i64>,
+    pub failed_ids: Vec<i64>,
+    /// The last user id looked at; `None` when there was nothing after `after`.
+    pub last_user_id: Option<i64>,
+    pub users_seen: u64,
+}
+
+impl Backfill {
+    pub fn add(&mut self, b: &Backfill) {
+        self.migrated += b.migrated;
+        self.already_migrated += b.already_migrated;
+        self.conflicts += b.conflicts;
+        self.failed += b.failed;
+        self.users_seen += b.users_seen;
+        b.conflict_ids
+            .iter()
+            .for_each(|&id| sample(&mut self.conflict_ids, id));
+        b.failed_ids
+            .iter()
+            .for_each(|&id| sample(&mut self.failed_ids, id));
+    }
+
+    fn count(&mut self, uid: i64, verdict: Verdict) {
+        match verdict {
+            Verdict::Unmigrated | Verdict::ColumnWins => self.migrated += 1,
+            Verdict::InStep => self.already_migrated += 1,
+            Verdict::Conflict => {
+                self.conflicts += 1;
+                sample(&mut self.conflict_ids, uid);
+            }
+            Verdict::ColumnUnreadable | Verdict::TableUnreadable => {
+                self.failed += 1;
+                sample(&mut self.failed_ids, uid);
+            }
+            Verdict::NoColumn => {}
+        }
+    }
+}
+
+/// The start of Phase 1 from phase legacy, in the transaction that sets phase dual: the column
+/// was the source of truth, so every user holding a column key is pending backfill (the column
+/// wins for them until settled), and a default OpenAI row of a user whose column is empty (the
+/// user removed the key in phase legacy) stays as an extra key, no longer the default. Returns
+/// (users pending, rows no longer default).
+pub fn start_backfill_from_legacy(tx: &Transaction<'_>) -> Result<(u64, u64)> {
+    let pending = meta::backfill_start(tx)?;
+    let undefaulted = tx.execute(
+        "UPDATE api_keys SET is_default = 0
+         WHERE provider = 'openai' AND is_default = 1
+           AND user_id IN (SELECT id FROM users WHERE openai_api_key IS NULL)",
+        [],
+    )? as u64;
+    Ok((pending, undefaulted))
+}
+
+/// One batch of Phase 1: settles the next `limit` users after `after` that hold a column key.
+/// Runs in the caller's IMMEDIATE transaction.
+pub fn backfill_batch(
+    tx: &Transaction<'_>,
+    ring: &KeyRing,
+    usage: &crate::usage::UsageLog,
+    after: i64,
+    limit: i64,
+) -> Result<Backfill> {
+    let ctx = Ctx { ring, usage };
+    let mut b = Backfill::default();
+    let batch: Vec<i64> = tx
+        .prepare_cached(
+            "SELECT id FROM users WHERE id > ?1 AND openai_api_key IS NOT NULL ORDER BY id LIMIT ?2",
+        )?
+        .query_map(params![after, limit], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for uid in batch {
+        b.last_user_id = Some(uid);
+        b.users_seen += 1;
+        match settle_user(tx, &ctx, uid) {
+            Ok((verdict, _)) => b.count(uid, verdict),
+            Err(e @ StoreError::KeyUnreadable { .. }) => {
+                log::error!("{e}");
+                b.failed += 1;
+                sample(&mut b.failed_ids, uid);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if b.last_user_id.is_none() {
+        // The end: users pending whose column is empty have nothing left to backfill.
+        meta::backfill_clear(tx, true)?;
+    }
+    Ok(b)
+}
+
+/// What `migrate` would do, without writing (`--dry-run`): each column value as the backfill
+/// would judge it. From phase legacy every column key would be pending (the column wins).
+pub fn backfill_plan(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<Backfill> {
+    let mut b = Backfill::default();
+    let mut stmt = conn.prepare(column_rows_sql(false))?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let (uid, column, table, pending) = column_row(r)?;
+        b.users_seen += 1;
+        let pending = pending || phase == Phase::Legacy;
+        b.count(
+            uid,
+            classify(Some(&column), table.as_deref(), pending, opener(ring, uid)),
+        );
+    }
+    Ok(b)
+}
+
+/// The last check of `remove-legacy-column`, inside its final transaction: the users whose two
+/// stores differ by sealed text, judged by `classify` (a writer other than keyrack may have
+/// changed the column since the survey), and the users still pending backfill.
+pub fn recheck_before_drop(tx: &Transaction<'_>, ring: &KeyRing) -> Result<Survey> {
+    let mut s = Survey {
+        backfill_left: meta::backfill_left(tx)?,
+        ..Survey::default()
+    };
+    let mut stmt = tx.prepare(column_rows_sql(true))?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let (uid, column, table, pending) = column_row(r)?;
+        let verdict = classify(Some(&column), table.as_deref(), pending, opener(ring, uid));
+        if verdict == Verdict::TableUnreadable {
+            // Not counted by the table pass here: count it now.
+            s.undecryptable += 1;
+            sample(&mut s.undecryptable_ids, uid);
+        }
+        s.count(uid, verdict);
+    }
+    Ok(s)
+}
+
+/// Phase 3: drops the legacy column (and keyrack's index on it first, which SQLite requires).
+pub fn drop_column(tx: &Transaction<'_>) -> Result<()> {
+    tx.execute_batch(
+        "DROP INDEX IF EXISTS users_by_key_id; ALTER TABLE users DROP COLUMN openai_api_key",
+    )?;
+    Ok(())
+}
+
+/// The index of the legacy column's key ids (the table's is created by a schema migration; the
+/// column comes and goes with the phase commands, so its index is kept here).
+pub fn ensure_column_index(conn: &Connection) -> Result<()> {
+    if meta::column_present(conn)? {
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS users_by_key_id ON users(substr(openai_api_key, 5, 16))",
+        )?;
+    }
+    Ok(())
+}
+
+/// What `revert` writes into the column and what it keeps.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RevertPlan {
+    /// Default OpenAI table keys written into an empty column.
+    pub written: u64,
+    /// Column values that already hold the table's key.
+    pub in_step: u64,
+    /// Column values kept as they are: the table lacks them.
+    pub kept_unmigrated: u64,
+    /// Column values kept as they are: they do not open (undecryptable, sealed with a key that
+    /// is not configured, not in keyrack's format).
+    pub kept_unreadable: u64,
+    /// Column values kept as they are: newer than the table's key (users pending backfill from
+    /// phase legacy), or the table's key does not open.
+    pub kept_newer: u64,
+    /// Column values that conflict with the table's key: replaced by the table's key (the one
+    /// served in phase dual), each first kept in `api_keys` as an extra OpenAI key.
+    pub overwritten: u64,
+    /// Up to `SAMPLE` user ids of the kept and of the overwritten values.
+    pub kept_ids: Vec<i64>,
+    pub overwritten_ids: Vec<i64>,
+    /// Table keys that stay in `api_keys`, unreachable in phase legacy (other providers, extra
+    /// keys), the extra keys `revert` adds included.
+    pub table_stay: u64,
+}
+
+impl RevertPlan {
+    pub fn kept(&self) -> u64 {
+        self.kept_unmigrated + self.kept_unreadable + self.kept_newer
+    }
+
+    /// Keys in the legacy column once the revert is done.
+    pub fn in_column(&self) -> u64 {
+        self.written + self.in_step + self.kept() + self.overwritten
+    }
+}
+
+/// The name of the extra key that keeps a conflicting column value `revert` replaces.
+pub const KEPT_AT_REVERT: &str = "legacy column value kept at revert";
+
+/// `revert`'s plan (`apply` false: nothing written) or its work (`apply` true, in the caller's
+/// IMMEDIATE transaction, which also sets phase legacy): re-adds the column if it is gone, writes
+/// each user's default OpenAI key into an empty column, keeps every column value the table lacks
+/// or cannot replace exactly as it is, and replaces a conflicting one by the table's key after
+/// keeping it in `api_keys` as an extra key. No key is lost; no row of `api_keys` is deleted.
+pub fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<RevertPlan> {
+    let mut plan = RevertPlan::default();
+    let column = meta::column_present(tx)?;
+    if apply && !column {
+        tx.execute_batch("ALTER TABLE users ADD COLUMN openai_api_key TEXT")?;
+        ensure_column_index(tx)?;
+    }
+    let defaults_sql = if column {
+        "SELECT COUNT(*) FROM users u JOIN api_keys k ON k.user_id = u.id
+         AND k.provider = 'openai' AND k.is_default = 1 WHERE u.openai_api_key IS NULL"
+    } else {
+        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1"
+    };
+    plan.written = tx.query_row(defaults_sql, [], |r| r.get(0))?;
+    let mut conflicts: Vec<(i64, String, String)> = Vec::new();
+    if column {
+        plan.in_step = tx.query_row(
+            "SELECT COUNT(*) FROM users u JOIN api_keys k ON k.user_id = u.id
+             AND k.provider = 'openai' AND k.is_default = 1 WHERE u.openai_api_key = k.sealed_key",
+            [],
+            |r| r.get(0),
+        )?;
+        let mut stmt = tx.prepare(column_rows_sql(true))?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let (uid, column, table, pending) = column_row(r)?;
+            match classify(Some(&column), table.as_deref(), pending, opener(ring, uid)) {
+                Verdict::InStep | Verdict::NoColumn => {
+                    plan.in_step += 1;
+                    continue;
+                }
+                Verdict::Unmigrated => plan.kept_unmigrated += 1,
+                Verdict::ColumnUnreadable => plan.kept_unreadable += 1,
+                Verdict::ColumnWins | Verdict::TableUnreadable => plan.kept_newer += 1,
+                Verdict::Conflict => {
+                    plan.overwritten += 1;
+                    sample(&mut plan.overwritten_ids, uid);
+                    if let (true, Some(t)) = (apply, table) {
+                        conflicts.push((uid, column, t));
+                    }
+                    continue;
+                }
+            }
+            sample(&mut plan.kept_ids, uid);
+        }
+    }
+    if apply {
+        for (uid, column, table) in &conflicts {
+            insert_extra_openai_row(tx, *uid, KEPT_AT_REVERT, column)?;
+            tx.prepare_cached("UPDATE users SET openai_api_key = ?2 WHERE id = ?1")?
+                .execute(params![uid, table])?;
+        }
+        tx.execute(
+            "UPDATE users SET openai_api_key = (
+                 SELECT k.sealed_key FROM api_keys k
+                 WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1)
+             WHERE openai_api_key IS NULL",
+            [],
+        )?;
+        meta::backfill_clear(tx, false)?;
+    }
+    let total: u64 = tx.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
+    let defaults: u64 = tx.query_row(
+        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1",
+        [],
+        |r| r.get(0),
+    )?;
+    plan.table_stay = total - defaults + if apply { 0 } else { plan.overwritten };
+    Ok(plan)
+}
+
+/// The ids of the keys that sealed the stored values, found by seeks on the key-id indexes
+/// (a few per key in use), never by reading or decrypting every value. Values not in keyrack's
+/// format name no key and are left out.
+pub fn key_ids_in_use(conn: &Connection) -> Result<BTreeSet<String>> {
+    let mut ids = BTreeSet::new();
+    for (table, col) in stores(conn)? {
+        let next_sql = format!(
+            "SELECT min(substr({col}, 5, 16)) FROM {table} WHERE substr({col}, 5, 16) > ?1"
+        );
+        let sealed_sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {table} WHERE substr({col}, 5, 16) = ?1
+             AND substr({col}, 1, 4) = 'kr1:' AND substr({col}, 21, 1) = ':')"
+        );
+        let mut after = String::new();
+        while let Some(id) = conn
+            .prepare_cached(&next_sql)?
+            .query_row([&after], |r| r.get::<_, Option<String>>(0))?
+        {
+            let sealed: bool = conn
+                .prepare_cached(&sealed_sql)?
+                .query_row([&id], |r| r.get(0))?;
+            if sealed {
+                ids.insert(id.clone());
+            }
+            after = id;
+        }
+    }
+    Ok(ids)
+}
+
+/// How many stored values were sealed with key `id` (an index range count).
+pub fn count_sealed_with(conn: &Connection, id: &KeyId) -> Result<u64> {
+    let mut n = 0;
+    for (table, col) in stores(conn)? {
+        n += conn.query_row(
+            &format!(
+                "SELECT COUNT(*) FROM {table} WHERE substr({col}, 5, 16) = ?1
+                 AND substr({col}, 1, 4) = 'kr1:'"
+            ),
+            [id.as_str()],
+            |r| r.get::<_, u64>(0),
+        )?;
+    }
+    Ok(n)
+}
+
+fn stores(conn: &Connection) -> Result<Vec<(&'static str, &'static str)>> {
+    let mut v = vec![("api_keys", "sealed_key")];
+    if meta::column_present(conn)? {
+        v.push(("users", "openai_api_key"));
+    }
+    Ok(v)
+}
