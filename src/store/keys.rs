@@ -280,8 +280,9 @@ fn settle_before_write(
 
 /// Whether a dual-phase request of this user must settle the column first (a write).
 fn needs_move(tx: &Connection, user_id: i64) -> Result<bool> {
+    // Cheapest first: most users are not pending and have a default row.
     Ok(meta::backfill_pending(tx, user_id)?
-        || (column_get(tx, user_id)?.is_some() && default_row(tx, user_id, OPENAI)?.is_none()))
+        || (default_row(tx, user_id, OPENAI)?.is_none() && column_get(tx, user_id)?.is_some()))
 }
 
 /// A write that sealed `sealed` before its transaction: the value must be sealed with the

@@ -429,6 +429,15 @@ fn phase_commands_under_a_serving_server_fail_no_request() {
         0,
         "a request failed or answered wrong"
     );
+    // The server logged each phase change it followed.
+    let logs = s.logs();
+    for change in [
+        "the phase changed from dual to new_only",
+        "the phase changed from new_only to legacy",
+        "the phase changed from legacy to dual",
+    ] {
+        assert!(logs.contains(change), "{change}: {logs}");
+    }
     let st = status_json(&env);
     assert_eq!(
         (st["conflicts"].as_i64(), st["undecryptable"].as_i64()),
