@@ -141,10 +141,14 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
         if stop.load(Ordering::Relaxed) {
             progress.finish();
             let left = meta::backfill_left(&conn).map_err(store_err)?;
+            let rest = if left > 0 {
+                format!("{left} users are still pending backfill from legacy (their legacy column value still wins)")
+            } else {
+                "column keys not copied yet are still served from the column".to_owned()
+            };
             let line = format!(
                 "migrate interrupted after {} users (migrated {}, already migrated {}, conflicts {}, failed {}); \
-                 {left} users are still pending backfill from legacy (their legacy column value still wins); \
-                 run `keyrack migrate` again to finish",
+                 {rest}; run `keyrack migrate` again to finish",
                 total.users_seen, total.migrated, total.already_migrated, total.conflicts, total.failed
             );
             log::warn!("{line}");

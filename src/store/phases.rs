@@ -497,3 +497,160 @@ fn stores(conn: &Connection) -> Result<Vec<(&'static str, &'static str)>> {
     }
     Ok(v)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DbLocation;
+    use crate::crypto::EncryptionKey;
+    use crate::db::{self, Database};
+
+    fn fresh() -> (Database, Connection) {
+        let db = Database::new(&DbLocation::Memory).unwrap();
+        let mut conn = db.connect().unwrap();
+        db::migrate_schema(&mut conn).unwrap();
+        ensure_column_index(&conn).unwrap();
+        (db, conn)
+    }
+
+    fn user(conn: &Connection, id: i64, column: Option<&str>) {
+        conn.execute(
+            "INSERT INTO users(id, email, password_hash, openai_api_key, created_at)
+             VALUES (?1, ?2, 'x', ?3, 0)",
+            params![id, format!("u{id}@example.com"), column],
+        )
+        .unwrap();
+    }
+
+    fn default_row(conn: &Connection, id: i64, sealed: &str) {
+        conn.execute(
+            "INSERT INTO api_keys(user_id, provider, sealed_key, is_default, created_at, updated_at)
+             VALUES (?1, 'openai', ?2, 1, 0, 0)",
+            params![id, sealed],
+        )
+        .unwrap();
+    }
+
+    fn column(conn: &Connection, id: i64) -> Option<String> {
+        conn.query_row(
+            "SELECT openai_api_key FROM users WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    fn seal(ring: &KeyRing, id: i64, key: &str) -> String {
+        ring.seal(
+            Binding {
+                user_id: id,
+                provider: OPENAI,
+            },
+            key,
+        )
+    }
+
+    /// One user for each verdict, and their expected column after a revert.
+    #[test]
+    fn revert_writes_keeps_and_replaces_as_the_rule_says() {
+        let (_db, conn) = fresh();
+        let ring = KeyRing::new(EncryptionKey::generate(), vec![]);
+        let other = KeyRing::new(EncryptionKey::generate(), vec![]);
+        let t1 = seal(&ring, 1, "sk-table-1");
+        user(&conn, 1, None); // empty column, default row: written
+        default_row(&conn, 1, &t1);
+        let t2 = seal(&ring, 2, "sk-same-2");
+        user(&conn, 2, Some(&t2)); // in step
+        default_row(&conn, 2, &t2);
+        let c3 = seal(&ring, 3, "sk-column-only-3");
+        user(&conn, 3, Some(&c3)); // unmigrated: kept
+        let c4 = seal(&other, 4, "sk-unknown-key-4");
+        user(&conn, 4, Some(&c4)); // undecryptable: kept
+        default_row(&conn, 4, &seal(&ring, 4, "sk-table-4"));
+        let c5 = seal(&ring, 5, "sk-newer-5");
+        user(&conn, 5, Some(&c5)); // pending, newer: kept
+        default_row(&conn, 5, &seal(&ring, 5, "sk-older-5"));
+        conn.execute("INSERT INTO legacy_backfill VALUES (5)", [])
+            .unwrap();
+        let c6 = seal(&ring, 6, "sk-foreign-6");
+        let t6 = seal(&ring, 6, "sk-table-6");
+        user(&conn, 6, Some(&c6)); // conflict: replaced, kept as an extra row
+        default_row(&conn, 6, &t6);
+        user(&conn, 7, Some("sk-plaintext-7")); // not keyrack's format: kept
+
+        let plan = revert(&conn, &ring, false).unwrap();
+        let want = RevertPlan {
+            written: 1,
+            in_step: 1,
+            kept_unmigrated: 1,
+            kept_unreadable: 2,
+            kept_newer: 1,
+            overwritten: 1,
+            kept_ids: vec![3, 4, 5, 7],
+            overwritten_ids: vec![6],
+            table_stay: 1,
+        };
+        assert_eq!(plan, want);
+        assert_eq!(column(&conn, 1), None, "a plan writes nothing");
+
+        let done = revert(&conn, &ring, true).unwrap();
+        assert_eq!(done, want);
+        assert_eq!(done.in_column(), 7);
+        assert_eq!(column(&conn, 1), Some(t1));
+        assert_eq!(column(&conn, 2), Some(t2));
+        assert_eq!(column(&conn, 3), Some(c3));
+        assert_eq!(column(&conn, 4), Some(c4));
+        assert_eq!(column(&conn, 5), Some(c5));
+        assert_eq!(column(&conn, 6), Some(t6));
+        assert_eq!(column(&conn, 7).as_deref(), Some("sk-plaintext-7"));
+        let kept: String = conn
+            .query_row(
+                "SELECT sealed_key FROM api_keys WHERE user_id = 6 AND is_default = 0 AND name = ?1",
+                [KEPT_AT_REVERT],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kept, c6);
+        assert_eq!(meta::backfill_left(&conn).unwrap(), 0);
+    }
+
+    #[test]
+    fn key_ids_in_use_are_found_without_decrypting() {
+        let (_db, conn) = fresh();
+        let a = KeyRing::new(EncryptionKey::generate(), vec![]);
+        let b = KeyRing::new(EncryptionKey::generate(), vec![]);
+        for id in 1..=50 {
+            let col = seal(&a, id, "sk-a");
+            user(&conn, id, Some(&col));
+            default_row(&conn, id, &col);
+        }
+        user(&conn, 51, Some(&seal(&b, 51, "sk-b")));
+        user(&conn, 52, Some("sk-plaintext-not-sealed"));
+        user(&conn, 53, Some("kr1:short"));
+        let ids = key_ids_in_use(&conn).unwrap();
+        let want: BTreeSet<String> = [a.current_id(), b.current_id()]
+            .into_iter()
+            .map(|k| k.to_string())
+            .collect();
+        assert_eq!(ids, want);
+        assert_eq!(count_sealed_with(&conn, a.current_id()).unwrap(), 100);
+        assert_eq!(count_sealed_with(&conn, b.current_id()).unwrap(), 1);
+        // The lookups use the key-id indexes.
+        for (table, col) in stores(&conn).unwrap() {
+            let plan: String = conn
+                .query_row(
+                    &format!(
+                        "EXPLAIN QUERY PLAN SELECT min(substr({col}, 5, 16)) FROM {table} \
+                         WHERE substr({col}, 5, 16) > ''"
+                    ),
+                    [],
+                    |r| r.get(3),
+                )
+                .unwrap();
+            assert!(
+                plan.contains("USING INDEX") || plan.contains("USING COVERING INDEX"),
+                "{plan}"
+            );
+        }
+    }
+}

@@ -293,7 +293,15 @@ fn migrate_killed_at_random_moments_then_rerun_finishes() {
 
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut interrupted = 0;
+    // Each round starts from the legacy database again, so that every kill can land inside a
+    // run (once a run has finished, later ones have nothing left to do).
+    let pristine = env.path("pristine.db");
+    std::fs::copy(env.db(), &pristine).unwrap();
     for round in 0..8 {
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", env.db().display()));
+        }
+        std::fs::copy(&pristine, env.db()).unwrap();
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;

@@ -107,7 +107,8 @@ deadline = time.monotonic() + SECONDS
 n = 0
 while time.monotonic() < deadline:
     for args in (["remove-legacy-column", "--yes", "--backup", os.path.join(work, f"backup-{n}.db")],
-                 ["revert", "--yes"], ["migrate"]):
+                 ["revert", "--yes", "--backup", os.path.join(work, f"revert-backup-{n}.db")],
+                 ["migrate"]):
         if time.monotonic() >= deadline:
             break
         out = subprocess.run([BIN, "--db", db] + args, env=env, stdin=subprocess.DEVNULL,

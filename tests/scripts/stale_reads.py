@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Counts reads that answer a replaced key across revert / set / migrate cycles.
 
-A database of N legacy users (seed_legacy), migrated; one more user, created last so that the
+A database of N users loaded from a fixtures file (column keys), migrated; one more user, created last so that the
 backfill reaches it last. Each cycle: the user sets K1 in phase dual, `revert --yes`, sets K2 in
 phase legacy (column only; the table still holds K1), then `migrate` runs while the user reads
 `GET /user/api-key?reveal=true` in a loop. Every read answered after K2 was acknowledged must be
 K2. Prints the number of reads made during the migrates and how many answered something else.
 
-Usage: stale_reads.py BIN SEED_BIN [USERS] [CYCLES]
+Usage: stale_reads.py BIN [USERS] [CYCLES]
 """
 import http.client
 import json
@@ -18,15 +18,20 @@ import sys
 import tempfile
 import threading
 
-BIN, SEED = sys.argv[1], sys.argv[2]
-USERS = int(sys.argv[3]) if len(sys.argv) > 3 else 1500
-CYCLES = int(sys.argv[4]) if len(sys.argv) > 4 else 10
+BIN = sys.argv[1]
+USERS = int(sys.argv[2]) if len(sys.argv) > 2 else 1500
+CYCLES = int(sys.argv[3]) if len(sys.argv) > 3 else 10
 
 work = tempfile.mkdtemp(prefix="keyrack-stale-")
 db = os.path.join(work, "k.db")
 key = subprocess.check_output([BIN, "gen-key"], text=True).strip()
 env = dict(os.environ, KEYRACK_ENCRYPTION_KEY=key, RUST_LOG="warn")
-subprocess.run([SEED, db, str(USERS)], env=env, check=True,
+fixtures = os.path.join(work, "users.json")
+with open(fixtures, "w") as f:
+    json.dump({"users": [{"email": f"user{i}@example.com", "password": "correct horse battery",
+                          "openai_api_key": f"sk-fixture-{i:06d}-abcdefgh"}
+                         for i in range(USERS)]}, f)
+subprocess.run([BIN, "--db", db, "load-fixtures", fixtures], env=env, check=True,
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
