@@ -93,8 +93,13 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
             Step::Run { .. } => {}
         }
         let plan = phases::backfill_plan(&tx, &app.ring, current).map_err(store_err)?;
+        let first = if current == Phase::Dual {
+            "dry run: phase is dual; migrate would copy".to_owned()
+        } else {
+            format!("dry run: migrate would set phase dual (now {current}) and copy")
+        };
         println!(
-            "dry run: migrate would set phase dual (now {current}) and copy: migrated {}, already migrated {}, conflicts {}, failed {}; nothing was written",
+            "{first}: migrated {}, already migrated {}, conflicts {}, failed {}; nothing was written",
             plan.migrated, plan.already_migrated, plan.conflicts, plan.failed
         );
         return finish_migrate(&plan);
@@ -395,7 +400,7 @@ pub fn remove_legacy_column(
     };
     if dry_run {
         println!(
-            "dry run: remove-legacy-column would write a backup to {}, then drop users.openai_api_key ({} column keys, all in api_keys, would be dropped; 0 refused) and set phase new_only; nothing was written",
+            "dry run: the checks pass (unmigrated 0, conflicts 0, undecryptable 0); remove-legacy-column would write a backup to {}, then drop users.openai_api_key ({} column keys, all in api_keys) and set phase new_only; nothing was written",
             backup_to.describe(),
             s.column_keys
         );

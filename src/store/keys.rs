@@ -1,4 +1,5 @@
-//! API keys across the three phases: the rules of SPEC section 1, and all key SQL.
+//! API keys across the three phases: the rules of SPEC section 1 and the SQL of every key
+//! operation of a request (the whole-database work of the phase commands is in `phases.rs`).
 //!
 //! Every public operation reads the phase inside its own transaction and branches on it, so a
 //! phase command committed by another process changes the behaviour of the very next request.
