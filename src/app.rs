@@ -24,6 +24,9 @@ pub struct App {
     pub throttle: Throttle,
     pub session_ttl_secs: i64,
     pub admin_token: Option<Secret>,
+    /// `KEYRACK_SIGNUPS=open`: POST /auth/register creates accounts.
+    pub signups_open: bool,
+    pub max_keys_per_user: i64,
 }
 
 impl App {
@@ -55,6 +58,8 @@ impl App {
             throttle: Throttle::new(),
             session_ttl_secs: config.session_ttl_secs,
             admin_token: config.admin_token,
+            signups_open: config.signups_open,
+            max_keys_per_user: config.max_keys_per_user,
         })
     }
 
@@ -64,7 +69,8 @@ impl App {
             .db
             .connect()
             .map_err(|e| Failure::Runtime(format!("cannot open the database: {e}")))?;
-        Ok(Store::new(conn, self.ring.clone(), self.usage.clone()))
+        Ok(Store::new(conn, self.ring.clone(), self.usage.clone())
+            .with_key_limit(self.max_keys_per_user))
     }
 }
 

@@ -12,6 +12,7 @@ use crate::app::App;
 use crate::config::DbLocation;
 use crate::crypto::{Binding, EncryptionKey};
 use crate::phase::{self, Command, Phase, Step};
+use crate::progress::Progress;
 use crate::status::{join_ids, Status};
 use crate::store::keys::{self, Backfill};
 use crate::store::{meta, StoreError};
@@ -31,40 +32,6 @@ fn store_err(e: StoreError) -> Failure {
             Failure::Runtime("the database stayed locked past the time limit; try again".to_owned())
         }
         e => db_err(e),
-    }
-}
-
-/// Progress on stderr, only when stderr is a terminal.
-struct Progress {
-    on: bool,
-    start: Instant,
-    what: &'static str,
-}
-
-impl Progress {
-    fn new(what: &'static str) -> Progress {
-        Progress {
-            on: std::io::stderr().is_terminal(),
-            start: Instant::now(),
-            what,
-        }
-    }
-
-    fn update(&self, done: u64) {
-        if self.on {
-            let secs = self.start.elapsed().as_secs_f64().max(0.001);
-            eprint!(
-                "\r{}: {done} rows, {:.0} rows/s   ",
-                self.what,
-                done as f64 / secs
-            );
-        }
-    }
-
-    fn finish(&self) {
-        if self.on {
-            eprintln!();
-        }
     }
 }
 
@@ -104,7 +71,8 @@ pub fn migrate(app: &App) -> Result<(), Failure> {
         tx.commit().map_err(db_err)?;
     }
 
-    let progress = Progress::new("migrate");
+    let (column_keys, _) = meta::stored_key_counts(&conn).map_err(store_err)?;
+    let progress = Progress::new("migrate", column_keys);
     let mut total = Backfill::default();
     let mut after = 0;
     loop {
@@ -369,7 +337,8 @@ pub fn revert(app: &App, yes: bool) -> Result<(), Failure> {
 /// Re-seals every value not sealed with the current key, in batches; a rerun resumes.
 pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
     let mut conn = app.db.connect().map_err(db_err)?;
-    let progress = Progress::new("rotate-encryption-key");
+    let (column_keys, table_keys) = meta::stored_key_counts(&conn).map_err(store_err)?;
+    let progress = Progress::new("rotate-encryption-key", column_keys + table_keys);
     let (mut resealed, mut failed, mut current) = (0u64, 0u64, 0u64);
     let mut failed_ids = Vec::new();
     for which in [keys::Sealed::Table, keys::Sealed::Column] {

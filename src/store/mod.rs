@@ -51,6 +51,9 @@ pub enum StoreError {
         key_id: Option<i64>,
         reason: OpenError,
     },
+    /// The user holds the most keys allowed (`KEYRACK_MAX_KEYS_PER_USER`).
+    #[error("this account already holds {limit} keys, the most allowed; delete one first")]
+    LimitReached { limit: i64 },
     #[error("database error: {0}")]
     Sql(rusqlite::Error),
 }
@@ -71,11 +74,24 @@ pub struct Store {
     conn: Connection,
     ring: Arc<KeyRing>,
     usage: Arc<UsageLog>,
+    /// Most `api_keys` rows a user may create through the API.
+    key_limit: i64,
 }
 
 impl Store {
     pub fn new(conn: Connection, ring: Arc<KeyRing>, usage: Arc<UsageLog>) -> Store {
-        Store { conn, ring, usage }
+        Store {
+            conn,
+            ring,
+            usage,
+            key_limit: crate::config::DEFAULT_MAX_KEYS_PER_USER,
+        }
+    }
+
+    /// Sets the per-user key limit (`KEYRACK_MAX_KEYS_PER_USER`).
+    pub fn with_key_limit(mut self, limit: i64) -> Store {
+        self.key_limit = limit;
+        self
     }
 
     pub fn conn(&self) -> &Connection {

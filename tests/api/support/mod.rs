@@ -69,6 +69,15 @@ impl Env {
         c
     }
 
+    /// Creates the database (with `load-fixtures` of no users: the other commands never create
+    /// one).
+    pub fn create_db(&self) {
+        let empty = self.path("no-users.json");
+        std::fs::write(&empty, r#"{"users": []}"#).expect("write fixtures");
+        let out = self.run(&["load-fixtures", empty.to_str().expect("utf-8 path")]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+
     /// Runs a one-shot command (no terminal on stdin) and returns its output.
     pub fn run(&self, args: &[&str]) -> Output {
         self.command(args)
