@@ -28,10 +28,9 @@ fn db_err(e: impl std::fmt::Display) -> Failure {
 
 fn store_err(e: StoreError) -> Failure {
     match e {
-        StoreError::Busy => {
-            Failure::Runtime("the database stayed locked past the time limit; try again".to_owned())
-        }
-        e => db_err(e),
+        StoreError::Busy => Failure::Runtime(format!("{e}; try again")),
+        StoreError::Sql(e) => db_err(e),
+        e => Failure::Runtime(e.to_string()),
     }
 }
 
@@ -114,10 +113,7 @@ pub fn migrate(app: &App) -> Result<(), Failure> {
         println!("conflicts: user ids {}", join_ids(&total.conflict_ids));
     }
     if !total.failed_ids.is_empty() {
-        println!(
-            "failed (value does not decrypt): user ids {}",
-            join_ids(&total.failed_ids)
-        );
+        println!("undecryptable: user ids {}", join_ids(&total.failed_ids));
     }
     if total.conflicts > 0 || total.failed > 0 {
         return Err(Failure::Runtime(
@@ -374,7 +370,7 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
     log::info!("{line}");
     println!("{line}");
     if failed > 0 {
-        println!("failed: user ids {}", join_ids(&failed_ids));
+        println!("undecryptable: user ids {}", join_ids(&failed_ids));
         return Err(Failure::Runtime(
             "some values do not decrypt with the configured keys; add the missing key to KEYRACK_OLD_ENCRYPTION_KEYS and rerun".into(),
         ));

@@ -45,6 +45,9 @@ pub fn init(spec: &str) {
             buf.write_all(line.as_bytes())
         })
         .try_init();
+    // A panic is logged as one line of the log like any other error, with its request id,
+    // instead of the default hook's raw lines on stderr.
+    std::panic::set_hook(Box::new(|info| log::error!("{info}")));
 }
 
 /// Now, as RFC 3339 in UTC with milliseconds.

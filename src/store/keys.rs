@@ -1008,15 +1008,18 @@ pub fn reseal_batch(
                 }
                 out.resealed += 1;
             }
-            Err(e) => {
-                let store = match which {
-                    Sealed::Table => Source::Table,
-                    Sealed::Column => Source::Column,
+            Err(reason) => {
+                let (source_store, key_id) = match which {
+                    Sealed::Table => (Source::Table, Some(id)),
+                    Sealed::Column => (Source::Column, None),
                 };
-                log::error!(
-                    "user {uid}: {} value (id {id}) does not decrypt: {e}",
-                    store.as_str()
-                );
+                let e = StoreError::KeyUnreadable {
+                    user_id: uid,
+                    source_store,
+                    key_id,
+                    reason,
+                };
+                log::error!("{e}");
                 out.failed += 1;
                 sample(&mut out.failed_ids, uid);
             }

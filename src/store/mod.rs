@@ -44,7 +44,7 @@ pub enum StoreError {
     #[error("{0}")]
     PhaseConflict(String),
     /// A stored value does not open. Carries where it is, never the value.
-    #[error("stored key of user {user_id} in {} (key id {key_id:?}) does not decrypt: {reason}", .source_store.as_str())]
+    #[error("the stored key of user {user_id} in {} does not decrypt: {reason}", place(*.source_store, *.key_id))]
     KeyUnreadable {
         user_id: i64,
         source_store: Source,
@@ -56,6 +56,15 @@ pub enum StoreError {
     LimitReached { limit: i64 },
     #[error("database error: {0}")]
     Sql(rusqlite::Error),
+}
+
+/// Where a stored key is, in words: `api_keys (key 12)` or `users_column`. The one wording of
+/// an unreadable key, in logs and command output alike.
+pub fn place(store: Source, key_id: Option<i64>) -> String {
+    match key_id {
+        Some(id) => format!("{} (key {id})", store.as_str()),
+        None => store.as_str().to_owned(),
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {

@@ -4,5 +4,6 @@
 mod foundation;
 mod hostile;
 mod keys;
+mod operator;
 mod phases;
 mod support;

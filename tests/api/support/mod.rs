@@ -86,6 +86,22 @@ impl Env {
             .expect("run keyrack")
     }
 
+    /// Runs a one-shot command with `input` on stdin (a pipe, not a terminal).
+    pub fn run_with_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run keyrack");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let _ = stdin.write_all(input.as_bytes());
+        drop(stdin);
+        child.wait_with_output().expect("wait for keyrack")
+    }
+
     /// Starts `keyrack serve` on port 0 and waits for the ready line.
     pub fn serve(&self) -> Server {
         self.serve_with(&[])
