@@ -165,14 +165,14 @@ fn env_and_fixtures_errors_name_line_and_variable_never_the_value() {
     let f = env.path("fixtures.json");
     std::fs::write(
         &f,
-        "{\"users\": [\n  {\"email\": \"ada@example.com\",\n   \"password\": [\"s3cret-password\"]}\n]}\n",
+        "{\"users\": [\n  {\"email\": \"ada@example.com\", \"password\": \"correct horse battery\",\n   \"api_keys\": [{\"api_key\": \"sk-0123456789\", \"is_default\": \"s3cret-key-0123\"}]}\n]}\n",
     )
     .unwrap();
     let out = env.run(&["load-fixtures", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert!(err.contains("line 3"), "{err}");
-    assert!(err.contains("users[0].password"), "{err}");
+    assert!(err.contains("users[0].api_keys[0].is_default"), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
 }
 
@@ -259,6 +259,10 @@ fn keys_per_user_are_capped_but_a_column_key_always_moves() {
         &json!({"users": [{"email": "cy@example.com", "password": "correct horse battery",
             "openai_api_key": "sk-column-0123456789",
             "api_keys": [{"provider": "p1", "api_key": "sk-t1-0123456789"},
+                         {"provider": "p2", "api_key": "sk-t2-0123456789"}]},
+            {"email": "dee@example.com", "password": "correct horse battery",
+            "openai_api_key": "sk-column-0123456789",
+            "api_keys": [{"provider": "p1", "api_key": "sk-t1-0123456789"},
                          {"provider": "p2", "api_key": "sk-t2-0123456789"}]}]}),
     );
     let s = env.serve_with(&["--fixtures", f.to_str().unwrap()]);
@@ -273,6 +277,14 @@ fn keys_per_user_are_capped_but_a_column_key_always_moves() {
         3,
         "{}",
         list.raw
+    );
+    // Replacing the column key with a new one is not a new key either.
+    let t = s.login("dee@example.com");
+    let r = s.set_key(&t, "openai", "sk-newer-0123456789");
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(
+        s.reveal(&t, "openai").as_deref(),
+        Some("sk-newer-0123456789")
     );
 }
 
