@@ -1,5 +1,5 @@
 //! Start-up shared by every command: open the database, apply schema migrations, settle the
-//! encryption key (SPEC section 2), and hold what the workers share.
+//! encryption key (README, "Configuration"), and hold what the workers share.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -81,7 +81,7 @@ fn describe(db: &DbLocation) -> String {
     }
 }
 
-/// Finds the encryption key (SPEC section 2) and checks it against the identity the database
+/// Finds the encryption key (configured, key file, or none) and checks it against the identity the database
 /// recorded at its first start: a wrong key stops keyrack here, before it serves anything.
 fn settle_key(config: &mut Config, conn: &rusqlite::Connection) -> Result<KeyRing, Failure> {
     let sql =

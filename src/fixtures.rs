@@ -1,4 +1,4 @@
-//! Fixtures files (SPEC section 3): users with passwords, a legacy column key, and table keys,
+//! Fixtures files (README, "Fixtures files"): users with passwords, a legacy column key, and table keys,
 //! loaded all or nothing in one transaction.
 
 use serde::Deserialize;

@@ -19,7 +19,7 @@ pub mod status;
 pub mod store;
 pub mod usage;
 
-/// How a command failed, and so its exit code (SPEC section 3).
+/// How a command failed, and so its exit code (listed in `keyrack --help`).
 #[derive(Debug)]
 pub enum Failure {
     /// Exit 1: failure at run time.
