@@ -1,5 +1,5 @@
-//! Fixtures files (README, "Fixtures files"): users with passwords, a legacy column key, and table keys,
-//! loaded all or nothing in one transaction.
+//! Fixtures files (README, "Fixtures files"): users with passwords, a legacy column key, and
+//! table keys, loaded all or nothing in one transaction.
 
 use serde::Deserialize;
 use std::path::Path;
