@@ -8,11 +8,14 @@
 //! - control characters in a message (a `\r` or an escape sequence in a request path) are
 //!   written escaped, so nothing a client sends can forge or erase a line on a terminal;
 //! - a progress line left open on a terminal (`crate::progress`) is ended first, so a log line
-//!   always starts on its own line.
+//!   always starts on its own line;
+//! - a panic is logged as one such line (with its request id), not as the default hook's text.
+//!
+//! The line is written into env_logger's per-record buffer (one `write` to stderr per line),
+//! the message formatted through a reused per-thread buffer.
 
 use std::cell::Cell;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use log::Level;
@@ -34,15 +37,15 @@ pub fn init(spec: &str) {
         .parse_filters(spec)
         .write_style(env_logger::WriteStyle::Never)
         .format(|buf, record| {
-            let line = format_line(
-                &timestamp(),
+            write_line(
+                buf,
+                time::OffsetDateTime::now_utc(),
                 record.level(),
                 record.target(),
                 record.args(),
                 current(),
                 PROGRESS_OPEN.swap(false, Ordering::Relaxed),
-            );
-            buf.write_all(line.as_bytes())
+            )
         })
         .try_init();
     // A panic is logged as one line of the log like any other error, with its request id,
@@ -50,42 +53,49 @@ pub fn init(spec: &str) {
     std::panic::set_hook(Box::new(|info| log::error!("{info}")));
 }
 
-/// Now, as RFC 3339 in UTC with milliseconds.
-fn timestamp() -> String {
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    time::OffsetDateTime::now_utc()
-        .format(&fmt)
-        .unwrap_or_default()
-}
-
-/// One finished line, with its line end (and a line end before it to close an open progress
-/// line).
-fn format_line(
-    at: &str,
+/// Writes one line, with its line end (and a line end before it to close an open progress
+/// line), into env_logger's buffer for the record (written to stderr at once).
+fn write_line(
+    out: &mut impl std::io::Write,
+    at: time::OffsetDateTime,
     level: Level,
     target: &str,
     args: &std::fmt::Arguments<'_>,
     request: Option<(u64, Option<i64>)>,
     close_progress: bool,
-) -> String {
-    let mut msg = String::with_capacity(128);
-    let _ = write!(msg, "{args}");
-    let mut line = String::with_capacity(msg.len() + 64);
-    if close_progress {
-        line.push('\n');
+) -> std::io::Result<()> {
+    thread_local! {
+        /// The message, formatted here first to escape it; reused, so a line allocates nothing.
+        static MESSAGE: std::cell::RefCell<(String, String)> =
+            const { std::cell::RefCell::new((String::new(), String::new())) };
     }
-    let _ = write!(line, "{at} {level:<5} {target}] ");
-    push_printable(&mut line, &msg);
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    if close_progress {
+        out.write_all(b"\n")?;
+    }
+    at.format_into(out, &fmt).map_err(std::io::Error::other)?;
+    write!(out, " {level:<5} {target}] ")?;
+    MESSAGE.with(|m| {
+        let Ok(mut m) = m.try_borrow_mut() else {
+            // Logging while formatting a log line (a Display impl that logs): no escaping buffer.
+            return write!(out, "{}", printable(&args.to_string()));
+        };
+        let (raw, escaped) = &mut *m;
+        raw.clear();
+        escaped.clear();
+        let _ = write!(raw, "{args}");
+        push_printable(escaped, raw);
+        out.write_all(escaped.as_bytes())
+    })?;
     if let Some((id, user)) = request {
-        let _ = write!(line, " request={id}");
+        write!(out, " request={id}")?;
         if let Some(u) = user {
-            let _ = write!(line, " user={u}");
+            write!(out, " user={u}")?;
         }
     }
-    line.push('\n');
-    line
+    out.write_all(b"\n")
 }
 
 /// Appends `s` with its control characters escaped (`\r`, `\n`, `\u{1b}`).
@@ -149,14 +159,18 @@ mod tests {
     use super::*;
 
     fn line(msg: &str, request: Option<(u64, Option<i64>)>, close: bool) -> String {
-        format_line(
-            "2026-11-26T07:00:00.000Z",
+        let mut out = Vec::new();
+        write_line(
+            &mut out,
+            time::macros::datetime!(2026-11-26 07:00:00 UTC),
             Level::Info,
             "keyrack::http",
             &format_args!("{msg}"),
             request,
             close,
         )
+        .unwrap();
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
