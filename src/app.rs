@@ -1,5 +1,5 @@
 //! Start-up shared by every command: open the database, apply schema migrations, settle the
-//! encryption key (SPEC section 2), and hold what the workers share.
+//! encryption key (README, "Configuration"), and hold what the workers share.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -24,6 +24,9 @@ pub struct App {
     pub throttle: Throttle,
     pub session_ttl_secs: i64,
     pub admin_token: Option<Secret>,
+    /// `KEYRACK_SIGNUPS=open`: POST /auth/register creates accounts.
+    pub signups_open: bool,
+    pub max_keys_per_user: i64,
 }
 
 impl App {
@@ -63,6 +66,8 @@ impl App {
             throttle: Throttle::new(),
             session_ttl_secs: config.session_ttl_secs,
             admin_token: config.admin_token,
+            signups_open: config.signups_open,
+            max_keys_per_user: config.max_keys_per_user,
         })
     }
 
@@ -105,7 +110,8 @@ impl App {
             .db
             .connect()
             .map_err(|e| Failure::Runtime(format!("cannot open the database: {e}")))?;
-        Ok(Store::new(conn, self.ring.clone(), self.usage.clone()))
+        Ok(Store::new(conn, self.ring.clone(), self.usage.clone())
+            .with_key_limit(self.max_keys_per_user))
     }
 }
 
@@ -116,7 +122,7 @@ fn describe(db: &DbLocation) -> String {
     }
 }
 
-/// Finds the encryption key (SPEC section 2) and checks it against the identity the database
+/// Finds the encryption key (configured, key file, or none) and checks it against the identity the database
 /// recorded at its first start: a wrong key stops keyrack here, before it serves anything.
 fn settle_key(config: &mut Config, conn: &rusqlite::Connection) -> Result<KeyRing, Failure> {
     let sql =

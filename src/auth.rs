@@ -90,6 +90,25 @@ pub fn new_token() -> Secret {
     Secret::new(format!("kr_{}", URL_SAFE_NO_PAD.encode(bytes.as_ref())))
 }
 
+/// When a session created now with a lifetime of `ttl_secs` ends, in whole Unix seconds
+/// (sessions are stored to the second). Rounded up, so the session lives its whole lifetime:
+/// rounding down cut up to a second off it, and a 1 s session often ended at once.
+pub fn session_expiry(ttl_secs: i64) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    expiry_after(now, ttl_secs)
+}
+
+fn expiry_after(now: std::time::Duration, ttl_secs: i64) -> i64 {
+    let secs = now.as_secs() as i64 + ttl_secs;
+    if now.subsec_nanos() > 0 {
+        secs + 1
+    } else {
+        secs
+    }
+}
+
 /// What is stored for a token: its SHA-256.
 pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
@@ -107,14 +126,22 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Login throttle: after `MAX_FAILURES` failures for one email within `WINDOW_SECS`, further
 /// attempts are refused until the oldest failure leaves the window. Kept in memory: a restart
 /// forgets it (documented in the README).
+///
+/// Bounded: an email is kept as its SHA-256 (32 bytes, whatever its length), and at most
+/// `MAX_TRACKED` emails are tracked. When the map is full, emails with no failure left in the
+/// window go first; if every entry is recent, the one whose last failure is oldest gives way.
 pub struct Throttle {
-    failures: Mutex<HashMap<String, VecDeque<i64>>>,
+    failures: Mutex<HashMap<[u8; 32], VecDeque<i64>>>,
 }
 
 pub const MAX_FAILURES: usize = 10;
 pub const WINDOW_SECS: i64 = 15 * 60;
-/// Past this many tracked emails, entries with no failure in the window are dropped.
-const PRUNE_AT: usize = 10_000;
+/// Most emails tracked at once (about 150 bytes each).
+pub const MAX_TRACKED: usize = 10_000;
+
+fn email_key(email: &str) -> [u8; 32] {
+    Sha256::digest(email.as_bytes()).into()
+}
 
 impl Default for Throttle {
     fn default() -> Self {
@@ -132,7 +159,7 @@ impl Throttle {
     /// `Some(seconds to wait)` when `email` is throttled at time `now`.
     pub fn check(&self, email: &str, now: i64) -> Option<i64> {
         let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let q = map.get_mut(email)?;
+        let q = map.get_mut(&email_key(email))?;
         while q.front().is_some_and(|&t| t <= now - WINDOW_SECS) {
             q.pop_front();
         }
@@ -145,11 +172,21 @@ impl Throttle {
     }
 
     pub fn record_failure(&self, email: &str, now: i64) {
+        let key = email_key(email);
         let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= PRUNE_AT {
+        if map.len() >= MAX_TRACKED && !map.contains_key(&key) {
             map.retain(|_, q| q.back().is_some_and(|&t| t > now - WINDOW_SECS));
+            if map.len() >= MAX_TRACKED {
+                let stalest = map
+                    .iter()
+                    .min_by_key(|(_, q)| q.back().copied().unwrap_or(i64::MIN))
+                    .map(|(k, _)| *k);
+                if let Some(k) = stalest {
+                    map.remove(&k);
+                }
+            }
         }
-        let q = map.entry(email.to_owned()).or_default();
+        let q = map.entry(key).or_default();
         q.push_back(now);
         while q.len() > MAX_FAILURES {
             q.pop_front();
@@ -158,7 +195,15 @@ impl Throttle {
 
     pub fn record_success(&self, email: &str) {
         let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(email);
+        map.remove(&email_key(email));
+    }
+
+    /// How many emails are tracked.
+    pub fn tracked(&self) -> usize {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 }
 
@@ -209,6 +254,36 @@ mod tests {
         assert!(t.check("a@b.c", 10).is_some());
         t.record_success("a@b.c");
         assert!(t.check("a@b.c", 10).is_none());
+    }
+
+    #[test]
+    fn throttle_map_is_bounded() {
+        let t = Throttle::new();
+        for i in 0..MAX_TRACKED + 500 {
+            // All within one window: none can be pruned as old.
+            t.record_failure(&format!("user{i}@example.com"), 1000 + i as i64 / 100);
+        }
+        assert_eq!(t.tracked(), MAX_TRACKED);
+        // The newest are kept, the stalest went.
+        let (first, last) = (
+            "user0@example.com".to_owned(),
+            format!("user{}@example.com", MAX_TRACKED + 499),
+        );
+        for _ in 0..MAX_FAILURES - 1 {
+            t.record_failure(&first, 1200);
+            t.record_failure(&last, 1200);
+        }
+        assert!(t.check(&first, 1200).is_none(), "user0 was evicted");
+        assert!(t.check(&last, 1200).is_some());
+        assert_eq!(t.tracked(), MAX_TRACKED);
+    }
+
+    #[test]
+    fn sessions_live_their_whole_lifetime() {
+        use std::time::Duration;
+        assert_eq!(expiry_after(Duration::from_millis(10_700), 1), 12);
+        assert_eq!(expiry_after(Duration::from_millis(10_001), 1), 12);
+        assert_eq!(expiry_after(Duration::from_secs(10), 1), 11);
     }
 
     #[test]

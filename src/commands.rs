@@ -16,6 +16,7 @@ use crate::app::App;
 use crate::config::DbLocation;
 use crate::crypto::EncryptionKey;
 use crate::phase::{self, Command, Phase, Step};
+use crate::progress::Progress;
 use crate::status::{join_ids, Status};
 use crate::store::keys;
 use crate::store::phases::{self, Backfill, RevertPlan, Survey};
@@ -32,44 +33,9 @@ fn db_err(e: impl std::fmt::Display) -> Failure {
 
 fn store_err(e: StoreError) -> Failure {
     match e {
-        StoreError::Busy => {
-            Failure::Runtime("the database stayed locked past the time limit; try again".to_owned())
-        }
-        e => db_err(e),
-    }
-}
-
-/// Progress on stderr, only when stderr is a terminal.
-struct Progress {
-    on: bool,
-    start: Instant,
-    what: &'static str,
-}
-
-impl Progress {
-    fn new(what: &'static str) -> Progress {
-        Progress {
-            on: std::io::stderr().is_terminal(),
-            start: Instant::now(),
-            what,
-        }
-    }
-
-    fn update(&self, done: u64) {
-        if self.on {
-            let secs = self.start.elapsed().as_secs_f64().max(0.001);
-            eprint!(
-                "\r{}: {done} rows, {:.0} rows/s   ",
-                self.what,
-                done as f64 / secs
-            );
-        }
-    }
-
-    fn finish(&self) {
-        if self.on {
-            eprintln!();
-        }
+        StoreError::Busy => Failure::Runtime(format!("{e}; try again")),
+        StoreError::Sql(e) => db_err(e),
+        e => Failure::Runtime(e.to_string()),
     }
 }
 
@@ -139,7 +105,8 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
         tx.commit().map_err(db_err)?;
     }
 
-    let progress = Progress::new("migrate");
+    let (column_keys, _) = meta::stored_key_counts(&conn).map_err(store_err)?;
+    let progress = Progress::new("migrate", column_keys);
     let mut total = Backfill::default();
     let mut after = 0;
     loop {
@@ -197,10 +164,7 @@ fn finish_migrate(total: &Backfill) -> Result<(), Failure> {
         println!("conflicts: user ids {}", join_ids(&total.conflict_ids));
     }
     if !total.failed_ids.is_empty() {
-        println!(
-            "failed (value does not decrypt): user ids {}",
-            join_ids(&total.failed_ids)
-        );
+        println!("undecryptable: user ids {}", join_ids(&total.failed_ids));
     }
     if total.conflicts > 0 || total.failed > 0 {
         return Err(Failure::Runtime(
@@ -579,7 +543,8 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
         log::info!("the database's current key is now key id {new}");
     }
     app.ring.switch_to(&new);
-    let progress = Progress::new("rotate-encryption-key");
+    let (column_keys, table_keys) = meta::stored_key_counts(&conn).map_err(store_err)?;
+    let progress = Progress::new("rotate-encryption-key", column_keys + table_keys);
     let (mut resealed, mut failed, mut current) = (0u64, 0u64, 0u64);
     let mut failed_ids = Vec::new();
     for which in [keys::Sealed::Table, keys::Sealed::Column] {
@@ -612,7 +577,7 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
     log::info!("{line}");
     println!("{line}");
     if failed > 0 {
-        println!("failed: user ids {}", join_ids(&failed_ids));
+        println!("undecryptable: user ids {}", join_ids(&failed_ids));
         return Err(Failure::Runtime(
             "some values do not decrypt with the configured keys; add the missing key to KEYRACK_OLD_ENCRYPTION_KEYS and rerun".into(),
         ));

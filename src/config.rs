@@ -1,6 +1,6 @@
 //! Configuration: command-line flag, then environment variable, then the `.env` file, then the
-//! default (SPEC section 2). Values are checked here; an invalid one is a `ConfigError` whose
-//! message names the setting and what would be valid (exit 2).
+//! default (README, "Configuration"). Values are checked here; an invalid one is a
+//! `ConfigError` whose message names the setting and what would be valid (exit 2).
 //!
 //! The `.env` file is read into a map, never into the process environment, so that a real
 //! environment variable always wins over it.
@@ -34,17 +34,18 @@ impl Lookup {
         };
         let mut dotenv = HashMap::new();
         if let Some(path) = path {
-            let iter = dotenvy::from_path_iter(&path).map_err(|e| {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
                 ConfigError(format!(
                     "--env-file: cannot read {}: {e}; give a readable .env file",
                     path.display()
                 ))
             })?;
-            for item in iter {
+            for item in dotenvy::from_read_iter(text.as_bytes()) {
                 let (k, v) = item.map_err(|e| {
                     ConfigError(format!(
-                        "--env-file: {} is not a valid .env file: {e}",
-                        path.display()
+                        "--env-file: {} is not a valid .env file: {}",
+                        path.display(),
+                        describe_dotenv_error(&text, &e)
                     ))
                 })?;
                 dotenv.insert(k, v);
@@ -59,11 +60,47 @@ impl Lookup {
     }
 
     /// The value of `name` from the environment, else from the `.env` file; empty counts as unset.
+    /// (docker-compose passes `${VAR}` of an unset variable as an empty one: it must not hide
+    /// the `.env` value.)
     pub fn get(&self, name: &str) -> Option<String> {
         std::env::var(name)
             .ok()
+            .filter(|v| !v.is_empty())
             .or_else(|| self.dotenv.get(name).cloned())
             .filter(|v| !v.is_empty())
+    }
+}
+
+/// Where a `.env` file went wrong: the line number and the variable, never the line itself
+/// (it may hold the encryption key or the admin token).
+fn describe_dotenv_error(text: &str, e: &dotenvy::Error) -> String {
+    let dotenvy::Error::LineParse(logical, _) = e else {
+        return e.to_string();
+    };
+    // dotenvy stops at the first bad line and gives back its text: find where it starts.
+    let logical = logical.trim_end_matches(['\r', '\n']);
+    let at = text
+        .match_indices(logical)
+        .map(|(i, _)| i)
+        .find(|&i| i == 0 || text.as_bytes()[i - 1] == b'\n');
+    let line = at.map(|i| text[..i].matches('\n').count() + 1);
+    let stripped = logical.trim_start();
+    let stripped = stripped
+        .strip_prefix("export ")
+        .unwrap_or(stripped)
+        .trim_start();
+    let name: String = stripped
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '.')
+        .collect();
+    let whose = if name.is_empty() || !stripped[name.len()..].trim_start().starts_with('=') {
+        "it is not a NAME=value line".to_owned()
+    } else {
+        format!("the value of {name} cannot be read (check its quotes and escapes)")
+    };
+    match line {
+        Some(n) => format!("line {n}: {whose}"),
+        None => whose,
     }
 }
 
@@ -106,7 +143,14 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub session_ttl_secs: i64,
     pub log_filter: String,
+    /// `KEYRACK_SIGNUPS`: whether POST /auth/register creates accounts.
+    pub signups_open: bool,
+    /// `KEYRACK_MAX_KEYS_PER_USER`: most `api_keys` rows one user may create.
+    pub max_keys_per_user: i64,
 }
+
+/// Default of `KEYRACK_MAX_KEYS_PER_USER`.
+pub const DEFAULT_MAX_KEYS_PER_USER: i64 = 1_000;
 
 /// Settings of `serve` only.
 #[derive(Debug, Clone)]
@@ -168,6 +212,31 @@ impl Config {
                 })?,
         };
 
+        let signups_open = match lookup.get("KEYRACK_SIGNUPS").as_deref().map(str::trim) {
+            None | Some("open") => true,
+            Some("closed") => false,
+            Some(_) => {
+                return Err(ConfigError(
+                    "KEYRACK_SIGNUPS is not valid; give `open` or `closed`".to_owned(),
+                ))
+            }
+        };
+
+        let max_keys_per_user = match lookup.get("KEYRACK_MAX_KEYS_PER_USER") {
+            None => DEFAULT_MAX_KEYS_PER_USER,
+            Some(v) => v
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (1..=1_000_000).contains(n))
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "KEYRACK_MAX_KEYS_PER_USER={v:?} is not valid; give a whole number from 1 \
+                         to 1000000"
+                    ))
+                })?,
+        };
+
         Ok(Config {
             db: DbLocation::parse(&db),
             encryption_key,
@@ -178,6 +247,8 @@ impl Config {
             log_filter: lookup
                 .get("RUST_LOG")
                 .unwrap_or_else(|| "info,refinery_core=warn".to_owned()),
+            signups_open,
+            max_keys_per_user,
         })
     }
 }
@@ -266,6 +337,47 @@ mod tests {
         let c = Config::resolve(Some(":memory:"), &lookup(&[])).unwrap();
         assert_eq!(c.db, DbLocation::Memory);
         assert_eq!(c.db.key_file(), None);
+    }
+
+    #[test]
+    fn new_settings_default_and_parse() {
+        let c = Config::resolve(Some("x.db"), &lookup(&[])).unwrap();
+        assert!(c.signups_open);
+        assert_eq!(c.max_keys_per_user, 1000);
+        let l = lookup(&[
+            ("KEYRACK_SIGNUPS", "closed"),
+            ("KEYRACK_MAX_KEYS_PER_USER", "3"),
+        ]);
+        let c = Config::resolve(Some("x.db"), &l).unwrap();
+        assert!(!c.signups_open);
+        assert_eq!(c.max_keys_per_user, 3);
+        let e =
+            Config::resolve(Some("x.db"), &lookup(&[("KEYRACK_SIGNUPS", "maybe")])).unwrap_err();
+        assert!(e.0.contains("KEYRACK_SIGNUPS"), "{e}");
+        let l = lookup(&[("KEYRACK_MAX_KEYS_PER_USER", "0")]);
+        let e = Config::resolve(Some("x.db"), &l).unwrap_err();
+        assert!(e.0.contains("KEYRACK_MAX_KEYS_PER_USER"), "{e}");
+    }
+
+    #[test]
+    fn dotenv_errors_name_line_and_variable_never_the_value() {
+        let text =
+            "# settings\nKEYRACK_DB=a.db\n\nKEYRACK_ADMIN_TOKEN=\"s3cret-token\nKEYRACK_LISTEN=x\n";
+        let e = dotenvy::from_read_iter(text.as_bytes())
+            .find_map(Result::err)
+            .expect("a parse error");
+        let msg = describe_dotenv_error(text, &e);
+        assert_eq!(
+            msg,
+            "line 4: the value of KEYRACK_ADMIN_TOKEN cannot be read (check its quotes and escapes)"
+        );
+        let text = "KEYRACK_DB=a.db\nthis is not a setting s3cret\n";
+        let e = dotenvy::from_read_iter(text.as_bytes())
+            .find_map(Result::err)
+            .expect("a parse error");
+        let msg = describe_dotenv_error(text, &e);
+        assert_eq!(msg, "line 2: it is not a NAME=value line");
+        assert!(!msg.contains("s3cret"));
     }
 
     #[test]

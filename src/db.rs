@@ -36,10 +36,13 @@ enum Target {
 impl Database {
     pub fn new(location: &DbLocation) -> rusqlite::Result<Database> {
         match location {
-            DbLocation::File(p) => Ok(Database {
-                target: Target::File(p.clone()),
-                _keep_alive: None,
-            }),
+            DbLocation::File(p) => {
+                create_owner_only(p);
+                Ok(Database {
+                    target: Target::File(p.clone()),
+                    _keep_alive: None,
+                })
+            }
             DbLocation::Memory => {
                 let name = format!(
                     "file:/keyrack-{}-{:016x}?vfs=memdb",
@@ -82,6 +85,19 @@ impl Database {
     }
 }
 
+/// Creates an empty database file readable by its owner only, when there is none. SQLite gives
+/// the `-wal` and `-shm` files it creates later the database file's mode, so those follow; the
+/// process's file creation mask (set in `main`) covers the rest.
+fn create_owner_only(path: &std::path::Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    // An existing file is left as it is; an unusable path is reported by SQLite at its open.
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+}
+
 /// Applies pending schema migrations, all in one transaction (a crash re-runs nothing twice).
 pub fn migrate_schema(conn: &mut Connection) -> Result<(), refinery::Error> {
     let report = embedded::migrations::runner().set_grouped(true).run(conn)?;
@@ -113,4 +129,26 @@ pub fn backup_to(conn: &Connection, path: &std::path::Path) -> rusqlite::Result<
         format!("./{text}")
     };
     conn.execute("VACUUM INTO ?1", [plain]).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_new_database_and_its_wal_and_shm_are_owner_only() {
+        // Whatever the process's file creation mask (the test runner's is usually 022).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        let db = Database::new(&DbLocation::File(path.clone())).unwrap();
+        let mut conn = db.connect().unwrap();
+        migrate_schema(&mut conn).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{p:?}");
+        }
+    }
 }

@@ -58,12 +58,21 @@ impl fmt::Debug for Secret {
 pub struct Email(String);
 
 impl Email {
+    /// The longest email, in characters.
+    pub const MAX_CHARS: usize = 254;
+
     pub fn parse(raw: &str) -> Result<Email, Invalid> {
+        if raw.trim().chars().count() > Self::MAX_CHARS {
+            return Err(Invalid::new(
+                "email",
+                "email must be at most 254 characters",
+            ));
+        }
         let email = raw.trim().to_lowercase();
         if email.is_empty() {
             return Err(Invalid::new("email", "email must not be empty"));
         }
-        if email.chars().count() > 254 {
+        if email.chars().count() > Self::MAX_CHARS {
             return Err(Invalid::new(
                 "email",
                 "email must be at most 254 characters",
@@ -96,9 +105,12 @@ impl Email {
 pub struct Password(Secret);
 
 impl Password {
+    /// The longest password, in characters.
+    pub const MAX_CHARS: usize = 1024;
+
     pub fn parse(raw: &str) -> Result<Password, Invalid> {
         let n = raw.chars().count();
-        if !(8..=1024).contains(&n) {
+        if !(8..=Self::MAX_CHARS).contains(&n) {
             return Err(Invalid::new(
                 "password",
                 "password must be 8 to 1024 characters",

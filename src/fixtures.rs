@@ -1,5 +1,5 @@
-//! Fixtures files (SPEC section 3): users with passwords, a legacy column key, and table keys,
-//! loaded all or nothing in one transaction.
+//! Fixtures files (README, "Fixtures files"): users with passwords, a legacy column key, and
+//! table keys, loaded all or nothing in one transaction.
 
 use serde::Deserialize;
 use std::path::Path;
@@ -51,10 +51,14 @@ fn at(i: usize, e: Invalid) -> Failure {
 fn parse(path: &Path) -> Result<Vec<User>, Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::Config(format!("fixtures: cannot read {}: {e}", path.display())))?;
-    let file: File = serde_json::from_str(&text).map_err(|e| {
+    let file: File = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(
+        &text,
+    ))
+    .map_err(|e| {
         Failure::Config(format!(
-            "fixtures: {} is not a valid fixtures file: {e}",
-            path.display()
+            "fixtures: {} is not a valid fixtures file: {}",
+            path.display(),
+            describe_parse_error(&e)
         ))
     })?;
     file.users
@@ -89,6 +93,42 @@ fn parse(path: &Path) -> Result<Vec<User>, Failure> {
             })
         })
         .collect()
+}
+
+/// Where a fixtures file went wrong: the line and the field, never a value from the file (it
+/// holds passwords and keys, and serde's own messages quote the value they met).
+fn describe_parse_error(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    use serde_json::error::Category;
+    let inner = e.inner();
+    let line = inner.line();
+    let path = e.path().to_string();
+    let field = if path == "." {
+        "the file".to_owned()
+    } else {
+        path
+    };
+    match inner.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            format!("line {line}: not valid JSON near {field}")
+        }
+        Category::Data => {
+            let msg = inner.to_string();
+            // These two name a field of the format, never a value.
+            if msg.starts_with("missing field") || msg.starts_with("unknown field") {
+                let what = msg.split(" at line ").next().unwrap_or(&msg);
+                let what = what.split(", expected").next().unwrap_or(what);
+                format!("line {line}: {field}: {what}")
+            } else {
+                let expected = msg
+                    .split(", expected ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(" at line ").next())
+                    .map(|x| format!(" (expected {x})"))
+                    .unwrap_or_default();
+                format!("line {line}: {field} has the wrong type or value{expected}")
+            }
+        }
+    }
 }
 
 /// Loads a fixtures file, all or nothing. Returns the number of users loaded.
@@ -133,4 +173,44 @@ pub fn load(app: &App, path: &Path) -> Result<usize, Failure> {
         })?;
     log::info!("loaded {n} users from the fixtures file {}", path.display());
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(text: &str) -> String {
+        let e = serde_path_to_error::deserialize::<_, File>(
+            &mut serde_json::Deserializer::from_str(text),
+        )
+        .err()
+        .expect("an error");
+        describe_parse_error(&e)
+    }
+
+    #[test]
+    fn parse_errors_name_line_and_field_never_a_value() {
+        let wrong_type = "{\"users\": [\n {\"email\": \"a@b.c\",\n  \"password\": \"hunter2hunter2\",\n  \"api_keys\": [{\"api_key\": \"sk-secret-0123456789\", \"is_default\": \"sk-secret-0123456789\"}]}]}";
+        let m = error_of(wrong_type);
+        assert_eq!(
+            m,
+            "line 4: users[0].api_keys[0].is_default has the wrong type or value (expected a boolean)"
+        );
+        let m = error_of("{\"users\": [{\"email\": \"a@b.c\", \"password\": 12345678}]}");
+        assert!(
+            m.starts_with("line 1: users[0].password has the wrong type"),
+            "{m}"
+        );
+        assert!(!m.contains("12345678"), "{m}");
+        let m = error_of("{\"users\": [{\"email\": \"a@b.c\"}]}");
+        assert!(m.contains("missing field `password`"), "{m}");
+        let m = error_of(
+            "{\"users\": [\n{\"email\": \"a@b.c\", \"password\": \"sk-secret-0123456789}]}",
+        );
+        assert!(m.starts_with("line 2: not valid JSON"), "{m}");
+        assert!(!m.contains("secret"), "{m}");
+        let m = error_of("{\"users\": [{\"email\": \"a@b.c\", \"pasword\": \"x\"}]}");
+        assert!(m.contains("unknown field `pasword`"), "{m}");
+        assert!(!m.contains("\"x\""), "{m}");
+    }
 }

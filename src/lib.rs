@@ -1,6 +1,7 @@
 //! keyrack as a library: everything but the command-line parsing, so that the binary, the
 //! benchmarks and the tests build on the same code. See ARCHITECTURE.md for the map.
 
+pub mod accounts;
 pub mod app;
 pub mod auth;
 pub mod clock;
@@ -13,11 +14,12 @@ pub mod fixtures;
 pub mod http;
 pub mod logging;
 pub mod phase;
+pub mod progress;
 pub mod status;
 pub mod store;
 pub mod usage;
 
-/// How a command failed, and so its exit code (SPEC section 3).
+/// How a command failed, and so its exit code (listed in `keyrack --help`).
 #[derive(Debug)]
 pub enum Failure {
     /// Exit 1: failure at run time.

@@ -1,65 +1,219 @@
-//! Logging to stderr, filtered by `RUST_LOG` syntax (env_filter), one `write` per line.
+//! Logging to stderr: env_logger with a `RUST_LOG`-style filter, no colours, one line per record.
 //!
-//! Why not env_logger's formatter: the server writes one line per request, and under load
-//! env_logger's styled formatting cost a tenth of the throughput of GET /healthz (profiled with
-//! perf). This logger formats into a reused per-thread buffer and writes the finished line at
-//! once. Line format: `2026-11-25T20:09:15.713Z INFO  keyrack::http] GET /healthz 200 0.1ms`.
+//! Line format: `2026-11-25T20:09:15.713Z INFO  keyrack::http] GET /healthz 200 0.1ms request=12`.
+//! What this module adds to env_logger, all in its `format` closure:
+//! - a record logged while a request is served ends with ` request=N`, and ` user=ID` once the
+//!   request is authenticated, so the request line and any error line of the same request name
+//!   the same request id (never a token, a body or a query value);
+//! - control characters in a message (a `\r` or an escape sequence in a request path) are
+//!   written escaped, so nothing a client sends can forge or erase a line on a terminal;
+//! - a progress line left open on a terminal (`crate::progress`) is ended first, so a log line
+//!   always starts on its own line;
+//! - a panic is logged as one such line (with its request id), not as the default hook's text.
+//!
+//! The line is written into env_logger's per-record buffer (one `write` to stderr per line),
+//! the message formatted through a reused per-thread buffer.
 
-use std::cell::RefCell;
-use std::io::Write;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::cell::Cell;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use log::{LevelFilter, Log, Metadata, Record};
+use log::Level;
 
-use crate::clock;
-
-struct Logger {
-    filter: env_filter::Filter,
+thread_local! {
+    /// The request this thread is serving: its id, and the user once authenticated.
+    static REQUEST: Cell<Option<(u64, Option<i64>)>> = const { Cell::new(None) };
 }
 
-impl Log for Logger {
-    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        self.filter.enabled(metadata)
-    }
+/// Request ids: counted from 1 for the life of the process.
+static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
 
-    fn log(&self, record: &Record<'_>) {
-        if !self.filter.matches(record) {
-            return;
-        }
-        thread_local! {
-            static LINE: RefCell<String> = RefCell::new(String::with_capacity(256));
-        }
-        LINE.with(|line| {
-            let Ok(mut line) = line.try_borrow_mut() else {
-                return;
-            };
-            line.clear();
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
-            clock::push_rfc3339_millis(&mut line, now.as_secs() as i64, now.subsec_millis());
-            use std::fmt::Write as _;
-            let _ = writeln!(
-                line,
-                " {:<5} {}] {}",
+/// Set while a progress line without a line end is on stderr.
+static PROGRESS_OPEN: AtomicBool = AtomicBool::new(false);
+
+/// Installs the logger with a filter such as `info` or `warn,keyrack=debug`.
+pub fn init(spec: &str) {
+    let _ = env_logger::Builder::new()
+        .parse_filters(spec)
+        .write_style(env_logger::WriteStyle::Never)
+        .format(|buf, record| {
+            write_line(
+                buf,
+                time::OffsetDateTime::now_utc(),
                 record.level(),
                 record.target(),
-                record.args()
-            );
-            let _ = std::io::stderr().lock().write_all(line.as_bytes());
-        });
-    }
+                record.args(),
+                current(),
+                PROGRESS_OPEN.swap(false, Ordering::Relaxed),
+            )
+        })
+        .try_init();
+    // A panic is logged as one line of the log like any other error, with its request id,
+    // instead of the default hook's raw lines on stderr.
+    std::panic::set_hook(Box::new(|info| log::error!("{info}")));
+}
 
-    fn flush(&self) {
-        let _ = std::io::stderr().flush();
+/// Writes one line, with its line end (and a line end before it to close an open progress
+/// line), into env_logger's buffer for the record (written to stderr at once).
+fn write_line(
+    out: &mut impl std::io::Write,
+    at: time::OffsetDateTime,
+    level: Level,
+    target: &str,
+    args: &std::fmt::Arguments<'_>,
+    request: Option<(u64, Option<i64>)>,
+    close_progress: bool,
+) -> std::io::Result<()> {
+    thread_local! {
+        /// The message, formatted here first to escape it; reused, so a line allocates nothing.
+        static MESSAGE: std::cell::RefCell<(String, String)> =
+            const { std::cell::RefCell::new((String::new(), String::new())) };
+    }
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    if close_progress {
+        out.write_all(b"\n")?;
+    }
+    at.format_into(out, &fmt).map_err(std::io::Error::other)?;
+    write!(out, " {level:<5} {target}] ")?;
+    MESSAGE.with(|m| {
+        let Ok(mut m) = m.try_borrow_mut() else {
+            // Logging while formatting a log line (a Display impl that logs): no escaping buffer.
+            return write!(out, "{}", printable(&args.to_string()));
+        };
+        let (raw, escaped) = &mut *m;
+        raw.clear();
+        escaped.clear();
+        let _ = write!(raw, "{args}");
+        push_printable(escaped, raw);
+        out.write_all(escaped.as_bytes())
+    })?;
+    if let Some((id, user)) = request {
+        write!(out, " request={id}")?;
+        if let Some(u) = user {
+            write!(out, " user={u}")?;
+        }
+    }
+    out.write_all(b"\n")
+}
+
+/// Appends `s` with its control characters escaped (`\r`, `\n`, `\u{1b}`).
+fn push_printable(out: &mut String, s: &str) {
+    for c in s.chars() {
+        if c.is_control() {
+            let _ = write!(out, "{}", c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
 }
 
-/// Installs the logger with a `RUST_LOG`-style filter such as `info` or `warn,keyrack=debug`.
-pub fn init(spec: &str) {
-    let filter = env_filter::Builder::new().parse(spec).build();
-    let level: LevelFilter = filter.filter();
-    if log::set_boxed_logger(Box::new(Logger { filter })).is_ok() {
-        log::set_max_level(level);
+/// `s` with its control characters escaped, for a message printed to a terminal.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    push_printable(&mut out, s);
+    out
+}
+
+/// The request being served on this thread, if any.
+fn current() -> Option<(u64, Option<i64>)> {
+    REQUEST.with(Cell::get)
+}
+
+/// Marks this thread as serving a new request until the guard is dropped; every record logged
+/// meanwhile carries the request id.
+pub fn begin_request() -> RequestScope {
+    let id = NEXT_REQUEST.fetch_add(1, Ordering::Relaxed);
+    REQUEST.with(|r| r.set(Some((id, None))));
+    RequestScope { id }
+}
+
+/// Records the authenticated user of the request being served on this thread.
+pub fn set_user(user_id: i64) {
+    REQUEST.with(|r| {
+        if let Some((id, _)) = r.get() {
+            r.set(Some((id, Some(user_id))));
+        }
+    });
+}
+
+/// See `begin_request`.
+pub struct RequestScope {
+    pub id: u64,
+}
+
+impl Drop for RequestScope {
+    fn drop(&mut self) {
+        REQUEST.with(|r| r.set(None));
+    }
+}
+
+/// Tells the logger whether a progress line without a line end is on stderr.
+pub fn set_progress_open(open: bool) {
+    PROGRESS_OPEN.store(open, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(msg: &str, request: Option<(u64, Option<i64>)>, close: bool) -> String {
+        let mut out = Vec::new();
+        write_line(
+            &mut out,
+            time::macros::datetime!(2026-11-26 07:00:00 UTC),
+            Level::Info,
+            "keyrack::http",
+            &format_args!("{msg}"),
+            request,
+            close,
+        )
+        .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn one_line_with_level_and_target() {
+        assert_eq!(
+            line("GET /healthz 200 0.1ms", None, false),
+            "2026-11-26T07:00:00.000Z INFO  keyrack::http] GET /healthz 200 0.1ms\n"
+        );
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let l = line("GET /a\r2026 FAKE\x1b[2Kb 404", None, false);
+        assert_eq!(l.matches('\n').count(), 1, "{l:?}");
+        assert!(!l.contains('\r') && !l.contains('\x1b'), "{l:?}");
+        assert!(l.contains(r"/a\r2026 FAKE\u{1b}[2Kb"), "{l:?}");
+    }
+
+    #[test]
+    fn request_and_user_ids_end_the_line() {
+        assert!(line("GET /user/me 200", Some((7, Some(3))), false)
+            .ends_with("GET /user/me 200 request=7 user=3\n"));
+        assert!(line("GET /healthz 200", Some((8, None)), false)
+            .ends_with("GET /healthz 200 request=8\n"));
+    }
+
+    #[test]
+    fn an_open_progress_line_is_ended_first() {
+        assert!(line("x", None, true).starts_with("\n2026-"));
+        assert!(line("x", None, false).starts_with("2026-"));
+    }
+
+    #[test]
+    fn request_scope_sets_and_clears() {
+        let scope = begin_request();
+        set_user(5);
+        assert_eq!(current(), Some((scope.id, Some(5))));
+        let next = begin_request();
+        assert!(next.id > scope.id);
+        drop(next);
+        drop(scope);
+        assert_eq!(current(), None);
+        set_user(6);
+        assert_eq!(current(), None);
     }
 }

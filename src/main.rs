@@ -10,41 +10,90 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use keyrack::config::{Config, Lookup, ServeConfig};
+use keyrack::config::{Config, DbLocation, Lookup, ServeConfig};
 use keyrack::{app, commands, fixtures, http, Failure};
+
+/// The settings and exit codes, shown by `keyrack --help`.
+const AFTER_HELP: &str = "\
+Settings: a flag wins over its environment variable, the variable over the .env file (--env-file,
+else ./.env when it exists), the file over the default. An empty variable counts as unset.
+  KEYRACK_DB                   database file, or :memory: (default keyrack.db)
+  KEYRACK_LISTEN               serve: address to listen on (default 127.0.0.1:8080; port 0: any)
+  KEYRACK_WORKERS              serve: worker threads (default twice the cores, at least 4)
+  KEYRACK_ENCRYPTION_KEY       32 random bytes in standard base64, as `keyrack gen-key` prints;
+                               unset: the key file <database>.key, created 0600 for a new database
+  KEYRACK_OLD_ENCRYPTION_KEYS  comma-separated older keys, used only to decrypt (rotation)
+  KEYRACK_ADMIN_TOKEN          enables GET /admin/status; unset: /admin/* answers 404
+  KEYRACK_SESSION_TTL          session lifetime in seconds (default 2592000, 30 days)
+  KEYRACK_SIGNUPS              open (default) or closed: POST /auth/register answers 403
+                               and accounts are made with `keyrack add-user`
+  KEYRACK_MAX_KEYS_PER_USER    most keys one user may add (default 1000; past it 409)
+  RUST_LOG                     log filter (default info); logs go to stderr
+
+Exit codes:
+  0  success
+  1  failure at run time (also: an email already taken by add-user)
+  2  usage or configuration error, or a --db file that does not exist (only serve and
+     load-fixtures create a database)
+  3  refused by a safety check
+
+Every file keyrack creates (database, -wal, -shm, key file, backups) is readable by its owner only.";
 
 #[derive(Parser)]
 #[command(
     name = "keyrack",
     version,
-    about = "Per-user provider API keys, encrypted at rest, over a JSON HTTP API"
+    about = "Per-user provider API keys, encrypted at rest, over a JSON HTTP API",
+    after_help = AFTER_HELP,
+    help_expected = true
 )]
 struct Cli {
-    /// SQLite database file, or `:memory:` [env: KEYRACK_DB] [default: keyrack.db]
-    #[arg(long, global = true, value_name = "PATH")]
-    db: Option<String>,
-    /// A .env file to read settings from [default: ./.env when it exists]
-    #[arg(long, global = true, value_name = "PATH")]
-    env_file: Option<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
 
+/// Where the database and the settings are: given before the command or after it.
+#[derive(clap::Args, Default, Clone)]
+struct Settings {
+    /// SQLite database file, or `:memory:` [env: KEYRACK_DB] [default: keyrack.db]
+    #[arg(long, value_name = "PATH")]
+    db: Option<String>,
+    /// A .env file to read settings from [default: ./.env when it exists]
+    #[arg(long, value_name = "PATH")]
+    env_file: Option<PathBuf>,
+}
+
+impl Settings {
+    /// The command's own flags win over those given before the command.
+    fn or(self, outer: Settings) -> Settings {
+        Settings {
+            db: self.db.or(outer.db),
+            env_file: self.env_file.or(outer.env_file),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve the HTTP API (the default command)
+    /// Serve the HTTP API (the default command); creates the database if it does not exist
     Serve(ServeArgs),
     /// Phase 1: set phase dual and copy every column key into api_keys
     Migrate {
         /// Print what would be copied, write nothing
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        settings: Settings,
     },
     /// Print the phase, the schema version and the key counts
     Status {
         /// Print one JSON object
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        settings: Settings,
     },
     /// Phase 3: drop users.openai_api_key after safety checks and a backup
     RemoveLegacyColumn {
@@ -57,8 +106,10 @@ enum Cmd {
         /// Print the checks and what would be dropped, write nothing
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        settings: Settings,
     },
-    /// Go back to phase legacy, writing each default OpenAI key into the column
+    /// Go back to phase legacy: each default OpenAI key back into the column, keeping every column value the table lacks
     Revert {
         /// Do not ask for confirmation
         #[arg(long)]
@@ -69,16 +120,54 @@ enum Cmd {
         /// Print what would be written and kept, write nothing
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        settings: Settings,
     },
     /// Re-encrypt every stored value under KEYRACK_ENCRYPTION_KEY
-    RotateEncryptionKey,
-    /// Print a fresh encryption key
+    RotateEncryptionKey {
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Print a fresh encryption key (uses no database and no settings)
     GenKey,
-    /// Load a fixtures file, all or nothing
+    /// Load a fixtures file, all or nothing; creates the database if it does not exist
     LoadFixtures {
+        /// The fixtures file (JSON; its format is in the README)
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        #[command(flatten)]
+        settings: Settings,
     },
+    /// Create an account; the password is asked on the terminal, or read from stdin
+    AddUser {
+        /// The account's email address
+        #[arg(value_name = "EMAIL")]
+        email: String,
+        #[command(flatten)]
+        settings: Settings,
+    },
+}
+
+impl Cmd {
+    fn settings(&self) -> Settings {
+        match self {
+            Cmd::Serve(a) => a.settings.clone(),
+            Cmd::Migrate { settings, .. }
+            | Cmd::Status { settings, .. }
+            | Cmd::RemoveLegacyColumn { settings, .. }
+            | Cmd::Revert { settings, .. }
+            | Cmd::RotateEncryptionKey { settings }
+            | Cmd::LoadFixtures { settings, .. }
+            | Cmd::AddUser { settings, .. } => settings.clone(),
+            Cmd::GenKey => Settings::default(),
+        }
+    }
+
+    /// Whether the command may create its database. Every other command refuses a `--db` path
+    /// that does not exist: a typo must not leave an empty database (and key file) behind.
+    fn creates_database(&self) -> bool {
+        matches!(self, Cmd::Serve(_) | Cmd::LoadFixtures { .. })
+    }
 }
 
 #[derive(clap::Args, Default)]
@@ -92,9 +181,18 @@ struct ServeArgs {
     /// Load this fixtures file before serving
     #[arg(long, value_name = "FILE")]
     fixtures: Option<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 fn main() -> ExitCode {
+    // Every file keyrack creates — the database and SQLite's -wal and -shm beside it, the key
+    // file, backups — is for its owner only: they hold password hashes, session hashes and
+    // sealed keys. The mask covers the files SQLite creates itself; set before any thread starts.
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     tune_allocator();
     let cli = Cli::parse();
     match run(cli) {
@@ -112,8 +210,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         commands::gen_key();
         return Ok(());
     }
-    let lookup = Lookup::load(cli.env_file.as_deref()).map_err(|e| Failure::Config(e.0))?;
-    let config = Config::resolve(cli.db.as_deref(), &lookup).map_err(|e| Failure::Config(e.0))?;
+    let settings = command.settings().or(cli.settings);
+    let lookup = Lookup::load(settings.env_file.as_deref()).map_err(|e| Failure::Config(e.0))?;
+    let config =
+        Config::resolve(settings.db.as_deref(), &lookup).map_err(|e| Failure::Config(e.0))?;
     keyrack::logging::init(&config.log_filter);
     let db_location = config.db.clone();
 
@@ -126,35 +226,105 @@ fn run(cli: Cli) -> Result<(), Failure> {
         _ => None,
     };
 
-    let app = app::App::open(config)?;
-    match command {
-        Cmd::Serve(args) => {
-            app.check_keys_for_serving()?;
-            if let Some(f) = &args.fixtures {
-                fixtures::load(&app, f)?;
+    let new_files = if command.creates_database() {
+        NewFiles::before_opening(&db_location)
+    } else {
+        if let DbLocation::File(path) = &db_location {
+            if !path.exists() {
+                return Err(Failure::Config(format!(
+                    "the database {} does not exist; check --db / KEYRACK_DB (only `keyrack serve` \
+                     and `keyrack load-fixtures` create a database)",
+                    keyrack::logging::printable(&path.display().to_string())
+                )));
             }
+        }
+        NewFiles::default()
+    };
+    // A command that fails before it has done anything with a database it created removes it
+    // (and its key file) again: a failed load-fixtures leaves nothing behind.
+    let fixtures = match &command {
+        Cmd::Serve(a) => a.fixtures.clone(),
+        Cmd::LoadFixtures { file, .. } => Some(file.clone()),
+        _ => None,
+    };
+    let serving = matches!(command, Cmd::Serve(_));
+    let app = app::App::open(config).and_then(|app| {
+        if serving {
+            // Values sealed with a key outside the ring stop a server before it loads anything.
+            app.check_keys_for_serving()?;
+        }
+        let loaded = match &fixtures {
+            Some(f) => Some(fixtures::load(&app, f)?),
+            None => None,
+        };
+        Ok((app, loaded))
+    });
+    let (app, loaded) = match app {
+        Ok(a) => a,
+        Err(f) => {
+            new_files.remove();
+            return Err(f);
+        }
+    };
+
+    match command {
+        Cmd::Serve(_) => {
             let cfg = serve_config.expect("resolved above for serve");
             http::serve(Arc::new(app), &cfg)
         }
-        Cmd::Migrate { dry_run } => commands::migrate(&app, dry_run),
-        Cmd::Status { json } => commands::status(&app, json),
+        Cmd::Migrate { dry_run, .. } => commands::migrate(&app, dry_run),
+        Cmd::Status { json, .. } => commands::status(&app, json),
         Cmd::RemoveLegacyColumn {
             yes,
             backup,
             dry_run,
+            ..
         } => commands::remove_legacy_column(&app, &db_location, yes, backup.as_deref(), dry_run),
         Cmd::Revert {
             yes,
             backup,
             dry_run,
+            ..
         } => commands::revert(&app, &db_location, yes, backup.as_deref(), dry_run),
-        Cmd::RotateEncryptionKey => commands::rotate_encryption_key(&app),
-        Cmd::LoadFixtures { file } => {
-            let n = fixtures::load(&app, &file)?;
-            println!("loaded {n} users");
+        Cmd::RotateEncryptionKey { .. } => commands::rotate_encryption_key(&app),
+        Cmd::LoadFixtures { .. } => {
+            println!("loaded {} users", loaded.unwrap_or(0));
             Ok(())
         }
+        Cmd::AddUser { email, .. } => keyrack::accounts::add_user(&app, &email),
         Cmd::GenKey => Ok(()),
+    }
+}
+
+/// The files a command that creates a database would leave behind, when they did not exist
+/// before it started.
+#[derive(Default)]
+struct NewFiles(Vec<PathBuf>);
+
+impl NewFiles {
+    fn before_opening(db: &DbLocation) -> NewFiles {
+        let DbLocation::File(path) = db else {
+            return NewFiles::default();
+        };
+        if path.exists() {
+            return NewFiles::default();
+        }
+        let mut files: Vec<PathBuf> = ["", "-wal", "-shm", "-journal"]
+            .iter()
+            .map(|suffix| {
+                let mut p = path.clone().into_os_string();
+                p.push(suffix);
+                PathBuf::from(p)
+            })
+            .collect();
+        files.extend(db.key_file().filter(|k| !k.exists()));
+        NewFiles(files)
+    }
+
+    fn remove(self) {
+        for f in self.0 {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 

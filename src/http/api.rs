@@ -235,6 +235,9 @@ impl From<StoreError> for ApiError {
             }
             StoreError::NotFound => ApiError::new(404, "not_found", "no such key"),
             StoreError::PhaseConflict(m) => ApiError::new(409, "phase_conflict", m),
+            e @ StoreError::LimitReached { .. } => {
+                ApiError::new(409, "limit_reached", e.to_string())
+            }
             e @ StoreError::KeyUnreadable { .. } => {
                 // The log names the user, the store and the key id; never the value.
                 log::error!("{e}");

@@ -25,6 +25,8 @@ use api::{ApiError, Incoming, Reply, MAX_BODY};
 
 /// An idle keep-alive connection, or a client that stops sending, is closed after this.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often expired sessions are deleted (also once at start).
+const SESSION_PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Most connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 1024;
 
@@ -81,7 +83,17 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     let (stop_flusher, flusher_stop) = mpsc::channel::<()>();
     let flusher = {
         let usage = app.usage.clone();
+        // Expired sessions are pruned at start and then every hour, on the flusher's thread.
+        let mut pruned_at: Option<Instant> = None;
         thread::spawn(move || loop {
+            if pruned_at.is_none_or(|t| t.elapsed() >= SESSION_PRUNE_EVERY) {
+                pruned_at = Some(Instant::now());
+                match crate::store::users::prune_sessions(&flusher_conn) {
+                    Ok(0) => {}
+                    Ok(n) => log::info!("removed {n} expired sessions"),
+                    Err(e) => log::warn!("could not remove expired sessions yet: {e}"),
+                }
+            }
             let done = !matches!(
                 flusher_stop.recv_timeout(Duration::from_secs(1)),
                 Err(mpsc::RecvTimeoutError::Timeout)
@@ -121,6 +133,9 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
 /// Serves one request: never panics, always answers.
 fn handle(app: &App, store: &mut Store, mut rq: tiny_http::Request) {
     let start = Instant::now();
+    // Every line logged until this request is answered carries its id (and its user, once
+    // authenticated): the request line and a 500's error line name the same request.
+    let _request = crate::logging::begin_request();
     let method = rq.method().as_str().to_owned();
     let url = rq.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
@@ -140,7 +155,8 @@ fn handle(app: &App, store: &mut Store, mut rq: tiny_http::Request) {
     if let Err(e) = rq.respond(to_response(reply)) {
         log::debug!("could not write the response: {e}");
     }
-    // One line per request: never a body, never a header value, never the query string.
+    // One line per request: never a body, never a header value, never the query string. The
+    // logger escapes control characters in the path.
     log::info!(
         "{method} {path} {status} {:.1}ms",
         start.elapsed().as_secs_f64() * 1000.0

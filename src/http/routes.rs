@@ -7,7 +7,7 @@ use serde_json::json;
 use super::api::{ApiError, Incoming, Reply};
 use crate::app::App;
 use crate::auth;
-use crate::domain::{ApiKey, Email, KeyName, Password, Provider};
+use crate::domain::{ApiKey, Email, Invalid, KeyName, Password, Provider};
 use crate::status::Status;
 use crate::store::keys::{KeyList, KeyView, NewKey};
 use crate::store::users::User;
@@ -102,9 +102,11 @@ fn authenticate(store: &mut Store, req: &Incoming) -> Result<User, ApiError> {
     let token = bearer(header).ok_or_else(|| {
         ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
     })?;
-    store
+    let user = store
         .session_user(&auth::token_hash(token))?
-        .ok_or_else(|| ApiError::unauthorized("the token is invalid, expired or revoked"))
+        .ok_or_else(|| ApiError::unauthorized("the token is invalid, expired or revoked"))?;
+    crate::logging::set_user(user.id);
+    Ok(user)
 }
 
 fn bearer(header: &str) -> Option<&str> {
@@ -141,7 +143,14 @@ fn openapi(_: &App, _: &mut Store, _: &Incoming, _: &[&str]) -> Result<Reply, Ap
     Ok(Reply::raw(200, "application/yaml", OPENAPI.as_bytes()))
 }
 
-fn register(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+fn register(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    if !app.signups_open {
+        return Err(ApiError::new(
+            403,
+            "signups_closed",
+            "this server does not take sign-ups; ask its operator for an account",
+        ));
+    }
     let body = req.json()?;
     let email = Email::parse(body.required_str("email")?)?;
     let password = Password::parse(body.required_str("password")?)?;
@@ -158,9 +167,18 @@ fn register(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Re
 
 fn login(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
     let body = req.json()?;
-    // No format check on login: any email that is not registered gets the same 401.
-    let email = body.required_str("email")?.trim().to_lowercase();
-    let password = crate::domain::Secret::new(body.required_str("password")?.to_owned());
+    let (raw_email, raw_password) = (body.required_str("email")?, body.required_str("password")?);
+    // Lengths no account can have are refused before anything is lowercased, hashed or
+    // recorded by the throttle. Otherwise no format check on login: any email that is not
+    // registered gets the same 401.
+    if raw_email.trim().chars().count() > Email::MAX_CHARS {
+        return Err(Invalid::new("email", "email must be at most 254 characters").into());
+    }
+    if raw_password.chars().count() > Password::MAX_CHARS {
+        return Err(Invalid::new("password", "password must be at most 1024 characters").into());
+    }
+    let email = raw_email.trim().to_lowercase();
+    let password = crate::domain::Secret::new(raw_password.to_owned());
     let t = now();
     if let Some(wait) = app.throttle.check(&email, t) {
         return Err(ApiError::new(
@@ -188,7 +206,7 @@ fn login(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
     };
     app.throttle.record_success(&email);
     let token = auth::new_token();
-    let expires_at = t + app.session_ttl_secs;
+    let expires_at = auth::session_expiry(app.session_ttl_secs);
     store.create_session(user.id, &auth::token_hash(token.expose()), expires_at)?;
     Ok(Reply::json(
         200,

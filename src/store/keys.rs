@@ -160,6 +160,18 @@ fn insert_row(
         .insert(params![user_id, provider, name, sealed, is_default, t])?)
 }
 
+/// Refuses a new `api_keys` row past the per-user limit (`KEYRACK_MAX_KEYS_PER_USER`). Only the
+/// API's new keys are counted against it: moving a column key into the table never is.
+fn check_key_limit(conn: &Connection, user_id: i64, limit: i64) -> Result<()> {
+    let n: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM api_keys WHERE user_id = ?1")?
+        .query_row([user_id], |r| r.get(0))?;
+    if n >= limit {
+        return Err(StoreError::LimitReached { limit });
+    }
+    Ok(())
+}
+
 fn clear_default(conn: &Connection, user_id: i64, provider: &str) -> Result<()> {
     conn.prepare_cached(
         "UPDATE api_keys SET is_default = 0, updated_at = ?3
@@ -444,6 +456,7 @@ impl Store {
                 key.expose(),
             );
             let provider = provider.clone();
+            let limit = self.key_limit;
             self.write(move |tx, ctx| {
                 check_sealing_key(tx, ctx, &sealed)?;
                 let phase = meta::phase(tx)?;
@@ -470,6 +483,13 @@ impl Store {
                                 .execute(params![r.id, sealed, now()])?;
                             }
                             None => {
+                                // A column key being replaced is not a new key for the limit.
+                                let replaces_column = phase == Phase::Dual
+                                    && provider.is_openai()
+                                    && column_get(tx, user_id)?.is_some();
+                                if !replaces_column {
+                                    check_key_limit(tx, user_id, limit)?;
+                                }
                                 insert_row(tx, user_id, p, None, &sealed, true)?;
                             }
                         }
@@ -544,6 +564,7 @@ impl Store {
         let name = new.name.as_ref().map(|n| n.as_str().to_owned());
         let masked_key = new.key.masked();
         let wants_default = new.is_default;
+        let limit = self.key_limit;
         self.write(move |tx, ctx| {
             check_sealing_key(tx, ctx, &sealed)?;
             let phase = meta::phase(tx)?;
@@ -554,6 +575,7 @@ impl Store {
             if phase == Phase::Dual && provider.is_openai() {
                 settle_before_write(tx, ctx, user_id, false)?;
             }
+            check_key_limit(tx, user_id, limit)?;
             let has_default = default_row(tx, user_id, p)?.is_some();
             let make_default = !has_default || wants_default == Some(true);
             if make_default && has_default {
@@ -880,15 +902,18 @@ pub fn reseal_batch(
                 }
                 out.resealed += 1;
             }
-            Err(e) => {
-                let store = match which {
-                    Sealed::Table => Source::Table,
-                    Sealed::Column => Source::Column,
+            Err(reason) => {
+                let (source_store, key_id) = match which {
+                    Sealed::Table => (Source::Table, Some(id)),
+                    Sealed::Column => (Source::Column, None),
                 };
-                log::error!(
-                    "user {uid}: {} value (id {id}) does not decrypt: {e}",
-                    store.as_str()
-                );
+                let e = StoreError::KeyUnreadable {
+                    user_id: uid,
+                    source_store,
+                    key_id,
+                    reason,
+                };
+                log::error!("{e}");
                 out.failed += 1;
                 super::phases::sample(&mut out.failed_ids, uid);
             }

@@ -157,3 +157,19 @@ pub fn has_encrypted_values(conn: &Connection) -> Result<bool> {
     }
     Ok(false)
 }
+
+/// How many values are stored: (in the legacy column, in the table). The total that progress
+/// lines count towards.
+pub fn stored_key_counts(conn: &Connection) -> Result<(u64, u64)> {
+    let table: i64 = conn.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
+    let column: i64 = if column_present(conn)? {
+        conn.query_row(
+            "SELECT COUNT(*) FROM users WHERE openai_api_key IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?
+    } else {
+        0
+    };
+    Ok((column as u64, table as u64))
+}

@@ -46,7 +46,7 @@ pub enum StoreError {
     #[error("{0}")]
     PhaseConflict(String),
     /// A stored value does not open. Carries where it is, never the value.
-    #[error("stored key of user {user_id} in {} (key id {key_id:?}) does not decrypt: {reason}", .source_store.as_str())]
+    #[error("the stored key of user {user_id} in {} does not decrypt: {reason}", place(*.source_store, *.key_id))]
     KeyUnreadable {
         user_id: i64,
         source_store: Source,
@@ -61,8 +61,20 @@ pub enum StoreError {
     /// Never leaves the store.
     #[error("the database's current key changed; the value is sealed again")]
     Reseal,
+    /// The user holds the most keys allowed (`KEYRACK_MAX_KEYS_PER_USER`).
+    #[error("this account already holds {limit} keys, the most allowed; delete one first")]
+    LimitReached { limit: i64 },
     #[error("database error: {0}")]
     Sql(rusqlite::Error),
+}
+
+/// Where a stored key is, in words: `api_keys (key 12)` or `users_column`. The one wording of
+/// an unreadable key, in logs and command output alike.
+pub fn place(store: Source, key_id: Option<i64>) -> String {
+    match key_id {
+        Some(id) => format!("{} (key {id})", store.as_str()),
+        None => store.as_str().to_owned(),
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -81,11 +93,24 @@ pub struct Store {
     conn: Connection,
     ring: Arc<KeyRing>,
     usage: Arc<UsageLog>,
+    /// Most `api_keys` rows a user may create through the API.
+    key_limit: i64,
 }
 
 impl Store {
     pub fn new(conn: Connection, ring: Arc<KeyRing>, usage: Arc<UsageLog>) -> Store {
-        Store { conn, ring, usage }
+        Store {
+            conn,
+            ring,
+            usage,
+            key_limit: crate::config::DEFAULT_MAX_KEYS_PER_USER,
+        }
+    }
+
+    /// Sets the per-user key limit (`KEYRACK_MAX_KEYS_PER_USER`).
+    pub fn with_key_limit(mut self, limit: i64) -> Store {
+        self.key_limit = limit;
+        self
     }
 
     pub fn conn(&self) -> &Connection {

@@ -89,6 +89,15 @@ impl Store {
     }
 }
 
+/// Deletes every expired session (they no longer authenticate; this keeps the table from
+/// growing with sessions nobody ends). Returns how many went.
+pub fn prune_sessions(conn: &rusqlite::Connection) -> Result<u64> {
+    let n = conn
+        .prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?
+        .execute([now()])?;
+    Ok(n as u64)
+}
+
 pub(crate) fn insert_user(
     tx: &rusqlite::Transaction<'_>,
     email: &Email,

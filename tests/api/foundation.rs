@@ -131,6 +131,7 @@ fn env_file_and_precedence() {
     assert!(stderr(&out).contains("KEYRACK_SESSION_TTL"));
     // The environment beats the .env file.
     let env = env.var("KEYRACK_SESSION_TTL", "60");
+    env.create_db();
     let out = env.run(&["status", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
@@ -139,7 +140,9 @@ fn env_file_and_precedence() {
     );
     // --env-file names another file.
     std::fs::write(env.path("other.env"), "KEYRACK_DB=other.db\n").unwrap();
-    let out = Env::without_key().var("KEYRACK_ENCRYPTION_KEY", &k).run(&[
+    let other = Env::without_key().var("KEYRACK_ENCRYPTION_KEY", &k);
+    other.create_db();
+    let out = other.run(&[
         "--env-file",
         env.path("other.env").to_str().unwrap(),
         "status",

@@ -260,7 +260,7 @@ fn a_ciphertext_copied_to_another_user_does_not_decrypt() {
     assert!(!r.raw.contains("sk-ada"), "never the other user's key");
     let logs = s.logs();
     assert!(
-        logs.contains("user 2") && logs.contains("api_keys") && logs.contains("key id"),
+        logs.contains("user 2") && logs.contains("in api_keys (key "),
         "{logs}"
     );
     assert!(!logs.contains("sk-ada-secret"));

@@ -5,5 +5,6 @@ mod foundation;
 mod hostile;
 mod keys;
 mod migration;
+mod operator;
 mod phases;
 mod support;

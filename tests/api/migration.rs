@@ -14,7 +14,7 @@ use crate::support::*;
 /// A database in phase legacy holding `n` users with column keys.
 fn legacy_env(n: i64) -> Env {
     let env = Env::new();
-    assert_eq!(env.run(&["status"]).status.code(), Some(0));
+    env.create_db();
     seed_legacy_users(&env.db(), n);
     sql(
         &env.db(),

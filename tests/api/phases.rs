@@ -12,7 +12,7 @@ use crate::support::*;
 /// A database in phase legacy holding `n` users with column keys.
 fn legacy_env(n: i64) -> Env {
     let env = Env::new();
-    assert_eq!(env.run(&["status"]).status.code(), Some(0));
+    env.create_db();
     seed_legacy_users(&env.db(), n);
     sql(
         &env.db(),
@@ -25,7 +25,7 @@ fn legacy_env(n: i64) -> Env {
 fn schema_v2_over_a_legacy_database_starts_in_phase_legacy() {
     // A database of the legacy system: V1 only, users with column keys.
     let env = Env::new();
-    assert_eq!(env.run(&["status"]).status.code(), Some(0));
+    env.create_db();
     sql(
         &env.db(),
         "DROP TABLE legacy_backfill; DROP INDEX users_by_key_id; DROP TABLE api_keys; \

@@ -69,12 +69,37 @@ impl Env {
         c
     }
 
+    /// Creates the database (with `load-fixtures` of no users: the other commands never create
+    /// one).
+    pub fn create_db(&self) {
+        let empty = self.path("no-users.json");
+        std::fs::write(&empty, r#"{"users": []}"#).expect("write fixtures");
+        let out = self.run(&["load-fixtures", empty.to_str().expect("utf-8 path")]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+
     /// Runs a one-shot command (no terminal on stdin) and returns its output.
     pub fn run(&self, args: &[&str]) -> Output {
         self.command(args)
             .stdin(Stdio::null())
             .output()
             .expect("run keyrack")
+    }
+
+    /// Runs a one-shot command with `input` on stdin (a pipe, not a terminal).
+    pub fn run_with_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run keyrack");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let _ = stdin.write_all(input.as_bytes());
+        drop(stdin);
+        child.wait_with_output().expect("wait for keyrack")
     }
 
     /// Starts `keyrack serve` on port 0 and waits for the ready line.
