@@ -12,15 +12,15 @@ use crate::config::{Config, DbLocation};
 use crate::crypto::{EncryptionKey, KeyId, KeyRing};
 use crate::db::{self, Database};
 use crate::domain::Secret;
-use crate::store::{meta, phases, Store};
-use crate::usage::UsageLog;
+use crate::store::{meta, phases, Shared, Store};
 use crate::Failure;
 
 /// What every worker and command shares.
 pub struct App {
     pub db: Database,
     pub ring: Arc<KeyRing>,
-    pub usage: Arc<UsageLog>,
+    /// What the connections to the database share (group commit, pending usage counts).
+    pub shared: Arc<Shared>,
     pub throttle: Throttle,
     pub session_ttl_secs: i64,
     pub admin_token: Option<Secret>,
@@ -62,7 +62,7 @@ impl App {
         Ok(App {
             db,
             ring: Arc::new(ring),
-            usage: Arc::new(UsageLog::default()),
+            shared: Arc::new(Shared::default()),
             throttle: Throttle::new(),
             session_ttl_secs: config.session_ttl_secs,
             admin_token: config.admin_token,
@@ -110,7 +110,7 @@ impl App {
             .db
             .connect()
             .map_err(|e| Failure::Runtime(format!("cannot open the database: {e}")))?;
-        Ok(Store::new(conn, self.ring.clone(), self.usage.clone())
+        Ok(Store::new(conn, self.ring.clone(), self.shared.clone())
             .with_key_limit(self.max_keys_per_user))
     }
 }

@@ -27,16 +27,12 @@ use crate::Failure;
 /// milliseconds for the lock, large enough that syncs do not dominate.
 const BATCH: i64 = 2_000;
 
-fn db_err(e: impl std::fmt::Display) -> Failure {
-    Failure::Runtime(format!("database error: {e}"))
+fn db_err(e: rusqlite::Error) -> Failure {
+    store_err(StoreError::from(e))
 }
 
 fn store_err(e: StoreError) -> Failure {
-    match e {
-        StoreError::Busy => Failure::Runtime(format!("{e}; try again")),
-        StoreError::Sql(e) => db_err(e),
-        e => Failure::Runtime(e.to_string()),
-    }
+    Failure::store("", e)
 }
 
 fn current_phase(app: &App) -> Result<Phase, Failure> {
@@ -133,7 +129,7 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db_err)?;
         let b =
-            phases::backfill_batch(&tx, &app.ring, &app.usage, after, BATCH).map_err(store_err)?;
+            phases::backfill_batch(&tx, &app.ring, &app.shared, after, BATCH).map_err(store_err)?;
         tx.commit().map_err(db_err)?;
         total.add(&b);
         progress.update(total.users_seen);

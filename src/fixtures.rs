@@ -136,18 +136,14 @@ pub fn load(app: &App, path: &Path) -> Result<usize, Failure> {
     let users = parse(path)?;
     let mut store = app.store()?;
     let n = users.len();
+    // The user being inserted, to name its email if it is taken.
+    let mut at = None;
     store
         .write_alone(|tx, ctx| {
             let phase = meta::phase(tx)?;
             for u in &users {
-                let user =
-                    users::insert_user(tx, &u.email, &u.password_hash).map_err(|e| match e {
-                        StoreError::EmailTaken => StoreError::PhaseConflict(format!(
-                            "fixtures: the email {} is already registered; nothing was loaded",
-                            u.email.as_str()
-                        )),
-                        e => e,
-                    })?;
+                at = Some(&u.email);
+                let user = users::insert_user(tx, &u.email, &u.password_hash)?;
                 if let Some(k) = &u.column_key {
                     if phase == Phase::NewOnly {
                         let as_row = NewKey {
@@ -167,9 +163,12 @@ pub fn load(app: &App, path: &Path) -> Result<usize, Failure> {
             }
             Ok(())
         })
-        .map_err(|e| match e {
-            StoreError::PhaseConflict(m) => Failure::Runtime(m),
-            e => Failure::Runtime(format!("fixtures: loading failed, nothing was loaded: {e}")),
+        .map_err(|e| match (e, at) {
+            (StoreError::EmailTaken, Some(email)) => Failure::Runtime(format!(
+                "fixtures: the email {} is already registered; nothing was loaded",
+                email.as_str()
+            )),
+            (e, _) => Failure::store("fixtures: loading failed, nothing was loaded", e),
         })?;
     log::info!("loaded {n} users from the fixtures file {}", path.display());
     Ok(n)

@@ -17,13 +17,17 @@ pub mod phase;
 pub mod progress;
 pub mod status;
 pub mod store;
-pub mod usage;
 
 /// How a command failed, and so its exit code (listed in `keyrack --help`).
 #[derive(Debug)]
 pub enum Failure {
     /// Exit 1: failure at run time.
     Runtime(String),
+    /// Exit 1: the database failed; what was being done, and the store's error with its causes.
+    Store {
+        doing: String,
+        source: store::StoreError,
+    },
     /// Exit 2: usage or configuration error.
     Config(String),
     /// Exit 3: refused by a safety check.
@@ -31,17 +35,87 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// A store error met while `doing` something (empty: the error says enough).
+    pub fn store(doing: impl Into<String>, source: store::StoreError) -> Failure {
+        Failure::Store {
+            doing: doing.into(),
+            source,
+        }
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
-            Failure::Runtime(_) => 1,
+            Failure::Runtime(_) | Failure::Store { .. } => 1,
             Failure::Config(_) => 2,
             Failure::Refused(_) => 3,
         }
     }
 
-    pub fn message(&self) -> &str {
+    /// The message for the operator: for a store error, every cause in the chain.
+    pub fn message(&self) -> String {
         match self {
-            Failure::Runtime(m) | Failure::Config(m) | Failure::Refused(m) => m,
+            Failure::Runtime(m) | Failure::Config(m) | Failure::Refused(m) => m.clone(),
+            Failure::Store { doing, source } => {
+                let chain = error_chain(source);
+                let hint = if matches!(source, store::StoreError::Busy) {
+                    "; try again"
+                } else {
+                    ""
+                };
+                if doing.is_empty() {
+                    format!("{chain}{hint}")
+                } else {
+                    format!("{doing}: {chain}{hint}")
+                }
+            }
         }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())
+    }
+}
+
+impl std::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Failure::Store { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// An error and its causes in one line: `database error: disk I/O error`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_failure_keeps_the_cause_chain() {
+        let sql = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+            Some("disk I/O error".into()),
+        );
+        let f = Failure::store("migrate", store::StoreError::from(sql));
+        assert_eq!(f.exit_code(), 1);
+        assert_eq!(
+            f.message(),
+            "migrate: database error: disk I/O error: Error code 10: Some kind of disk I/O error occurred"
+        );
+        let source = std::error::Error::source(&f).expect("a source");
+        assert!(source.source().is_some(), "the rusqlite error is kept");
     }
 }

@@ -255,8 +255,16 @@ impl From<StoreError> for ApiError {
                      it; an operator must restart keyrack with that key as KEYRACK_ENCRYPTION_KEY"
                 ),
             ),
-            e @ (StoreError::Sql(_) | StoreError::Reseal) => {
-                log::error!("database error: {e}");
+            StoreError::Changed => {
+                ApiError::new(503, "busy", "the data changed while it was read; try again")
+                    .with_header("Retry-After", "1".into())
+            }
+            e @ (StoreError::Sql(_)
+            | StoreError::Reseal
+            | StoreError::BadPhase { .. }
+            | StoreError::GroupAborted
+            | StoreError::Transaction { .. }) => {
+                log::error!("{}", crate::error_chain(&e));
                 ApiError::internal()
             }
         }

@@ -82,7 +82,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
 
     let (stop_flusher, flusher_stop) = mpsc::channel::<()>();
     let flusher = {
-        let usage = app.usage.clone();
+        let shared = app.shared.clone();
         // Expired sessions are pruned at start and then every hour, on the flusher's thread.
         let mut pruned_at: Option<Instant> = None;
         thread::spawn(move || loop {
@@ -98,7 +98,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                 flusher_stop.recv_timeout(Duration::from_secs(1)),
                 Err(mpsc::RecvTimeoutError::Timeout)
             );
-            if let Err(e) = usage.flush(&mut flusher_conn) {
+            if let Err(e) = shared.flush_usage(&mut flusher_conn) {
                 log::warn!("could not write usage counters yet: {e}");
             }
             if done {

@@ -431,7 +431,7 @@ impl Store {
         match found {
             Lookup::Found(key, row_id) => {
                 if let (true, Some(id)) = (count_use, row_id) {
-                    self.usage.record(id, now());
+                    self.shared.usage.record(id, now());
                 }
                 Ok(Some(key))
             }
@@ -542,9 +542,7 @@ impl Store {
             other => other?,
         }
         self.read(|tx, ctx| list_in(tx, ctx, user_id, false))?
-            .ok_or_else(|| {
-                StoreError::PhaseConflict("the listing changed under it; try again".into())
-            })
+            .ok_or(StoreError::Changed)
     }
 
     /// POST /user/api-keys.
@@ -920,15 +918,4 @@ pub fn reseal_batch(
         }
     }
     Ok(out)
-}
-
-/// Adds batched uses to a key's counters (`usage::UsageLog::flush`).
-pub fn add_usage(tx: &Transaction<'_>, id: i64, uses: i64, last_used_at: i64) -> Result<()> {
-    tx.prepare_cached(
-        "UPDATE api_keys SET usage_count = usage_count + ?2,
-             last_used_at = MAX(COALESCE(last_used_at, 0), ?3)
-         WHERE id = ?1",
-    )?
-    .execute(params![id, uses, last_used_at])?;
-    Ok(())
 }

@@ -33,13 +33,7 @@ fn set(conn: &Connection, name: &str, value: &str) -> Result<()> {
 /// read it (a phase command run by another process) is logged once.
 pub fn phase(conn: &Connection) -> Result<Phase> {
     let raw = get(conn, PHASE)?.unwrap_or_else(|| "dual".to_owned());
-    let phase = Phase::parse(&raw).ok_or_else(|| {
-        StoreError::Sql(rusqlite::Error::InvalidColumnType(
-            0,
-            format!("keyrack_meta.phase={raw}"),
-            rusqlite::types::Type::Text,
-        ))
-    })?;
+    let phase = Phase::parse(&raw).ok_or(StoreError::BadPhase { stored: raw })?;
     let code = phase_code(phase);
     let before = LAST_SEEN_PHASE.swap(code, Ordering::Relaxed);
     if before != 0 && before != code {
@@ -172,4 +166,27 @@ pub fn stored_key_counts(conn: &Connection) -> Result<(u64, u64)> {
         0
     };
     Ok((column as u64, table as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DbLocation;
+    use crate::db::{self, Database};
+
+    #[test]
+    fn a_stored_phase_that_is_no_phase_is_named_as_such(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let db = Database::new(&DbLocation::Memory)?;
+        let mut conn = db.connect()?;
+        db::migrate_schema(&mut conn)?;
+        set(&conn, PHASE, "halfway")?;
+        match phase(&conn) {
+            Err(StoreError::BadPhase { stored }) => assert_eq!(stored, "halfway"),
+            other => panic!("expected BadPhase, got {other:?}"),
+        }
+        set_phase(&conn, Phase::NewOnly)?;
+        assert_eq!(phase(&conn)?, Phase::NewOnly);
+        Ok(())
+    }
 }

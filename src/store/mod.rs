@@ -5,16 +5,19 @@
 //! process takes effect at the next request.
 
 pub mod classify;
+mod group;
 pub mod keys;
 pub mod meta;
 pub mod phases;
+mod usage;
 pub mod users;
 
 use rusqlite::{Connection, ErrorCode, Transaction, TransactionBehavior};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::crypto::{KeyRing, OpenError};
-use crate::usage::UsageLog;
+use group::GroupCommit;
+pub(crate) use usage::UsageLog;
 
 /// Which store a value was read from or written to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +48,10 @@ pub enum StoreError {
     /// The current phase cannot do this; the message says why and what to do.
     #[error("{0}")]
     PhaseConflict(String),
+    /// A read met a change made between its two transactions (a phase command moved keys
+    /// meanwhile); the same request again sees the new state.
+    #[error("the data changed while it was read; try again")]
+    Changed,
     /// A stored value does not open. Carries where it is, never the value.
     #[error("the stored key of user {user_id} in {} does not decrypt: {reason}", place(*.source_store, *.key_id))]
     KeyUnreadable {
@@ -64,8 +71,21 @@ pub enum StoreError {
     /// The user holds the most keys allowed (`KEYRACK_MAX_KEYS_PER_USER`).
     #[error("this account already holds {limit} keys, the most allowed; delete one first")]
     LimitReached { limit: i64 },
-    #[error("database error: {0}")]
-    Sql(rusqlite::Error),
+    /// `keyrack_meta.phase` holds a value that is no phase.
+    #[error("the database's phase is {stored:?}, which is no phase keyrack knows (legacy, dual, new_only)")]
+    BadPhase { stored: String },
+    /// The thread that ran this write's group panicked; the group was rolled back.
+    #[error("the write was rolled back: the thread running its group commit panicked")]
+    GroupAborted,
+    /// The `BEGIN` or `COMMIT` of a group of writes failed (other than busy).
+    #[error("the transaction of a group of writes failed to {at}")]
+    Transaction {
+        at: &'static str,
+        #[source]
+        source: Arc<rusqlite::Error>,
+    },
+    #[error("database error")]
+    Sql(#[source] rusqlite::Error),
 }
 
 /// Where a stored key is, in words: `api_keys (key 12)` or `users_column`. The one wording of
@@ -88,21 +108,37 @@ impl From<rusqlite::Error> for StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// What the connections of this process to one database share: the group-commit queue and
+/// writer lock, and the usage counts not yet written. One per database, never a process
+/// global, so that two databases in one process never run each other's writes.
+#[derive(Default)]
+pub struct Shared {
+    writes: GroupCommit,
+    usage: UsageLog,
+}
+
+impl Shared {
+    /// Writes the pending usage counts through `conn` (the flusher's own connection).
+    pub fn flush_usage(&self, conn: &mut Connection) -> Result<usize> {
+        self.usage.flush(conn, &self.writes)
+    }
+}
+
 /// One connection and what the key operations need beside it.
 pub struct Store {
     conn: Connection,
     ring: Arc<KeyRing>,
-    usage: Arc<UsageLog>,
+    shared: Arc<Shared>,
     /// Most `api_keys` rows a user may create through the API.
     key_limit: i64,
 }
 
 impl Store {
-    pub fn new(conn: Connection, ring: Arc<KeyRing>, usage: Arc<UsageLog>) -> Store {
+    pub fn new(conn: Connection, ring: Arc<KeyRing>, shared: Arc<Shared>) -> Store {
         Store {
             conn,
             ring,
-            usage,
+            shared,
             key_limit: crate::config::DEFAULT_MAX_KEYS_PER_USER,
         }
     }
@@ -127,128 +163,22 @@ impl Store {
         &mut self,
         f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T>,
     ) -> Result<T> {
-        let _serial = write_lock();
+        let shared = self.shared.clone();
+        let _serial = shared.writes.serial();
         self.in_transaction(TransactionBehavior::Immediate, f)
     }
 
-    /// Runs `f` as one write and returns once it is committed and synced (group commit).
-    ///
-    /// Writers of this process queue `f` and then take `WRITE_LOCK`. Whoever holds the lock
-    /// runs every queued write in one IMMEDIATE transaction, each inside a savepoint (a write
-    /// that fails is undone alone and gets its own error), commits once — one sync for the
-    /// whole group — and hands each writer its result. A writer that finds its result already
-    /// there when it gets the lock just returns it. Queuing on a mutex also replaces SQLite's
-    /// busy handler, which sleeps in steps of up to 100 ms, for writers of this process; other
-    /// processes (the phase commands) still meet the busy timeout.
+    /// Runs `f` as one write and returns once it is committed and synced, possibly in one
+    /// transaction with other writers' writes (group commit, `store::group`).
     pub fn write<T: Send + 'static>(
         &mut self,
         f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let slot: Arc<Mutex<Option<Result<T>>>> = Arc::new(Mutex::new(None));
-        let mine = slot.clone();
-        let job: Job = Box::new(move |tx| {
-            let result = match tx {
-                Some((tx, ctx)) => f(tx, ctx),
-                None => Err(StoreError::Busy),
-            };
-            let ok = result.is_ok();
-            let deliver: Deliver = Box::new(move |commit_error| {
-                let out = match commit_error {
-                    None => result,
-                    Some(e) => Err(e),
-                };
-                *mine.lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
-            });
-            (ok, deliver)
-        });
-        lock(&PENDING).push(job);
-        let _serial = write_lock();
-        loop {
-            if let Some(out) = lock(&slot).take() {
-                return out;
-            }
-            let batch: Vec<Job> = {
-                let mut pending = lock(&PENDING);
-                let n = pending.len().min(MAX_GROUP);
-                pending.drain(..n).collect()
-            };
-            if batch.is_empty() {
-                // Only if a leader panicked with our write in its group.
-                return Err(StoreError::Sql(rusqlite::Error::ExecuteReturnedResults));
-            }
-            self.run_group(batch);
-        }
-    }
-
-    /// Runs one group of queued writes in one transaction and delivers every result.
-    fn run_group(&mut self, batch: Vec<Job>) {
         let ctx = Ctx {
             ring: &self.ring,
-            usage: &self.usage,
+            usage: &self.shared.usage,
         };
-        let tx = match self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-        {
-            Ok(tx) => tx,
-            Err(_) => {
-                // The lock stayed taken by another process: every write answers busy.
-                for job in batch {
-                    job(None).1(None);
-                }
-                return;
-            }
-        };
-        let mut delivers = Vec::with_capacity(batch.len());
-        if batch.len() == 1 {
-            // Alone in its group: no savepoint needed; a failure rolls the transaction back.
-            for job in batch {
-                let (ok, deliver) = job(Some((&tx, &ctx)));
-                if !ok {
-                    drop(tx);
-                    deliver(None);
-                    return;
-                }
-                delivers.push(deliver);
-            }
-        } else {
-            for job in batch {
-                if savepoint(&tx, "SAVEPOINT w").is_err() {
-                    delivers.push(job(None).1);
-                    continue;
-                }
-                let (ok, deliver) = job(Some((&tx, &ctx)));
-                let ended = if ok {
-                    savepoint(&tx, "RELEASE w")
-                } else {
-                    savepoint(&tx, "ROLLBACK TO w").and_then(|()| savepoint(&tx, "RELEASE w"))
-                };
-                if let Err(e) = ended {
-                    log::error!("ending a savepoint failed: {e}");
-                }
-                delivers.push(deliver);
-            }
-        }
-        match tx.commit() {
-            Ok(()) => delivers.into_iter().for_each(|d| d(None)),
-            Err(e) => {
-                log::warn!("a group commit failed: {e}");
-                let busy = matches!(
-                    e.sqlite_error_code(),
-                    Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
-                );
-                for d in delivers {
-                    d(Some(if busy {
-                        StoreError::Busy
-                    } else {
-                        StoreError::Sql(rusqlite::Error::SqliteFailure(
-                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-                            Some("commit failed".into()),
-                        ))
-                    }));
-                }
-            }
-        }
+        self.shared.writes.write(&mut self.conn, &ctx, f)
     }
 
     /// Runs `f` in a read transaction: one consistent snapshot, no lock taken for writing.
@@ -267,7 +197,7 @@ impl Store {
         let tx = self.conn.transaction_with_behavior(behavior)?;
         let ctx = Ctx {
             ring: &self.ring,
-            usage: &self.usage,
+            usage: &self.shared.usage,
         };
         let out = f(&tx, &ctx)?;
         tx.commit()?;
@@ -275,36 +205,17 @@ impl Store {
     }
 }
 
-static WRITE_LOCK: Mutex<()> = Mutex::new(());
-
-/// Most writes committed together.
-const MAX_GROUP: usize = 128;
-
-/// A queued write: run with the group's transaction (`None`: no transaction could be had), it
-/// says whether it succeeded and returns how to hand over its result once the commit is known.
-type Job = Box<dyn FnOnce(Option<(&Transaction<'_>, &Ctx<'_>)>) -> (bool, Deliver) + Send>;
-/// Hands a result over; given the commit's error when the commit failed.
-type Deliver = Box<dyn FnOnce(Option<StoreError>) + Send>;
-
-static PENDING: Mutex<Vec<Job>> = Mutex::new(Vec::new());
-
-fn savepoint(tx: &Transaction<'_>, sql: &str) -> rusqlite::Result<()> {
-    tx.prepare_cached(sql)?.execute([]).map(|_| ())
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `m`, going on when a thread panicked while holding it: every value kept behind these
+/// mutexes stays whole between statements (counters, a queue, a unit), so its poison says
+/// nothing about it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The in-process writer lock (see `Store::write`).
-pub fn write_lock() -> MutexGuard<'static, ()> {
-    WRITE_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What a transaction body may use beside the transaction itself.
 pub struct Ctx<'a> {
     pub ring: &'a KeyRing,
-    pub usage: &'a UsageLog,
+    pub(crate) usage: &'a UsageLog,
 }
 
 pub use crate::clock::{now, rfc3339};

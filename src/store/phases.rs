@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use super::classify::{classify, Verdict};
 use super::keys::{insert_extra_openai_row, settle_user};
-use super::{meta, Ctx, Result, StoreError};
+use super::{meta, Ctx, Result, Shared, StoreError};
 use crate::crypto::{Binding, KeyId, KeyRing};
 use crate::domain::{Provider, Secret};
 use crate::phase::Phase;
@@ -236,11 +236,14 @@ pub fn start_backfill_from_legacy(tx: &Transaction<'_>) -> Result<(u64, u64)> {
 pub fn backfill_batch(
     tx: &Transaction<'_>,
     ring: &KeyRing,
-    usage: &crate::usage::UsageLog,
+    shared: &Shared,
     after: i64,
     limit: i64,
 ) -> Result<Backfill> {
-    let ctx = Ctx { ring, usage };
+    let ctx = Ctx {
+        ring,
+        usage: &shared.usage,
+    };
     let mut b = Backfill::default();
     let batch: Vec<i64> = tx
         .prepare_cached(
