@@ -29,7 +29,7 @@ pub fn add_user(app: &App, email: &str) -> Result<(), Failure> {
             "the email {} is already registered; nothing was changed",
             email.as_str()
         ))),
-        Err(e) => Err(Failure::Runtime(format!("add-user: {e}"))),
+        Err(e) => Err(Failure::store("add-user", e)),
     }
 }
 

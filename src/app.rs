@@ -51,10 +51,10 @@ impl App {
             ))
         })?;
         let sql = |e: crate::store::StoreError| {
-            Failure::Runtime(format!(
-                "cannot prepare the database {}: {e}",
-                describe(&config.db)
-            ))
+            Failure::store(
+                format!("cannot prepare the database {}", describe(&config.db)),
+                e,
+            )
         };
         phases::ensure_column_index(&conn).map_err(sql)?;
         meta::upgrade_backfill_flag(&conn).map_err(sql)?;
@@ -75,9 +75,7 @@ impl App {
     /// missing key stops keyrack here (exit 2, naming the key ids) instead of answering 500 one
     /// request at a time. The key ids in use are read from an index, nothing is decrypted.
     pub fn check_keys_for_serving(&self) -> Result<(), Failure> {
-        let sql = |e: crate::store::StoreError| {
-            Failure::Runtime(format!("cannot read the database: {e}"))
-        };
+        let sql = |e: crate::store::StoreError| Failure::store("cannot read the database", e);
         let conn = self
             .db
             .connect()
@@ -125,8 +123,7 @@ fn describe(db: &DbLocation) -> String {
 /// Finds the encryption key (configured, key file, or none) and checks it against the identity the database
 /// recorded at its first start: a wrong key stops keyrack here, before it serves anything.
 fn settle_key(config: &mut Config, conn: &rusqlite::Connection) -> Result<KeyRing, Failure> {
-    let sql =
-        |e: crate::store::StoreError| Failure::Runtime(format!("cannot read the database: {e}"));
+    let sql = |e: crate::store::StoreError| Failure::store("cannot read the database", e);
     let old = std::mem::take(&mut config.old_encryption_keys);
 
     let mut fresh_key_file = false;

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use rusqlite::TransactionBehavior;
+use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use crate::app::App;
 use crate::config::DbLocation;
@@ -19,7 +19,7 @@ use crate::phase::{self, Command, Phase, Step};
 use crate::progress::Progress;
 use crate::status::{join_ids, Status};
 use crate::store::keys;
-use crate::store::phases::{self, Backfill, RevertPlan, Survey};
+use crate::store::phases::{self, Backfill, RevertPlan, Survey, Tally};
 use crate::store::{meta, StoreError};
 use crate::Failure;
 
@@ -40,19 +40,34 @@ fn current_phase(app: &App) -> Result<Phase, Failure> {
     meta::phase(&conn).map_err(store_err)
 }
 
+/// An IMMEDIATE transaction: the one kind a command writes in (a read-then-write never meets a
+/// BUSY that no timeout cures).
+fn immediate(conn: &mut Connection) -> Result<Transaction<'_>, Failure> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err)
+}
+
+/// What `phase::plan` says `command` does in `current`: `Some(target)` to run; `None` when it
+/// is already done (said on stdout, exit 0); in a wrong phase, the refusal (exit 3).
+fn plan(command: Command, current: Phase) -> Result<Option<Phase>, Failure> {
+    match phase::plan(command, current) {
+        Step::Run { target } => Ok(Some(target)),
+        Step::AlreadyDone(m) => {
+            println!("{m}");
+            Ok(None)
+        }
+        Step::WrongPhase(m) => Err(Failure::Refused(m)),
+    }
+}
+
 /// Phase 1. Fails (exit 1) when there were conflicts or failures, or when interrupted.
 pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
     let mut conn = app.db.connect().map_err(db_err)?;
     if dry_run {
         let tx = conn.transaction().map_err(db_err)?;
         let current = meta::phase(&tx).map_err(store_err)?;
-        match phase::plan(Command::Migrate, current) {
-            Step::AlreadyDone(m) => {
-                println!("{m}");
-                return Ok(());
-            }
-            Step::WrongPhase(m) => return Err(Failure::Refused(m)),
-            Step::Run { .. } => {}
+        if plan(Command::Migrate, current)?.is_none() {
+            return Ok(());
         }
         let plan = phases::backfill_plan(&tx, &app.ring, current).map_err(store_err)?;
         let first = if current == Phase::Dual {
@@ -62,7 +77,7 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
         };
         println!(
             "{first}: migrated {}, already migrated {}, conflicts {}, failed {}; nothing was written",
-            plan.migrated, plan.already_migrated, plan.conflicts, plan.failed
+            plan.migrated, plan.already_migrated, plan.conflicts.count, plan.failed.count
         );
         return finish_migrate(&plan);
     }
@@ -76,28 +91,20 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
     // user pending backfill (the column wins) or a column-only key before answering, so nothing
     // stale is served while the backfill runs.
     {
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
+        let tx = immediate(&mut conn)?;
         let current = meta::phase(&tx).map_err(store_err)?;
-        match phase::plan(Command::Migrate, current) {
-            Step::AlreadyDone(m) => {
-                println!("{m}");
-                return Ok(());
-            }
-            Step::WrongPhase(m) => return Err(Failure::Refused(m)),
-            Step::Run { target } => {
-                if current == Phase::Legacy {
-                    let (pending, undefaulted) =
-                        phases::start_backfill_from_legacy(&tx).map_err(store_err)?;
-                    log::info!("{pending} users hold a column key: until the backfill reaches them, their column value wins");
-                    if undefaulted > 0 {
-                        log::info!("{undefaulted} default OpenAI table keys of users whose column is empty are kept as extra keys");
-                    }
-                }
-                meta::set_phase(&tx, target).map_err(store_err)?;
+        let Some(target) = plan(Command::Migrate, current)? else {
+            return Ok(());
+        };
+        if current == Phase::Legacy {
+            let (pending, undefaulted) =
+                phases::start_backfill_from_legacy(&tx).map_err(store_err)?;
+            log::info!("{pending} users hold a column key: until the backfill reaches them, their column value wins");
+            if undefaulted > 0 {
+                log::info!("{undefaulted} default OpenAI table keys of users whose column is empty are kept as extra keys");
             }
         }
+        meta::set_phase(&tx, target).map_err(store_err)?;
         tx.commit().map_err(db_err)?;
     }
 
@@ -117,7 +124,7 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
             let line = format!(
                 "migrate interrupted after {} users (migrated {}, already migrated {}, conflicts {}, failed {}); \
                  {rest}; run `keyrack migrate` again to finish",
-                total.users_seen, total.migrated, total.already_migrated, total.conflicts, total.failed
+                total.users_seen, total.migrated, total.already_migrated, total.conflicts.count, total.failed.count
             );
             log::warn!("{line}");
             println!("{line}");
@@ -125,9 +132,7 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
                 "migrate was interrupted; nothing is lost, and a rerun finishes it".into(),
             ));
         }
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
+        let tx = immediate(&mut conn)?;
         let b =
             phases::backfill_batch(&tx, &app.ring, &app.shared, after, BATCH).map_err(store_err)?;
         tx.commit().map_err(db_err)?;
@@ -142,7 +147,7 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
 
     let line = format!(
         "migrated {}, already migrated {}, conflicts {}, failed {}",
-        total.migrated, total.already_migrated, total.conflicts, total.failed
+        total.migrated, total.already_migrated, total.conflicts.count, total.failed.count
     );
     log::info!("{line}");
     println!("{line}");
@@ -156,13 +161,13 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
 }
 
 fn finish_migrate(total: &Backfill) -> Result<(), Failure> {
-    if !total.conflict_ids.is_empty() {
-        println!("conflicts: user ids {}", join_ids(&total.conflict_ids));
+    if !total.conflicts.ids.is_empty() {
+        println!("conflicts: user ids {}", join_ids(&total.conflicts.ids));
     }
-    if !total.failed_ids.is_empty() {
-        println!("undecryptable: user ids {}", join_ids(&total.failed_ids));
+    if !total.failed.ids.is_empty() {
+        println!("undecryptable: user ids {}", join_ids(&total.failed.ids));
     }
-    if total.conflicts > 0 || total.failed > 0 {
+    if total.conflicts.count > 0 || total.failed.count > 0 {
         return Err(Failure::Runtime(
             "migrate finished with conflicts or failures; see `keyrack status` and the README's troubleshooting".into(),
         ));
@@ -312,7 +317,7 @@ fn create_backup_file(path: &Path) -> std::io::Result<std::fs::File> {
 fn refuse_with(survey: &Survey) -> Failure {
     let mut msg = format!(
         "refused: the legacy column cannot be removed yet (unmigrated {}, conflicts {}, undecryptable {})",
-        survey.unmigrated, survey.conflicts, survey.undecryptable
+        survey.unmigrated.count, survey.conflicts.count, survey.undecryptable.count
     );
     if survey.backfill_left > 0 {
         msg.push_str(&format!(
@@ -329,7 +334,10 @@ fn refuse_with(survey: &Survey) -> Failure {
 }
 
 fn blocks_removal(s: &Survey) -> bool {
-    s.unmigrated > 0 || s.conflicts > 0 || s.undecryptable > 0 || s.backfill_left > 0
+    s.unmigrated.count > 0
+        || s.conflicts.count > 0
+        || s.undecryptable.count > 0
+        || s.backfill_left > 0
 }
 
 /// Phase 3.
@@ -340,13 +348,8 @@ pub fn remove_legacy_column(
     backup: Option<&Path>,
     dry_run: bool,
 ) -> Result<(), Failure> {
-    match phase::plan(Command::RemoveLegacyColumn, current_phase(app)?) {
-        Step::AlreadyDone(m) => {
-            println!("{m}");
-            return Ok(());
-        }
-        Step::WrongPhase(m) => return Err(Failure::Refused(m)),
-        Step::Run { .. } => {}
+    if plan(Command::RemoveLegacyColumn, current_phase(app)?)?.is_none() {
+        return Ok(());
     }
     let mut conn = app.db.connect().map_err(db_err)?;
     let status = Status::collect(&mut conn, &app.ring).map_err(store_err)?;
@@ -381,28 +384,21 @@ pub fn remove_legacy_column(
     let backup_path = backup_to.write(&conn)?;
 
     let start = Instant::now();
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db_err)?;
+    let tx = immediate(&mut conn)?;
     // Check again under the write lock: a writer other than keyrack may have changed the column.
-    match phase::plan(
+    let Some(target) = plan(
         Command::RemoveLegacyColumn,
         meta::phase(&tx).map_err(store_err)?,
-    ) {
-        Step::AlreadyDone(m) => {
-            println!("{m}");
-            return Ok(());
-        }
-        Step::WrongPhase(m) => return Err(Failure::Refused(m)),
-        Step::Run { target } => {
-            let late = phases::recheck_before_drop(&tx, &app.ring).map_err(store_err)?;
-            if blocks_removal(&late) {
-                return Err(refuse_with(&late));
-            }
-            phases::drop_column(&tx).map_err(store_err)?;
-            meta::set_phase(&tx, target).map_err(store_err)?;
-        }
+    )?
+    else {
+        return Ok(());
+    };
+    let late = phases::recheck_before_drop(&tx, &app.ring).map_err(store_err)?;
+    if blocks_removal(&late) {
+        return Err(refuse_with(&late));
     }
+    phases::drop_column(&tx).map_err(store_err)?;
+    meta::set_phase(&tx, target).map_err(store_err)?;
     tx.commit().map_err(db_err)?;
     let line = format!(
         "removed the legacy column; phase is now new_only ({:.1}s); the backup is {}",
@@ -427,7 +423,7 @@ fn revert_lines(p: &RevertPlan, done: bool) -> Vec<String> {
         p.written,
         p.in_step,
         p.kept(),
-        p.overwritten,
+        p.overwritten.count,
         p.table_stay
     )];
     if p.kept() > 0 {
@@ -439,11 +435,11 @@ fn revert_lines(p: &RevertPlan, done: bool) -> Vec<String> {
             join_ids(&p.kept_ids)
         ));
     }
-    if p.overwritten > 0 {
+    if p.overwritten.count > 0 {
         lines.push(format!(
             "conflicting column values {will}replaced by the api_keys key, each {keeps} first in api_keys as an extra OpenAI key named \"{}\": user ids {}",
             phases::KEPT_AT_REVERT,
-            join_ids(&p.overwritten_ids)
+            join_ids(&p.overwritten.ids)
         ));
     }
     lines
@@ -458,16 +454,11 @@ pub fn revert(
     dry_run: bool,
 ) -> Result<(), Failure> {
     let mut conn = app.db.connect().map_err(db_err)?;
-    let (before, plan) = {
+    let (before, preview) = {
         let tx = conn.transaction().map_err(db_err)?;
         let before = meta::phase(&tx).map_err(store_err)?;
-        match phase::plan(Command::Revert, before) {
-            Step::AlreadyDone(m) => {
-                println!("{m}");
-                return Ok(());
-            }
-            Step::WrongPhase(m) => return Err(Failure::Refused(m)),
-            Step::Run { .. } => {}
+        if plan(Command::Revert, before)?.is_none() {
+            return Ok(());
         }
         (
             before,
@@ -480,7 +471,7 @@ pub fn revert(
             "dry run: revert would write a backup to {}, then return the database from phase {before} to phase legacy:",
             backup_to.describe()
         );
-        for line in revert_lines(&plan, false) {
+        for line in revert_lines(&preview, false) {
             println!("{line}");
         }
         println!("nothing was written");
@@ -489,32 +480,23 @@ pub fn revert(
     let mut what = format!(
         "This returns the database from phase {before} to phase legacy, after a backup to {}: {} keys from api_keys are written into the empty legacy column, {} conflicting column values are replaced by the api_keys key (each kept in api_keys first), {} column values the table lacks or cannot replace stay as they are; {} table keys stay in api_keys unreachable until the next `keyrack migrate`",
         backup_to.describe(),
-        plan.written,
-        plan.overwritten,
-        plan.kept(),
-        plan.table_stay
+        preview.written,
+        preview.overwritten.count,
+        preview.kept(),
+        preview.table_stay
     );
-    if before == Phase::Dual && plan.kept() + plan.overwritten == 0 {
+    if before == Phase::Dual && preview.kept() + preview.overwritten.count == 0 {
         what.push_str("; only the default OpenAI keys stay reachable");
     }
     confirm(yes, "revert", &what, "revert")?;
     let backup_path = backup_to.write(&conn)?;
 
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db_err)?;
-    let done = match phase::plan(Command::Revert, meta::phase(&tx).map_err(store_err)?) {
-        Step::AlreadyDone(m) => {
-            println!("{m}");
-            return Ok(());
-        }
-        Step::WrongPhase(m) => return Err(Failure::Refused(m)),
-        Step::Run { target } => {
-            let done = phases::revert(&tx, &app.ring, true).map_err(store_err)?;
-            meta::set_phase(&tx, target).map_err(store_err)?;
-            done
-        }
+    let tx = immediate(&mut conn)?;
+    let Some(target) = plan(Command::Revert, meta::phase(&tx).map_err(store_err)?)? else {
+        return Ok(());
     };
+    let done = phases::revert(&tx, &app.ring, true).map_err(store_err)?;
+    meta::set_phase(&tx, target).map_err(store_err)?;
     tx.commit().map_err(db_err)?;
     let mut lines = revert_lines(&done, true);
     lines[0] = format!("reverted to phase legacy: {}", lines[0]);
@@ -541,25 +523,19 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
     app.ring.switch_to(&new);
     let (column_keys, table_keys) = meta::stored_key_counts(&conn).map_err(store_err)?;
     let progress = Progress::new("rotate-encryption-key", column_keys + table_keys);
-    let (mut resealed, mut failed, mut current) = (0u64, 0u64, 0u64);
-    let mut failed_ids = Vec::new();
+    let (mut resealed, mut current) = (0u64, 0u64);
+    let mut failed = Tally::default();
     for which in [keys::Sealed::Table, keys::Sealed::Column] {
         let mut after = 0i64;
         loop {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_err)?;
+            let tx = immediate(&mut conn)?;
             let batch =
                 keys::reseal_batch(&tx, &app.ring, which, after, BATCH).map_err(store_err)?;
             tx.commit().map_err(db_err)?;
             resealed += batch.resealed;
             current += batch.current;
-            failed += batch.failed;
-            batch
-                .failed_ids
-                .iter()
-                .for_each(|&id| phases::sample(&mut failed_ids, id));
-            progress.update(resealed + current + failed);
+            failed.merge(&batch.failed);
+            progress.update(resealed + current + failed.count);
             match batch.last_id {
                 Some(id) => after = id,
                 None => break,
@@ -568,12 +544,13 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
     }
     progress.finish();
     let line = format!(
-        "re-encrypted {resealed}, already under the current key {current}, failed {failed}"
+        "re-encrypted {resealed}, already under the current key {current}, failed {}",
+        failed.count
     );
     log::info!("{line}");
     println!("{line}");
-    if failed > 0 {
-        println!("undecryptable: user ids {}", join_ids(&failed_ids));
+    if failed.count > 0 {
+        println!("undecryptable: user ids {}", join_ids(&failed.ids));
         return Err(Failure::Runtime(
             "some values do not decrypt with the configured keys; add the missing key to KEYRACK_OLD_ENCRYPTION_KEYS and rerun".into(),
         ));

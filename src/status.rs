@@ -40,9 +40,9 @@ impl Status {
             "users": s.users,
             "column_keys": s.column_keys,
             "table_keys": s.table_keys,
-            "unmigrated": s.unmigrated,
-            "conflicts": s.conflicts,
-            "undecryptable": s.undecryptable,
+            "unmigrated": s.unmigrated.count,
+            "conflicts": s.conflicts.count,
+            "undecryptable": s.undecryptable.count,
             "backfill_unfinished": s.backfill_left > 0,
             "backfill_users_left": s.backfill_left,
         })
@@ -58,9 +58,9 @@ impl Status {
             s.users,
             s.column_keys,
             s.table_keys,
-            s.unmigrated,
-            s.conflicts,
-            s.undecryptable
+            s.unmigrated.count,
+            s.conflicts.count,
+            s.undecryptable.count
         );
         if s.backfill_left > 0 {
             out.push_str(&format!(

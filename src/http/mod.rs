@@ -91,7 +91,10 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                 match crate::store::users::prune_sessions(&flusher_conn) {
                     Ok(0) => {}
                     Ok(n) => log::info!("removed {n} expired sessions"),
-                    Err(e) => log::warn!("could not remove expired sessions yet: {e}"),
+                    Err(e) => log::warn!(
+                        "could not remove expired sessions yet: {}",
+                        crate::error_chain(&e)
+                    ),
                 }
             }
             let done = !matches!(
@@ -99,7 +102,10 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                 Err(mpsc::RecvTimeoutError::Timeout)
             );
             if let Err(e) = shared.flush_usage(&mut flusher_conn) {
-                log::warn!("could not write usage counters yet: {e}");
+                log::warn!(
+                    "could not write usage counters yet: {}",
+                    crate::error_chain(&e)
+                );
             }
             if done {
                 return;

@@ -830,8 +830,7 @@ pub enum Sealed {
 pub struct Reseal {
     pub resealed: u64,
     pub current: u64,
-    pub failed: u64,
-    pub failed_ids: Vec<i64>,
+    pub failed: super::phases::Tally,
     /// The last row (table) or user (column) id looked at; `None` when nothing was left.
     pub last_id: Option<i64>,
 }
@@ -912,8 +911,7 @@ pub fn reseal_batch(
                     reason,
                 };
                 log::error!("{e}");
-                out.failed += 1;
-                super::phases::sample(&mut out.failed_ids, uid);
+                out.failed.add(uid);
             }
         }
     }

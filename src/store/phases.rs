@@ -18,8 +18,35 @@ const OPENAI: &str = Provider::OPENAI;
 /// Up to this many user ids are named for each kind of problem.
 pub const SAMPLE: usize = 20;
 
-/// Keeps up to `SAMPLE` user ids for a report.
-pub fn sample(ids: &mut Vec<i64>, id: i64) {
+/// A count, and up to `SAMPLE` of the user ids counted, for a report: the shape of every
+/// problem a phase command counts.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub count: u64,
+    /// The first `SAMPLE` user ids counted, each once when counted in a row.
+    pub ids: Vec<i64>,
+}
+
+impl Tally {
+    /// Counts one more, for user `id`.
+    pub fn add(&mut self, id: i64) {
+        self.count += 1;
+        self.sample(id);
+    }
+
+    /// Adds the count and ids of `other` (one batch's, to a whole run's).
+    pub fn merge(&mut self, other: &Tally) {
+        self.count += other.count;
+        other.ids.iter().for_each(|&id| self.sample(id));
+    }
+
+    fn sample(&mut self, id: i64) {
+        sample(&mut self.ids, id);
+    }
+}
+
+/// Keeps up to `SAMPLE` user ids, each once when met in a row.
+fn sample(ids: &mut Vec<i64>, id: i64) {
     if ids.len() < SAMPLE && ids.last() != Some(&id) {
         ids.push(id);
     }
@@ -44,24 +71,20 @@ pub struct Survey {
     pub users: u64,
     pub column_keys: u64,
     pub table_keys: u64,
-    pub unmigrated: u64,
-    pub conflicts: u64,
-    pub undecryptable: u64,
+    pub unmigrated: Tally,
+    pub conflicts: Tally,
+    pub undecryptable: Tally,
     /// Users still pending a backfill from phase legacy (the column wins for them).
     pub backfill_left: u64,
-    /// Up to `SAMPLE` user ids for each kind of problem.
-    pub unmigrated_ids: Vec<i64>,
-    pub conflict_ids: Vec<i64>,
-    pub undecryptable_ids: Vec<i64>,
 }
 
 impl Survey {
     /// One line per kind of problem found: `unmigrated: user ids 3, 7`.
     pub fn problem_lines(&self) -> Vec<String> {
         [
-            ("unmigrated", &self.unmigrated_ids),
-            ("conflicts", &self.conflict_ids),
-            ("undecryptable", &self.undecryptable_ids),
+            ("unmigrated", &self.unmigrated.ids),
+            ("conflicts", &self.conflicts.ids),
+            ("undecryptable", &self.undecryptable.ids),
         ]
         .into_iter()
         .filter(|(_, ids)| !ids.is_empty())
@@ -77,18 +100,9 @@ impl Survey {
         match verdict {
             Verdict::NoColumn => {}
             Verdict::InStep => {}
-            Verdict::Unmigrated | Verdict::ColumnWins => {
-                self.unmigrated += 1;
-                sample(&mut self.unmigrated_ids, uid);
-            }
-            Verdict::Conflict => {
-                self.conflicts += 1;
-                sample(&mut self.conflict_ids, uid);
-            }
-            Verdict::ColumnUnreadable => {
-                self.undecryptable += 1;
-                sample(&mut self.undecryptable_ids, uid);
-            }
+            Verdict::Unmigrated | Verdict::ColumnWins => self.unmigrated.add(uid),
+            Verdict::Conflict => self.conflicts.add(uid),
+            Verdict::ColumnUnreadable => self.undecryptable.add(uid),
             // Counted once, among the undecryptable table values.
             Verdict::TableUnreadable => {}
         }
@@ -142,8 +156,7 @@ pub fn survey(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<Survey>
             )
             .is_ok();
         if !opens {
-            s.undecryptable += 1;
-            sample(&mut s.undecryptable_ids, uid);
+            s.undecryptable.add(uid);
         }
     }
 
@@ -174,10 +187,8 @@ pub fn survey(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<Survey>
 pub struct Backfill {
     pub migrated: u64,
     pub already_migrated: u64,
-    pub conflicts: u64,
-    pub failed: u64,
-    pub conflict_ids: Vec<i64>,
-    pub failed_ids: Vec<i64>,
+    pub conflicts: Tally,
+    pub failed: Tally,
     /// The last user id looked at; `None` when there was nothing after `after`.
     pub last_user_id: Option<i64>,
     pub users_seen: u64,
@@ -187,29 +198,17 @@ impl Backfill {
     pub fn add(&mut self, b: &Backfill) {
         self.migrated += b.migrated;
         self.already_migrated += b.already_migrated;
-        self.conflicts += b.conflicts;
-        self.failed += b.failed;
+        self.conflicts.merge(&b.conflicts);
+        self.failed.merge(&b.failed);
         self.users_seen += b.users_seen;
-        b.conflict_ids
-            .iter()
-            .for_each(|&id| sample(&mut self.conflict_ids, id));
-        b.failed_ids
-            .iter()
-            .for_each(|&id| sample(&mut self.failed_ids, id));
     }
 
     fn count(&mut self, uid: i64, verdict: Verdict) {
         match verdict {
             Verdict::Unmigrated | Verdict::ColumnWins => self.migrated += 1,
             Verdict::InStep => self.already_migrated += 1,
-            Verdict::Conflict => {
-                self.conflicts += 1;
-                sample(&mut self.conflict_ids, uid);
-            }
-            Verdict::ColumnUnreadable | Verdict::TableUnreadable => {
-                self.failed += 1;
-                sample(&mut self.failed_ids, uid);
-            }
+            Verdict::Conflict => self.conflicts.add(uid),
+            Verdict::ColumnUnreadable | Verdict::TableUnreadable => self.failed.add(uid),
             Verdict::NoColumn => {}
         }
     }
@@ -258,8 +257,7 @@ pub fn backfill_batch(
             Ok((verdict, _)) => b.count(uid, verdict),
             Err(e @ StoreError::KeyUnreadable { .. }) => {
                 log::error!("{e}");
-                b.failed += 1;
-                sample(&mut b.failed_ids, uid);
+                b.failed.add(uid);
             }
             Err(e) => return Err(e),
         }
@@ -304,8 +302,7 @@ pub fn recheck_before_drop(tx: &Transaction<'_>, ring: &KeyRing) -> Result<Surve
         let verdict = classify(Some(&column), table.as_deref(), pending, opener(ring, uid));
         if verdict == Verdict::TableUnreadable {
             // Not counted by the table pass here: count it now.
-            s.undecryptable += 1;
-            sample(&mut s.undecryptable_ids, uid);
+            s.undecryptable.add(uid);
         }
         s.count(uid, verdict);
     }
@@ -348,10 +345,9 @@ pub struct RevertPlan {
     pub kept_newer: u64,
     /// Column values that conflict with the table's key: replaced by the table's key (the one
     /// served in phase dual), each first kept in `api_keys` as an extra OpenAI key.
-    pub overwritten: u64,
-    /// Up to `SAMPLE` user ids of the kept and of the overwritten values.
+    pub overwritten: Tally,
+    /// Up to `SAMPLE` user ids of the kept values.
     pub kept_ids: Vec<i64>,
-    pub overwritten_ids: Vec<i64>,
     /// Table keys that stay in `api_keys`, unreachable in phase legacy (other providers, extra
     /// keys), the extra keys `revert` adds included.
     pub table_stay: u64,
@@ -364,7 +360,7 @@ impl RevertPlan {
 
     /// Keys in the legacy column once the revert is done.
     pub fn in_column(&self) -> u64 {
-        self.written + self.in_step + self.kept() + self.overwritten
+        self.written + self.in_step + self.kept() + self.overwritten.count
     }
 }
 
@@ -411,8 +407,7 @@ pub fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<RevertPlan
                 Verdict::ColumnUnreadable => plan.kept_unreadable += 1,
                 Verdict::ColumnWins | Verdict::TableUnreadable => plan.kept_newer += 1,
                 Verdict::Conflict => {
-                    plan.overwritten += 1;
-                    sample(&mut plan.overwritten_ids, uid);
+                    plan.overwritten.add(uid);
                     if let (true, Some(t)) = (apply, table) {
                         conflicts.push((uid, column, t));
                     }
@@ -443,7 +438,7 @@ pub fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<RevertPlan
         [],
         |r| r.get(0),
     )?;
-    plan.table_stay = total - defaults + if apply { 0 } else { plan.overwritten };
+    plan.table_stay = total - defaults + if apply { 0 } else { plan.overwritten.count };
     Ok(plan)
 }
 
@@ -553,6 +548,26 @@ mod tests {
         )
     }
 
+    #[test]
+    fn a_tally_counts_all_and_names_the_first_users_once_each() {
+        let mut a = Tally::default();
+        for id in [1, 1, 2] {
+            a.add(id);
+        }
+        assert_eq!(
+            a,
+            Tally {
+                count: 3,
+                ids: vec![1, 2]
+            }
+        );
+        let mut b = Tally::default();
+        (3..40).for_each(|id| b.add(id));
+        a.merge(&b);
+        assert_eq!(a.count, 40);
+        assert_eq!(a.ids, (1..=20).collect::<Vec<i64>>());
+    }
+
     /// One user for each verdict, and their expected column after a revert.
     #[test]
     fn revert_writes_keeps_and_replaces_as_the_rule_says() {
@@ -588,9 +603,11 @@ mod tests {
             kept_unmigrated: 1,
             kept_unreadable: 2,
             kept_newer: 1,
-            overwritten: 1,
+            overwritten: Tally {
+                count: 1,
+                ids: vec![6],
+            },
             kept_ids: vec![3, 4, 5, 7],
-            overwritten_ids: vec![6],
             table_stay: 1,
         };
         assert_eq!(plan, want);
