@@ -32,7 +32,7 @@ fn with_hash_slot<T>(f: impl FnOnce() -> T) -> T {
         (Mutex::new(n), Condvar::new())
     });
     {
-        let mut n = free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = crate::lock(free);
         while *n == 0 {
             n = cv.wait(n).unwrap_or_else(|e| e.into_inner());
         }
@@ -41,7 +41,7 @@ fn with_hash_slot<T>(f: impl FnOnce() -> T) -> T {
     struct Release<'a>(&'a Mutex<usize>, &'a Condvar);
     impl Drop for Release<'_> {
         fn drop(&mut self) {
-            *self.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            *crate::lock(self.0) += 1;
             self.1.notify_one();
         }
     }
@@ -158,7 +158,7 @@ impl Throttle {
 
     /// `Some(seconds to wait)` when `email` is throttled at time `now`.
     pub fn check(&self, email: &str, now: i64) -> Option<i64> {
-        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = crate::lock(&self.failures);
         let q = map.get_mut(&email_key(email))?;
         while q.front().is_some_and(|&t| t <= now - WINDOW_SECS) {
             q.pop_front();
@@ -173,7 +173,7 @@ impl Throttle {
 
     pub fn record_failure(&self, email: &str, now: i64) {
         let key = email_key(email);
-        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = crate::lock(&self.failures);
         if map.len() >= MAX_TRACKED && !map.contains_key(&key) {
             map.retain(|_, q| q.back().is_some_and(|&t| t > now - WINDOW_SECS));
             if map.len() >= MAX_TRACKED {
@@ -194,16 +194,13 @@ impl Throttle {
     }
 
     pub fn record_success(&self, email: &str) {
-        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = crate::lock(&self.failures);
         map.remove(&email_key(email));
     }
 
     /// How many emails are tracked.
     pub fn tracked(&self) -> usize {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        crate::lock(&self.failures).len()
     }
 }
 

@@ -1,4 +1,4 @@
-//! The phase commands and the other one-shot commands of SPEC section 3. Each checks the
+//! The phase commands and the other one-shot commands (README, "Commands"). Each checks the
 //! transition table (`phase::plan`) first, then does its work, saving the new phase in the same
 //! transaction as the work that makes it true.
 
@@ -18,8 +18,8 @@ use crate::crypto::EncryptionKey;
 use crate::phase::{self, Command, Phase, Step};
 use crate::progress::Progress;
 use crate::status::{join_ids, Status};
-use crate::store::keys;
 use crate::store::phases::{self, Backfill, RevertPlan, Survey, Tally};
+use crate::store::rotation::{self, Sealed};
 use crate::store::{meta, StoreError};
 use crate::Failure;
 
@@ -525,12 +525,12 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
     let progress = Progress::new("rotate-encryption-key", column_keys + table_keys);
     let (mut resealed, mut current) = (0u64, 0u64);
     let mut failed = Tally::default();
-    for which in [keys::Sealed::Table, keys::Sealed::Column] {
+    for which in [Sealed::Table, Sealed::Column] {
         let mut after = 0i64;
         loop {
             let tx = immediate(&mut conn)?;
             let batch =
-                keys::reseal_batch(&tx, &app.ring, which, after, BATCH).map_err(store_err)?;
+                rotation::reseal_batch(&tx, &app.ring, which, after, BATCH).map_err(store_err)?;
             tx.commit().map_err(db_err)?;
             resealed += batch.resealed;
             current += batch.current;

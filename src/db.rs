@@ -1,7 +1,7 @@
 //! Opening the SQLite database: connection settings and the embedded refinery migrations.
 //!
 //! Every connection gets WAL (file databases), `synchronous=FULL` (a commit is on disk before it
-//! returns, which the 2xx promise of SPEC section 5 rests on), foreign keys, and an explicit busy
+//! returns, which the promise of a 2xx answer to a write rests on), foreign keys, and an explicit busy
 //! timeout. `:memory:` is SQLite's `memdb` VFS under a name unique to the process, so that every
 //! worker's connection sees the same throwaway database, with ordinary locking.
 

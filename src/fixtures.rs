@@ -7,9 +7,8 @@ use std::path::Path;
 use crate::app::App;
 use crate::auth;
 use crate::domain::{ApiKey, Email, Invalid, KeyName, Password, Provider};
-use crate::phase::Phase;
-use crate::store::keys::{self, NewKey};
-use crate::store::{meta, users, StoreError};
+use crate::store::keys::NewKey;
+use crate::store::{meta, seed, users, StoreError};
 use crate::Failure;
 
 #[derive(Deserialize)]
@@ -145,20 +144,10 @@ pub fn load(app: &App, path: &Path) -> Result<usize, Failure> {
                 at = Some(&u.email);
                 let user = users::insert_user(tx, &u.email, &u.password_hash)?;
                 if let Some(k) = &u.column_key {
-                    if phase == Phase::NewOnly {
-                        let as_row = NewKey {
-                            provider: Provider::openai(),
-                            key: k.clone(),
-                            name: None,
-                            is_default: Some(true),
-                        };
-                        keys::fixture_table_key(tx, ctx.ring, user.id, &as_row)?;
-                    } else {
-                        keys::fixture_column_key(tx, ctx.ring, user.id, k)?;
-                    }
+                    seed::legacy_key(tx, ctx.ring, phase, user.id, k)?;
                 }
                 for k in &u.keys {
-                    keys::fixture_table_key(tx, ctx.ring, user.id, k)?;
+                    seed::table_key(tx, ctx.ring, user.id, k)?;
                 }
             }
             Ok(())

@@ -87,6 +87,13 @@ impl std::error::Error for Failure {
     }
 }
 
+/// Locks `m`, going on when a thread panicked while holding it: no value keyrack keeps behind a
+/// mutex (counters, a queue, a map of failures, a unit) is left half-changed between two
+/// statements, so the poison says nothing about it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// An error and its causes in one line: `database error: disk I/O error`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();

@@ -1,4 +1,4 @@
-//! The migration phase and its transition table (SPEC section 1).
+//! The migration phase and its transition table.
 //!
 //! The phase is kept in the database (`keyrack_meta`), read inside every key transaction, and
 //! changed only by the phase commands, in the same transaction as their work. What each phase

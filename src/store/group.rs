@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, ErrorCode, Transaction, TransactionBehavior};
 
-use super::{lock, Ctx, Result, StoreError};
+use super::{Ctx, Result, StoreError};
+use crate::lock;
 
 /// Most writes committed together.
 const MAX_GROUP: usize = 128;

@@ -1,5 +1,6 @@
-//! API keys across the three phases: the rules of SPEC section 1 and the SQL of every key
-//! operation of a request (the whole-database work of the phase commands is in `phases.rs`).
+//! API keys across the three phases: the rules of every key operation of a request, as `Store`
+//! methods, and the statements they are made of. The whole-database work of the phase commands
+//! is in `phases.rs`, the key rotation in `rotation.rs`, fixtures' writes in `seed.rs`.
 //!
 //! Every public operation reads the phase inside its own transaction and branches on it, so a
 //! phase command committed by another process changes the behaviour of the very next request.
@@ -26,7 +27,7 @@ const OPENAI: &str = Provider::OPENAI;
 
 /// A row of `api_keys`.
 #[derive(Debug, Clone)]
-struct Row {
+pub(super) struct Row {
     id: i64,
     provider: String,
     name: Option<String>,
@@ -126,13 +127,13 @@ fn column_get(conn: &Connection, user_id: i64) -> Result<Option<String>> {
         .flatten())
 }
 
-fn column_set(conn: &Connection, user_id: i64, sealed: Option<&str>) -> Result<()> {
+pub(super) fn column_set(conn: &Connection, user_id: i64, sealed: Option<&str>) -> Result<()> {
     conn.prepare_cached("UPDATE users SET openai_api_key = ?2 WHERE id = ?1")?
         .execute(params![user_id, sealed])?;
     Ok(())
 }
 
-fn default_row(conn: &Connection, user_id: i64, provider: &str) -> Result<Option<Row>> {
+pub(super) fn default_row(conn: &Connection, user_id: i64, provider: &str) -> Result<Option<Row>> {
     Ok(conn
         .prepare_cached(concat!(
             "SELECT ",
@@ -143,7 +144,7 @@ fn default_row(conn: &Connection, user_id: i64, provider: &str) -> Result<Option
         .optional()?)
 }
 
-fn insert_row(
+pub(super) fn insert_row(
     conn: &Connection,
     user_id: i64,
     provider: &str,
@@ -172,7 +173,7 @@ fn check_key_limit(conn: &Connection, user_id: i64, limit: i64) -> Result<()> {
     Ok(())
 }
 
-fn clear_default(conn: &Connection, user_id: i64, provider: &str) -> Result<()> {
+pub(super) fn clear_default(conn: &Connection, user_id: i64, provider: &str) -> Result<()> {
     conn.prepare_cached(
         "UPDATE api_keys SET is_default = 0, updated_at = ?3
          WHERE user_id = ?1 AND provider = ?2 AND is_default = 1",
@@ -767,153 +768,4 @@ pub(super) fn insert_extra_openai_row(
     sealed: &str,
 ) -> Result<i64> {
     insert_row(tx, user_id, OPENAI, Some(name), sealed, false)
-}
-
-/// Fixtures: a legacy column value, as data written before the migration.
-pub fn fixture_column_key(
-    tx: &Transaction<'_>,
-    ring: &KeyRing,
-    user_id: i64,
-    key: &ApiKey,
-) -> Result<()> {
-    let sealed = ring.seal(
-        Binding {
-            user_id,
-            provider: OPENAI,
-        },
-        key.expose(),
-    );
-    column_set(tx, user_id, Some(&sealed))
-}
-
-/// Fixtures: a table row. The first key of a provider becomes its default unless `is_default`
-/// says otherwise for a later one.
-pub fn fixture_table_key(
-    tx: &Transaction<'_>,
-    ring: &KeyRing,
-    user_id: i64,
-    new: &NewKey,
-) -> Result<()> {
-    let p = new.provider.as_str();
-    let has_default = default_row(tx, user_id, p)?.is_some();
-    let make_default = !has_default || new.is_default == Some(true);
-    if make_default && has_default {
-        clear_default(tx, user_id, p)?;
-    }
-    let sealed = ring.seal(
-        Binding {
-            user_id,
-            provider: p,
-        },
-        new.key.expose(),
-    );
-    insert_row(
-        tx,
-        user_id,
-        p,
-        new.name.as_ref().map(KeyName::as_str),
-        &sealed,
-        make_default,
-    )?;
-    Ok(())
-}
-
-/// The two stores a sealed value can live in, for `reseal_batch`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sealed {
-    Table,
-    Column,
-}
-
-/// Counts of one rotation batch.
-#[derive(Debug, Default)]
-pub struct Reseal {
-    pub resealed: u64,
-    pub current: u64,
-    pub failed: super::phases::Tally,
-    /// The last row (table) or user (column) id looked at; `None` when nothing was left.
-    pub last_id: Option<i64>,
-}
-
-/// One batch of `rotate-encryption-key`: re-seals, under the current key, the next `limit`
-/// values of one store after id `after`. A default OpenAI row's column mirror is re-sealed with
-/// it (the two stay one sealed text) and is not visited again in the column pass.
-pub fn reseal_batch(
-    tx: &Transaction<'_>,
-    ring: &KeyRing,
-    which: Sealed,
-    after: i64,
-    limit: i64,
-) -> Result<Reseal> {
-    let column = meta::column_present(tx)?;
-    let mut out = Reseal::default();
-    if which == Sealed::Column && !column {
-        return Ok(out);
-    }
-    let sql = match which {
-        Sealed::Table => {
-            "SELECT id, user_id, provider, sealed_key FROM api_keys WHERE id > ?1 ORDER BY id LIMIT ?2"
-        }
-        Sealed::Column => {
-            "SELECT id, id, 'openai', openai_api_key FROM users
-             WHERE id > ?1 AND openai_api_key IS NOT NULL
-               AND openai_api_key IS NOT (SELECT k.sealed_key FROM api_keys k
-                   WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1)
-             ORDER BY id LIMIT ?2"
-        }
-    };
-    let rows: Vec<(i64, i64, String, String)> = tx
-        .prepare(sql)?
-        .query_map(params![after, limit], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    out.last_id = rows.last().map(|r| r.0);
-    for (id, uid, provider, sealed) in rows {
-        if ring.is_current(&sealed) {
-            out.current += 1;
-            continue;
-        }
-        let binding = Binding {
-            user_id: uid,
-            provider: &provider,
-        };
-        match ring.open(binding, &sealed) {
-            Ok(plain) => {
-                let new = ring.seal(binding, plain.expose());
-                match which {
-                    Sealed::Table => {
-                        tx.execute(
-                            "UPDATE api_keys SET sealed_key = ?2 WHERE id = ?1",
-                            params![id, new],
-                        )?;
-                        if column && provider == OPENAI {
-                            out.resealed += tx.execute(
-                                "UPDATE users SET openai_api_key = ?2
-                                 WHERE id = ?1 AND openai_api_key = ?3",
-                                params![uid, new, sealed],
-                            )? as u64;
-                        }
-                    }
-                    Sealed::Column => column_set(tx, uid, Some(&new))?,
-                }
-                out.resealed += 1;
-            }
-            Err(reason) => {
-                let (source_store, key_id) = match which {
-                    Sealed::Table => (Source::Table, Some(id)),
-                    Sealed::Column => (Source::Column, None),
-                };
-                let e = StoreError::KeyUnreadable {
-                    user_id: uid,
-                    source_store,
-                    key_id,
-                    reason,
-                };
-                log::error!("{e}");
-                out.failed.add(uid);
-            }
-        }
-    }
-    Ok(out)
 }

@@ -9,11 +9,13 @@ mod group;
 pub mod keys;
 pub mod meta;
 pub mod phases;
+pub mod rotation;
+pub mod seed;
 mod usage;
 pub mod users;
 
 use rusqlite::{Connection, ErrorCode, Transaction, TransactionBehavior};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use crate::crypto::{KeyRing, OpenError};
 use group::GroupCommit;
@@ -203,13 +205,6 @@ impl Store {
         tx.commit()?;
         Ok(out)
     }
-}
-
-/// Locks `m`, going on when a thread panicked while holding it: every value kept behind these
-/// mutexes stays whole between statements (counters, a queue, a unit), so its poison says
-/// nothing about it.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What a transaction body may use beside the transaction itself.

@@ -8,7 +8,8 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
-use super::{lock, GroupCommit, Result};
+use super::{GroupCommit, Result};
+use crate::lock;
 
 /// Uses counted but not yet written, per `api_keys` row: (count, last time).
 #[derive(Debug, Default)]
