@@ -383,3 +383,23 @@ fn sigterm_answers_a_request_still_arriving_and_closes_idle_connections() {
     let status = wait_timeout(&mut s.child, Duration::from_secs(10)).expect("exit after SIGTERM");
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn a_refused_pipelined_request_is_answered_after_the_one_before_it() {
+    let s = fast_env().serve();
+    // The login takes a while (argon2); the second request is refused by the connection's
+    // thread at once. Its answer must wait for the login's, not be written into it.
+    let body = r#"{"email":"nobody@example.com","password":"wrong password"}"#;
+    let req = format!(
+        "POST /auth/login HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}\
+         POST /auth/login HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        body.len()
+    );
+    for _ in 0..3 {
+        let ans = answer_and_close(&s.addr, req.as_bytes());
+        assert!(ans.starts_with("HTTP/1.1 401 "), "{ans}");
+        let (first, rest) = ans.split_once("HTTP/1.1 501 ").expect("a 501 after the 401");
+        assert!(first.ends_with("}"), "{ans}");
+        assert!(rest.contains("not_implemented"), "{ans}");
+    }
+}
