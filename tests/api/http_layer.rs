@@ -248,8 +248,9 @@ fn expect_continue_and_upgrade_bodies_do_not_hold_the_workers() {
         b"POST /auth/login HTTP/1.1\r\nConnection: upgrade, keep-alive\r\nUpgrade: h2c\r\nContent-Length: 50\r\n\r\n{",
         b"POST /auth/login HTTP/1.1\r\nContent-Length: 100000\r\n\r\n{",
     ];
+    // Four of each kind: any one kind alone would take all four workers if it reached them.
     let mut slow = Vec::new();
-    for h in heads {
+    for h in heads.iter().cycle().take(4 * heads.len()) {
         let mut c = TcpStream::connect(&s.addr).unwrap();
         c.write_all(h).unwrap();
         slow.push(c);
@@ -402,4 +403,17 @@ fn a_refused_pipelined_request_is_answered_after_the_one_before_it() {
         assert!(first.ends_with("}"), "{ans}");
         assert!(rest.contains("not_implemented"), "{ans}");
     }
+}
+
+#[test]
+fn a_response_that_closes_ends_the_connection() {
+    let s = fast_env().serve();
+    // A body over 64 KiB is refused (413, `Connection: close`); the request after it, sent
+    // on the same connection, is never read.
+    let mut req = b"POST /auth/login HTTP/1.1\r\nContent-Length: 100000\r\n\r\n".to_vec();
+    req.extend(std::iter::repeat_n(b'x', 100_000));
+    req.extend_from_slice(b"GET /healthz HTTP/1.1\r\n\r\n");
+    let ans = answer_and_close(&s.addr, &req);
+    assert!(ans.starts_with("HTTP/1.1 413"), "{ans}");
+    assert_eq!(count_responses(&ans), 1, "{ans}");
 }
