@@ -1,7 +1,8 @@
 //! The HTTP server: a listener, a fixed pool of worker threads each with its own database
 //! connection, and the loop that turns a tiny_http request into an `Incoming`, routes it, and
-//! writes the reply. Shutdown on SIGINT/SIGTERM: stop taking requests, finish those in flight,
-//! flush usage counters, return.
+//! writes the reply. Shutdown on SIGINT/SIGTERM: stop accepting, close idle keep-alive
+//! connections, read and answer every request that had begun to arrive, flush usage counters,
+//! return. The HTTP layer's timeouts are settings (`HttpTimeouts`).
 
 pub mod api;
 pub mod routes;

@@ -399,7 +399,9 @@ fn a_refused_pipelined_request_is_answered_after_the_one_before_it() {
     for _ in 0..3 {
         let ans = answer_and_close(&s.addr, req.as_bytes());
         assert!(ans.starts_with("HTTP/1.1 401 "), "{ans}");
-        let (first, rest) = ans.split_once("HTTP/1.1 501 ").expect("a 501 after the 401");
+        let (first, rest) = ans
+            .split_once("HTTP/1.1 501 ")
+            .expect("a 501 after the 401");
         assert!(first.ends_with("}"), "{ans}");
         assert!(rest.contains("not_implemented"), "{ans}");
     }
