@@ -174,7 +174,7 @@ impl ClientConnection {
         }
         self.set_deadline(self.options.idle_timeout);
         let first = self.read_byte();
-        self.tracker.leave_idle(self.id);
+        self.tracker.begin_head(self.id);
         let mut byte = match first {
             Ok(Some(b)) => b,
             Ok(None) => return Err(ReadError::Closed),
@@ -255,6 +255,13 @@ impl ClientConnection {
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
     fn read(&mut self) -> Result<Request, ReadError> {
+        let result = self.read_request();
+        // keyrack patch: the connection is no longer idle or reading a head
+        self.tracker.forget(self.id);
+        result
+    }
+
+    fn read_request(&mut self) -> Result<Request, ReadError> {
         // keyrack patch: after the previous request's body; a response that closed the
         // connection ends it here.
         self.next_header_source.wait_turn();

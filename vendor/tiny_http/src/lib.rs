@@ -109,6 +109,7 @@ use std::time::{Duration, Instant};
 
 use client::ClientConnection;
 use connection::Connection;
+use util::refined_tcp_stream::now_ms;
 use util::MessagesQueue;
 
 pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
@@ -146,8 +147,11 @@ pub struct ConnectionOptions {
 }
 
 /// keyrack patch: the register of live connections: their number (for `max_connections`,
-/// waited on without polling) and those idle between requests (closed at once by a graceful
-/// shutdown, which waits for the others to finish).
+/// waited on without polling), and those that wait for a request or are reading one. A
+/// graceful shutdown closes the waiting (idle) ones at once and waits for the others to finish.
+/// At the cap, the accept thread closes the connection that has waited longest while idle, or
+/// else the one that has spent longest on its head (past `EVICT_AFTER_MS`), so that a healthy
+/// client is not kept in the backlog by slow ones until their deadline.
 pub(crate) struct Tracker {
     state: Mutex<TrackerState>,
     changed: Condvar,
@@ -158,8 +162,12 @@ struct TrackerState {
     live: usize,
     next_id: u64,
     draining: bool,
-    idle: HashMap<u64, Arc<Connection>>,
+    /// connection number → (since when, idle (true) or reading a head, its socket)
+    waiting: HashMap<u64, (u64, bool, Arc<Connection>)>,
 }
+
+/// keyrack patch: a connection reading its head for less than this is never closed to make room.
+const EVICT_AFTER_MS: u64 = 1000;
 
 impl Tracker {
     fn new() -> Arc<Tracker> {
@@ -188,20 +196,46 @@ impl Tracker {
             return false;
         }
         if let Some(h) = handle {
-            st.idle.insert(id, h.clone());
+            st.waiting.insert(id, (now_ms(), true, h.clone()));
         }
         true
     }
 
-    pub(crate) fn leave_idle(&self, id: u64) {
-        self.lock().idle.remove(&id);
+    /// The first byte of a head has come.
+    pub(crate) fn begin_head(&self, id: u64) {
+        if let Some(entry) = self.lock().waiting.get_mut(&id) {
+            *entry = (now_ms(), false, entry.2.clone());
+        }
+    }
+
+    /// The head (and a body read with it) is in, or the connection is done.
+    pub(crate) fn forget(&self, id: u64) {
+        self.lock().waiting.remove(&id);
     }
 
     /// Blocks while `max` connections are live (0: never), until one ends or `stop` is set.
+    /// Makes room by closing an idle or slow connection when there is one.
     fn wait_for_room(&self, max: usize, stop: &AtomicBool) {
         let mut st = self.lock();
         while max > 0 && st.live >= max && !st.draining && !stop.load(Relaxed) {
-            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            let now = now_ms();
+            let victim = st
+                .waiting
+                .iter()
+                .filter(|(_, (since, idle, _))| *idle || now.saturating_sub(*since) >= EVICT_AFTER_MS)
+                .min_by_key(|(_, (since, idle, _))| (!*idle, *since))
+                .map(|(id, _)| *id);
+            if let Some(id) = victim {
+                if let Some((_, _, conn)) = st.waiting.remove(&id) {
+                    let _ = conn.shutdown(Shutdown::Read);
+                }
+            }
+            // Woken when a connection ends; a head may become old enough to close meanwhile.
+            st = self
+                .changed
+                .wait_timeout(st, Duration::from_millis(EVICT_AFTER_MS))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -209,9 +243,12 @@ impl Tracker {
     fn drain(&self) {
         let mut st = self.lock();
         st.draining = true;
-        for (_, conn) in st.idle.drain() {
-            let _ = conn.shutdown(Shutdown::Read);
-        }
+        st.waiting.retain(|_, (_, idle, conn)| {
+            if *idle {
+                let _ = conn.shutdown(Shutdown::Read);
+            }
+            !*idle
+        });
         self.changed.notify_all();
     }
 

@@ -59,6 +59,7 @@ fn a_response_to_a_client_that_does_not_read_gets_a_timeout() {
 fn connections_over_the_cap_wait_in_the_backlog() {
     let (server, addr) = server(ConnectionOptions {
         max_connections: 2,
+        head_timeout: Some(Duration::from_secs(30)),
         ..Default::default()
     });
     thread::spawn(move || {
@@ -66,18 +67,65 @@ fn connections_over_the_cap_wait_in_the_backlog() {
             let _ = rq.respond(Response::from_string("ok"));
         }
     });
-    let a = TcpStream::connect(addr).unwrap();
-    let _b = TcpStream::connect(addr).unwrap();
+    // Two connections that have just begun their heads take both places: a third client
+    // waits (until one of them has spent a second on its head, see the next test).
+    let mut a = TcpStream::connect(addr).unwrap();
+    a.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let mut b = TcpStream::connect(addr).unwrap();
+    b.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    thread::sleep(Duration::from_millis(50));
     let mut c = TcpStream::connect(addr).unwrap();
     c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let mut buf = [0u8; 64];
     assert!(c.read(&mut buf).is_err(), "served over the cap");
-    // One connection closes: the waiting one is taken at once.
+    // `a` finishes its request and leaves: the waiting connection is taken at once.
+    a.write_all(b"Connection: close\r\n\r\n").unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = a.read_to_end(&mut Vec::new());
     drop(a);
-    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let n = c.read(&mut buf).unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    drop(b);
+}
+
+#[test]
+fn at_the_cap_an_idle_or_slow_connection_makes_room() {
+    let (server, addr) = server(ConnectionOptions {
+        max_connections: 2,
+        head_timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    });
+    thread::spawn(move || {
+        while let Ok(rq) = server.recv() {
+            let _ = rq.respond(Response::from_string("ok"));
+        }
+    });
+    let ask = |c: &mut TcpStream| {
+        c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    };
+    // Two slow heads take both places; a new client is served once the older head has taken
+    // a second, well before the 30 s head deadline.
+    let mut slow_a = TcpStream::connect(addr).unwrap();
+    slow_a.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").unwrap();
+    let mut slow_b = TcpStream::connect(addr).unwrap();
+    slow_b.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let start = std::time::Instant::now();
+    ask(&mut TcpStream::connect(addr).unwrap());
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    // An idle keep-alive connection makes room at once.
+    let mut idle = TcpStream::connect(addr).unwrap();
+    ask(&mut idle);
+    let start = std::time::Instant::now();
+    ask(&mut TcpStream::connect(addr).unwrap());
+    assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
+    drop((slow_a, slow_b));
 }
 
 #[test]
