@@ -419,3 +419,35 @@ fn a_response_that_closes_ends_the_connection() {
     assert!(ans.starts_with("HTTP/1.1 413"), "{ans}");
     assert_eq!(count_responses(&ans), 1, "{ans}");
 }
+
+#[test]
+fn a_healthy_client_is_served_when_slow_connections_pass_the_cap() {
+    // 1,100 slow heads against a cap of 1,024 connections: the server closes the slowest to
+    // make room rather than leave a healthy client in the backlog until their deadline.
+    let s = Env::new()
+        .var("KEYRACK_HEAD_TIMEOUT", "30")
+        .serve_with(&["--workers", "4"]);
+    let mut slow = Vec::new();
+    for i in 0..1100 {
+        let mut c = TcpStream::connect(&s.addr).unwrap();
+        c.write_all(format!("GET /healthz HTTP/1.1\r\nX-Slow-{i}: ").as_bytes())
+            .unwrap();
+        slow.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        for c in &mut slow {
+            let _ = c.write_all(b"a");
+        }
+        let start = Instant::now();
+        let ans = answer_and_close(
+            &s.addr,
+            b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert!(ans.starts_with("HTTP/1.1 200"), "{ans}");
+        worst = worst.max(start.elapsed());
+    }
+    eprintln!("1100 slow connections: worst of 20 {worst:?}");
+    assert!(worst < Duration::from_secs(1), "{worst:?}");
+}
