@@ -1,5 +1,5 @@
 # keyrack: the everyday commands. The README gives the same ones.
-.PHONY: run test bench fmt lint ci fuzz-api faults load fuzz
+.PHONY: run test bench fmt lint ci fuzz-api faults load fuzz fuzz-http
 
 run:
 	cargo run --release
@@ -33,3 +33,8 @@ load:
 fuzz:
 	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run request -- -max_total_time=$${FUZZ_SECONDS:-600}
+
+# The HTTP layer (patched tiny_http) over a real socket: see fuzz/fuzz_targets/http_head.rs.
+fuzz-http:
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run http_head -- -max_total_time=$${FUZZ_SECONDS:-600}

@@ -157,6 +157,45 @@ pub const DEFAULT_MAX_KEYS_PER_USER: i64 = 1_000;
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub workers: usize,
+    /// The HTTP layer's timeouts.
+    pub timeouts: HttpTimeouts,
+}
+
+/// How long the HTTP layer waits for a client (`KEYRACK_SOCKET_TIMEOUT`,
+/// `KEYRACK_HEAD_TIMEOUT`, `KEYRACK_IDLE_TIMEOUT`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HttpTimeouts {
+    /// Each read or write on a socket.
+    pub socket: std::time::Duration,
+    /// A request head and a body of up to 64 KiB, from the head's first byte.
+    pub head: std::time::Duration,
+    /// A keep-alive connection waiting for its next request.
+    pub idle: std::time::Duration,
+}
+
+impl HttpTimeouts {
+    fn resolve(lookup: &Lookup) -> Result<HttpTimeouts, ConfigError> {
+        let seconds = |name: &str| -> Result<std::time::Duration, ConfigError> {
+            let Some(v) = lookup.get(name) else {
+                return Ok(std::time::Duration::from_secs(10));
+            };
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|n| (0.1..=3600.0).contains(n))
+                .map(std::time::Duration::from_secs_f64)
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "{name}={v:?} is not valid; give a number of seconds from 0.1 to 3600"
+                    ))
+                })
+        };
+        Ok(HttpTimeouts {
+            socket: seconds("KEYRACK_SOCKET_TIMEOUT")?,
+            head: seconds("KEYRACK_HEAD_TIMEOUT")?,
+            idle: seconds("KEYRACK_IDLE_TIMEOUT")?,
+        })
+    }
 }
 
 impl Config {
@@ -291,7 +330,12 @@ impl ServeConfig {
                     ))
                 })?,
         };
-        Ok(ServeConfig { listen, workers })
+        let timeouts = HttpTimeouts::resolve(lookup)?;
+        Ok(ServeConfig {
+            listen,
+            workers,
+            timeouts,
+        })
     }
 }
 
@@ -386,5 +430,33 @@ mod tests {
         assert!(e.0.contains("KEYRACK_LISTEN"), "{e}");
         let e = ServeConfig::resolve(Some("127.0.0.1:0"), Some("0"), &lookup(&[])).unwrap_err();
         assert!(e.0.contains("KEYRACK_WORKERS"), "{e}");
+    }
+
+    #[test]
+    fn http_timeouts_are_seconds_with_a_default_of_ten() {
+        let s = ServeConfig::resolve(Some("127.0.0.1:0"), Some("1"), &lookup(&[])).unwrap();
+        let ten = std::time::Duration::from_secs(10);
+        assert_eq!(
+            s.timeouts,
+            HttpTimeouts {
+                socket: ten,
+                head: ten,
+                idle: ten
+            }
+        );
+        let l = lookup(&[
+            ("KEYRACK_SOCKET_TIMEOUT", "2"),
+            ("KEYRACK_HEAD_TIMEOUT", "0.5"),
+            ("KEYRACK_IDLE_TIMEOUT", "30"),
+        ]);
+        let s = ServeConfig::resolve(Some("127.0.0.1:0"), Some("1"), &l).unwrap();
+        assert_eq!(s.timeouts.socket, std::time::Duration::from_secs(2));
+        assert_eq!(s.timeouts.head, std::time::Duration::from_millis(500));
+        assert_eq!(s.timeouts.idle, std::time::Duration::from_secs(30));
+        for bad in ["0", "-1", "abc", "1e9", "NaN"] {
+            let l = lookup(&[("KEYRACK_HEAD_TIMEOUT", bad)]);
+            let e = ServeConfig::resolve(Some("127.0.0.1:0"), Some("1"), &l).unwrap_err();
+            assert!(e.0.contains("KEYRACK_HEAD_TIMEOUT"), "{e}");
+        }
     }
 }

@@ -28,6 +28,9 @@ else ./.env when it exists), the file over the default. An empty variable counts
   KEYRACK_SIGNUPS              open (default) or closed: POST /auth/register answers 403
                                and accounts are made with `keyrack add-user`
   KEYRACK_MAX_KEYS_PER_USER    most keys one user may add (default 1000; past it 409)
+  KEYRACK_HEAD_TIMEOUT         serve: seconds a request head (and a small body) may take (10)
+  KEYRACK_IDLE_TIMEOUT         serve: seconds a keep-alive connection may sit idle (10)
+  KEYRACK_SOCKET_TIMEOUT       serve: seconds each socket read or write may take (10)
   RUST_LOG                     log filter (default info); logs go to stderr
 
 Exit codes:

@@ -1,7 +1,8 @@
 //! The HTTP server: a listener, a fixed pool of worker threads each with its own database
 //! connection, and the loop that turns a tiny_http request into an `Incoming`, routes it, and
-//! writes the reply. Shutdown on SIGINT/SIGTERM: stop taking requests, finish those in flight,
-//! flush usage counters, return.
+//! writes the reply. Shutdown on SIGINT/SIGTERM: stop accepting, close idle keep-alive
+//! connections, read and answer every request that had begun to arrive, flush usage counters,
+//! return. The HTTP layer's timeouts are settings (`HttpTimeouts`).
 
 pub mod api;
 pub mod routes;
@@ -23,8 +24,6 @@ use crate::store::Store;
 use crate::Failure;
 use api::{ApiError, Incoming, Reply, MAX_BODY};
 
-/// An idle keep-alive connection, or a client that stops sending, is closed after this.
-const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often expired sessions are deleted (also once at start).
 const SESSION_PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Most connections served at once; more wait in the listen backlog.
@@ -52,9 +51,11 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
             listener,
             None,
             ConnectionOptions {
-                read_timeout: Some(SOCKET_TIMEOUT),
-                write_timeout: Some(SOCKET_TIMEOUT),
+                read_timeout: Some(cfg.timeouts.socket),
+                write_timeout: Some(cfg.timeouts.socket),
                 max_connections: MAX_CONNECTIONS,
+                head_timeout: Some(cfg.timeouts.head),
+                idle_timeout: Some(cfg.timeouts.idle),
             },
         )
         .map_err(|e| Failure::Runtime(format!("cannot start the HTTP server: {e}")))?,
@@ -124,6 +125,13 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     if let Some(sig) = signals.forever().next() {
         log::info!("signal {sig}: finishing requests in flight, then exiting");
     }
+    // Idle keep-alive connections close now; a request whose head or body has begun to arrive
+    // is read (within the head timeout) and answered while the workers still run. Then the
+    // workers finish what is queued and stop.
+    let limit = cfg.timeouts.head + cfg.timeouts.socket;
+    if !server.shutdown_gracefully(limit) {
+        log::warn!("some connections were still open after {limit:?}; closing them");
+    }
     for _ in 0..workers.len() {
         server.unblock();
     }
@@ -177,9 +185,16 @@ fn read_incoming(
     path: &str,
     query: &str,
 ) -> Result<Incoming, ApiError> {
+    // Several Authorization headers are refused: proxies and servers disagree on which one
+    // counts, and the difference can be used to pass one credential off as another.
     let mut authorization = None;
     for h in rq.headers() {
         if h.field.equiv("Authorization") {
+            if authorization.is_some() {
+                return Err(ApiError::invalid_request(
+                    "send one Authorization header, not several",
+                ));
+            }
             authorization = Some(h.value.as_str().to_owned());
         }
     }
@@ -200,6 +215,8 @@ fn read_incoming(
     if body.len() > MAX_BODY {
         return Err(ApiError::payload_too_large());
     }
+    // HEAD is answered as GET; tiny_http leaves out the body and keeps its Content-Length.
+    let method = if method == "HEAD" { "GET" } else { method };
     Ok(Incoming {
         method: method.to_owned(),
         path: path.to_owned(),

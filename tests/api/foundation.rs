@@ -574,7 +574,8 @@ fn a_database_locked_too_long_answers_503_busy() {
 #[test]
 fn an_idle_keep_alive_connection_is_closed() {
     use std::io::Read;
-    let s = Env::new().serve();
+    let s = Env::new().var("KEYRACK_IDLE_TIMEOUT", "1").serve();
+    let start = std::time::Instant::now();
     let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
     c.set_read_timeout(Some(std::time::Duration::from_secs(30)))
         .unwrap();
@@ -582,6 +583,7 @@ fn an_idle_keep_alive_connection_is_closed() {
     let mut buf = [0u8; 64];
     let n = c.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "closed without an answer");
+    assert!(start.elapsed() < std::time::Duration::from_secs(5));
     assert_eq!(s.get("/healthz", None).status, 200);
 }
 

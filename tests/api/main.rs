@@ -3,6 +3,7 @@
 
 mod foundation;
 mod hostile;
+mod http_layer;
 mod keys;
 mod migration;
 mod operator;

@@ -491,13 +491,15 @@ fn control_characters_in_a_path_never_reach_the_log_raw() {
     .unwrap();
     let mut answer = Vec::new();
     let _ = c.read_to_end(&mut answer);
-    assert!(answer.starts_with(b"HTTP/1.1 "), "an answer");
+    // The head parser refuses control characters in a request target: they never reach a
+    // handler or the log line of a request. (The logger escapes them anyway: logging::tests.)
+    assert!(answer.starts_with(b"HTTP/1.1 400 "), "{answer:?}");
+    assert_eq!(s.get("/healthz", None).status, 200);
     assert!(poll_until(Duration::from_secs(5), || s
         .logs()
-        .contains("forged")));
+        .contains("GET /healthz")));
     let logs = s.logs();
     assert!(!logs.contains('\x1b') && !logs.contains('\r'), "{logs:?}");
-    assert!(logs.contains(r"/x\u{1b}[2J"), "{logs}");
 }
 
 // ---- item 9: --help -------------------------------------------------------------------------
@@ -516,6 +518,9 @@ fn help_lists_settings_and_exit_codes_and_describes_everything() {
         "KEYRACK_SESSION_TTL",
         "KEYRACK_SIGNUPS",
         "KEYRACK_MAX_KEYS_PER_USER",
+        "KEYRACK_HEAD_TIMEOUT",
+        "KEYRACK_IDLE_TIMEOUT",
+        "KEYRACK_SOCKET_TIMEOUT",
         "RUST_LOG",
     ] {
         assert!(help.contains(var), "{var} missing from --help:\n{help}");

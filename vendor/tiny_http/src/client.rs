@@ -1,20 +1,19 @@
-use ascii::AsciiString;
 
 use std::io::Error as IoError;
 use std::io::Result as IoResult;
-use std::io::{BufReader, BufWriter, ErrorKind, Read};
+use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
-use std::str::FromStr;
+use std::time::Duration;
 
 use crate::common::{HTTPVersion, Method};
 use crate::connection::Connection;
 use crate::util::refined_tcp_stream::now_ms;
 use crate::util::RefinedTcpStream;
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
-use crate::Request;
+use crate::{ConnectionOptions, Header, Request, Tracker};
 
 /// A ClientConnection is an object that will store a socket to a client
 /// and return Request objects.
@@ -44,6 +43,15 @@ pub struct ClientConnection {
 
     // keyrack patch: the read deadline shared with the socket's read half
     deadline: Arc<AtomicU64>,
+
+    // keyrack patch: set by a request whose response closes the connection
+    closing: Arc<AtomicBool>,
+
+    // keyrack patch: the timeouts, and the server's register of connections (for the cap and a
+    // graceful shutdown), with this connection's number in it
+    options: ConnectionOptions,
+    tracker: Arc<Tracker>,
+    id: u64,
 }
 
 /// keyrack patch: the longest request line; past it, 414.
@@ -53,12 +61,17 @@ const MAX_REQUEST_LINE: usize = 8 * 1024;
 const MAX_HEADER_LINE: usize = 8 * 1024;
 const MAX_HEADERS: usize = 100;
 const MAX_HEADER_BYTES: usize = 32 * 1024;
-/// keyrack patch: the time a request head (and a small body, read with it) may take, from the
-/// moment this connection is ready to read it.
-const HEAD_DEADLINE_MS: u64 = 10_000;
+/// keyrack patch: empty lines accepted before a request line (RFC 9112 section 2.2).
+const MAX_LEADING_EMPTY_LINES: usize = 4;
+/// keyrack patch: how much of an unread body is still read and thrown away before a connection
+/// is closed after its response, and for how long at most. Reading it lets a client that is
+/// still sending see the response rather than a reset; the limits keep a huge or endless body
+/// from being read at all. This runs on the connection's thread, never on a worker.
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(2);
 
-/// keyrack patch: a JSON error answer for a head over the limits; the connection then closes.
-fn limit_response(status: u16, code: &str, message: &str) -> crate::Response<std::io::Cursor<Vec<u8>>> {
+/// keyrack patch: a JSON error answer; the connection then closes.
+fn error_response(status: u16, code: &str, message: &str) -> crate::Response<std::io::Cursor<Vec<u8>>> {
     let body = format!(r#"{{"error":{{"code":"{code}","message":"{message}"}}}}"#);
     let mut response = crate::Response::from_string(body).with_status_code(status);
     if let Ok(h) = crate::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
@@ -70,16 +83,12 @@ fn limit_response(status: u16, code: &str, message: &str) -> crate::Response<std
     response
 }
 
-/// keyrack patch: why reading a line stopped.
-enum LineError {
-    Io(IoError),
-    TooLong,
-}
-
 /// Error that can happen when reading a request.
 #[derive(Debug)]
 enum ReadError {
-    WrongRequestLine,
+    /// keyrack patch: the head is malformed (400); the reason is for the client
+    BadRequest(&'static str),
+    /// a malformed chunked body read with the head (400)
     WrongHeader(HTTPVersion),
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
@@ -87,14 +96,24 @@ enum ReadError {
     /// keyrack patch: the request line is longer than `MAX_REQUEST_LINE`
     UriTooLong,
     /// keyrack patch: the headers are over one of the header limits
-    HeadersTooLarge(HTTPVersion),
+    HeadersTooLarge,
+    /// keyrack patch: an HTTP version other than 1.0 and 1.1 (505)
+    VersionNotSupported,
+    /// keyrack patch: a transfer coding other than chunked (501)
+    NotImplemented,
+    /// keyrack patch: the client went away, stayed idle past the idle timeout, the server is
+    /// shutting down and this connection was idle, or a response closed it: no answer
+    Closed,
 }
 
 impl ClientConnection {
     /// Creates a new `ClientConnection` that takes ownership of the `TcpStream`.
-    pub fn new(
+    pub(crate) fn new(
         write_socket: RefinedTcpStream,
         mut read_socket: RefinedTcpStream,
+        options: ConnectionOptions,
+        tracker: Arc<Tracker>,
+        id: u64,
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
@@ -113,6 +132,10 @@ impl ClientConnection {
             secure,
             close_handle,
             deadline,
+            closing: Arc::new(AtomicBool::new(false)),
+            options,
+            tracker,
+            id,
         }
     }
 
@@ -121,96 +144,136 @@ impl ClientConnection {
         self.secure
     }
 
-    /// Reads the next line from self.next_header_source.
-    ///
-    /// Reads until `CRLF` is reached. The next read will start
-    ///  at the first byte of the new line.
-    fn read_next_line(&mut self, limit: usize) -> Result<AsciiString, LineError> {
-        let mut buf = Vec::new();
-        let mut prev_byte_was_cr = false;
+    /// keyrack patch: reads end at `timeout` from now (none: only the socket's own timeout).
+    fn set_deadline(&self, timeout: Option<Duration>) {
+        let at = timeout.map_or(0, |t| now_ms().saturating_add(t.as_millis() as u64));
+        self.deadline.store(at, AtomicOrdering::Relaxed);
+    }
 
+    fn read_byte(&mut self) -> IoResult<Option<u8>> {
+        let mut b = [0u8; 1];
         loop {
-            let byte = self.next_header_source.by_ref().bytes().next();
-
-            let byte = match byte {
-                Some(b) => b.map_err(LineError::Io)?,
-                None => {
-                    return Err(LineError::Io(IoError::new(
-                        ErrorKind::ConnectionAborted,
-                        "Unexpected EOF",
-                    )))
-                }
-            };
-
-            if byte == b'\n' && prev_byte_was_cr {
-                buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf).map_err(|_| {
-                    LineError::Io(IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"))
-                });
+            match self.next_header_source.read(&mut b) {
+                Ok(0) => return Ok(None),
+                Ok(_) => return Ok(Some(b[0])),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
-
-            prev_byte_was_cr = byte == b'\r';
-
-            // keyrack patch: the original grew the line without limit
-            if buf.len() >= limit + 1 {
-                return Err(LineError::TooLong);
-            }
-            buf.push(byte);
         }
+    }
+
+    /// keyrack patch: reads one request head, through the empty line that ends it, and
+    /// nothing after it. Waiting for its first byte, the connection is idle: the idle timeout
+    /// applies, and a graceful shutdown closes it. From its first byte on, the head (and a
+    /// small body, read with it) must arrive within the head timeout. Lines may end in CRLF
+    /// or a bare LF (both are accepted, here and by the parser). The original read lines
+    /// without any limit or deadline.
+    fn read_head(&mut self) -> Result<Vec<u8>, ReadError> {
+        if !self.tracker.enter_idle(self.id, self.close_handle.as_ref()) {
+            return Err(ReadError::Closed);
+        }
+        self.set_deadline(self.options.idle_timeout);
+        let first = self.read_byte();
+        self.tracker.begin_head(self.id);
+        let mut byte = match first {
+            Ok(Some(b)) => b,
+            Ok(None) => return Err(ReadError::Closed),
+            // an idle keep-alive connection is closed without an answer
+            Err(e) if e.kind() == ErrorKind::TimedOut => return Err(ReadError::Closed),
+            Err(e) => return Err(ReadError::ReadIoError(e)),
+        };
+        self.set_deadline(self.options.head_timeout);
+
+        let mut head = Vec::with_capacity(256);
+        let mut line_start = 0;
+        let mut request_line_len = None;
+        let mut header_lines = 0;
+        let mut empty_lines = 0;
+        loop {
+            head.push(byte);
+            if byte == b'\n' {
+                let line = &head[line_start..head.len() - 1];
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line.is_empty() {
+                    if request_line_len.is_some() {
+                        return Ok(head);
+                    }
+                    empty_lines += 1;
+                    if empty_lines > MAX_LEADING_EMPTY_LINES {
+                        return Err(ReadError::BadRequest("the request line is missing"));
+                    }
+                    head.clear();
+                } else if request_line_len.is_none() {
+                    request_line_len = Some(head.len());
+                } else {
+                    header_lines += 1;
+                    if header_lines > MAX_HEADERS {
+                        return Err(ReadError::HeadersTooLarge);
+                    }
+                }
+                line_start = head.len();
+            } else {
+                let line_len = head.len() - line_start;
+                match request_line_len {
+                    None if line_len > MAX_REQUEST_LINE => return Err(ReadError::UriTooLong),
+                    Some(first) if line_len > MAX_HEADER_LINE || head.len() - first > MAX_HEADER_BYTES => {
+                        return Err(ReadError::HeadersTooLarge)
+                    }
+                    _ => {}
+                }
+            }
+            byte = match self.read_byte() {
+                Ok(Some(b)) => b,
+                Ok(None) => return Err(ReadError::Closed),
+                Err(e) => return Err(ReadError::ReadIoError(e)),
+            };
+        }
+    }
+
+    /// keyrack patch: before closing, reads and throws away a bounded part of what the client
+    /// is still sending, so that it sees the response rather than a reset.
+    // Not inlined: its buffer would otherwise sit in the frame of every connection's thread
+    // while it waits for a head (about 10 KiB of resident stack each, with 1,000 connections).
+    #[inline(never)]
+    fn linger(&mut self) {
+        if let Some(handle) = &self.close_handle {
+            let _ = handle.shutdown(Shutdown::Write);
+        }
+        self.set_deadline(Some(LINGER_TIME));
+        let mut left = LINGER_BYTES;
+        let mut buf = [0u8; 8192];
+        while left > 0 {
+            let want = buf.len().min(left);
+            match self.next_header_source.read(&mut buf[..want]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n,
+            }
+        }
+        self.set_deadline(None);
     }
 
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
     fn read(&mut self) -> Result<Request, ReadError> {
-        let (method, path, version, headers) = {
-            // reading the request line
-            // keyrack patch: the head must arrive within the deadline, counted from when this
-            // connection may read it (after the previous request's body).
-            self.next_header_source.wait_turn();
-            self.deadline
-                .store(now_ms() + HEAD_DEADLINE_MS, AtomicOrdering::Relaxed);
-            let (method, path, version) = {
-                let line = match self.read_next_line(MAX_REQUEST_LINE) {
-                    Ok(line) => line,
-                    Err(LineError::TooLong) => return Err(ReadError::UriTooLong),
-                    Err(LineError::Io(e)) => return Err(ReadError::ReadIoError(e)),
-                };
+        let result = self.read_request();
+        // keyrack patch: the connection is no longer idle or reading a head
+        self.tracker.forget(self.id);
+        result
+    }
 
-                parse_request_line(
-                    line.as_str().trim(), // TODO: remove this conversion
-                )?
-            };
+    fn read_request(&mut self) -> Result<Request, ReadError> {
+        // keyrack patch: after the previous request's body; a response that closed the
+        // connection ends it here.
+        self.next_header_source.wait_turn();
+        if self.closing.load(AtomicOrdering::Acquire) {
+            self.linger();
+            return Err(ReadError::Closed);
+        }
 
-            // getting all headers
-            let headers = {
-                let mut headers = Vec::new();
-                let mut header_bytes = 0;
-                loop {
-                    let line = match self.read_next_line(MAX_HEADER_LINE) {
-                        Ok(line) => line,
-                        Err(LineError::TooLong) => return Err(ReadError::HeadersTooLarge(version)),
-                        Err(LineError::Io(e)) => return Err(ReadError::ReadIoError(e)),
-                    };
-
-                    if line.is_empty() {
-                        break;
-                    };
-                    header_bytes += line.len();
-                    if headers.len() >= MAX_HEADERS || header_bytes > MAX_HEADER_BYTES {
-                        return Err(ReadError::HeadersTooLarge(version));
-                    }
-                    headers.push(match FromStr::from_str(line.as_str().trim()) {
-                        // TODO: remove this conversion
-                        Ok(h) => h,
-                        _ => return Err(ReadError::WrongHeader(version)),
-                    });
-                }
-
-                headers
-            };
-
-            (method, path, version, headers)
-        };
+        // keyrack patch: the head is parsed by httparse; the original parser split lines on
+        // spaces and colons and accepted much that it should not.
+        let head = self.read_head()?;
+        let (method, path, version, headers) = parse_head(&head)?;
 
         // building the writer for the request
         let writer = self.sink.next().unwrap();
@@ -230,6 +293,7 @@ impl ClientConnection {
             self.remote_addr.as_ref().ok().copied().flatten(),
             data_source,
             writer,
+            Some(self.closing.clone()),
         )
         .map_err(|e| {
             use crate::request;
@@ -240,19 +304,95 @@ impl ClientConnection {
                 {
                     ReadError::WrongHeader(version.clone())
                 }
+                request::RequestCreationError::CreationIoError(e)
+                    if e.kind() == ErrorKind::ConnectionAborted =>
+                {
+                    ReadError::Closed
+                }
                 request::RequestCreationError::CreationIoError(e) => ReadError::ReadIoError(e),
                 request::RequestCreationError::ExpectationFailed => {
                     ReadError::ExpectationFailed(version)
+                }
+                request::RequestCreationError::BadFraming(why) => ReadError::BadRequest(why),
+                request::RequestCreationError::UnsupportedTransferCoding => {
+                    ReadError::NotImplemented
                 }
             }
         })?;
 
         // keyrack patch: the head (and any small body) is in; no deadline for what follows
-        self.deadline.store(0, AtomicOrdering::Relaxed);
+        self.set_deadline(None);
 
         // return the request
         Ok(request.with_close_handle(self.close_handle.clone()))
     }
+
+    /// keyrack patch: answers a request that cannot be served, then closes the connection.
+    /// The error responses of the original were written while the request that failed still
+    /// held the connection's writer (the 505 branch waited for it for ever).
+    #[inline(never)]
+    fn refuse<R: Read>(&mut self, response: crate::Response<R>, version: HTTPVersion) {
+        {
+            let mut writer = self.sink.next().unwrap();
+            response.raw_print(&mut writer, version, &[], false, None).ok();
+            writer.flush().ok();
+        }
+        self.linger();
+    }
+}
+
+/// keyrack patch: parses a whole request head with httparse. A version other than HTTP/1.0 or
+/// 1.1 is a 505 when the request line is otherwise well formed, and a 400 when it is not.
+#[inline(never)]
+fn parse_head(head: &[u8]) -> Result<(Method, String, HTTPVersion, Vec<Header>), ReadError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => {
+            return Err(ReadError::BadRequest("the request head is incomplete"))
+        }
+        Err(httparse::Error::Version) => {
+            let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let mut parts = line.split(|&b| b == b' ');
+            let well_formed = matches!(
+                (parts.next(), parts.next(), parts.next(), parts.next()),
+                (Some(m), Some(p), Some(v), None)
+                    if !m.is_empty() && !p.is_empty() && v.len() == 8
+                        && v.starts_with(b"HTTP/") && v[5].is_ascii_digit()
+                        && v[6] == b'.' && v[7].is_ascii_digit()
+            );
+            return Err(if well_formed {
+                ReadError::VersionNotSupported
+            } else {
+                ReadError::BadRequest("the request line is malformed")
+            });
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(ReadError::HeadersTooLarge),
+        Err(_) => return Err(ReadError::BadRequest("the request head is malformed")),
+    }
+    let method: Method = req
+        .method
+        .and_then(|m| m.parse().ok())
+        .ok_or(ReadError::BadRequest("the request method is malformed"))?;
+    let path = req
+        .path
+        .ok_or(ReadError::BadRequest("the request target is missing"))?
+        .to_owned();
+    let version = match req.version {
+        Some(0) => HTTPVersion(1, 0),
+        Some(1) => HTTPVersion(1, 1),
+        _ => return Err(ReadError::VersionNotSupported),
+    };
+    let mut headers = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let value = h.value.trim_ascii();
+        let header = Header::from_bytes(h.name.as_bytes(), value)
+            .map_err(|_| ReadError::BadRequest("a header value is not ASCII"))?;
+        headers.push(header);
+    }
+    Ok((method, path, version, headers))
 }
 
 impl Iterator for ClientConnection {
@@ -269,152 +409,122 @@ impl Iterator for ClientConnection {
             return None;
         }
 
-        loop {
-            let rq = match self.read() {
-                Err(ReadError::WrongRequestLine) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
-                }
-
-                Err(ReadError::WrongHeader(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response.raw_print(writer, ver, &[], false, None).ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
-                }
-
-                // keyrack patch: limits on the head
-                Err(ReadError::UriTooLong) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = limit_response(
-                        414,
-                        "uri_too_long",
-                        "the request line is longer than 8 KiB",
-                    );
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None;
-                }
-
-                Err(ReadError::HeadersTooLarge(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = limit_response(
+        let v11 = HTTPVersion(1, 1);
+        let rq = match self.read() {
+            Ok(rq) => rq,
+            Err(ReadError::BadRequest(why)) => {
+                self.refuse(error_response(400, "invalid_request", why), v11);
+                return None;
+            }
+            Err(ReadError::WrongHeader(ver)) => {
+                self.refuse(
+                    error_response(400, "invalid_request", "the chunked body is malformed"),
+                    ver,
+                );
+                return None;
+            }
+            // keyrack patch: limits on the head
+            Err(ReadError::UriTooLong) => {
+                self.refuse(
+                    error_response(414, "uri_too_long", "the request line is longer than 8 KiB"),
+                    v11,
+                );
+                return None;
+            }
+            Err(ReadError::HeadersTooLarge) => {
+                self.refuse(
+                    error_response(
                         431,
                         "headers_too_large",
                         "the request headers are over the limits (8 KiB a line, 100 lines, 32 KiB in all)",
-                    );
-                    response.raw_print(writer, ver, &[], false, None).ok();
-                    return None;
-                }
-
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
-                    // request timeout
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // closing the connection
-                }
-
-                Err(ReadError::ExpectationFailed(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(417));
-                    response.raw_print(writer, ver, &[], true, None).ok();
-                    return None; // TODO: should be recoverable, but needs handling in case of body
-                }
-
-                Err(ReadError::ReadIoError(_)) => return None,
-
-                Ok(rq) => rq,
-            };
-
-            // checking HTTP version
-            if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
-                let response = Response::from_string(
-                    "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
-                )
-                .with_status_code(StatusCode(505));
-                response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                    .ok();
-                continue;
+                    ),
+                    v11,
+                );
+                return None;
             }
+            Err(ReadError::VersionNotSupported) => {
+                self.refuse(
+                    error_response(
+                        505,
+                        "http_version_not_supported",
+                        "this server speaks HTTP/1.1 and HTTP/1.0 only",
+                    ),
+                    v11,
+                );
+                return None;
+            }
+            Err(ReadError::NotImplemented) => {
+                self.refuse(
+                    error_response(
+                        501,
+                        "not_implemented",
+                        "the only transfer coding accepted is chunked",
+                    ),
+                    v11,
+                );
+                return None;
+            }
+            Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
+                // request timeout
+                self.refuse(
+                    error_response(408, "request_timeout", "the request took too long to arrive"),
+                    v11,
+                );
+                return None;
+            }
+            Err(ReadError::ExpectationFailed(ver)) => {
+                self.refuse(Response::new_empty(StatusCode(417)), ver);
+                return None;
+            }
+            Err(ReadError::ReadIoError(_)) | Err(ReadError::Closed) => return None,
+        };
 
-            // updating the status of the connection
-            let connection_header = rq
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Connection"))
-                .map(|h| h.value.as_str());
+        // updating the status of the connection
+        let connection_header = rq
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Connection"))
+            .map(|h| h.value.as_str());
 
-            let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
+        let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
 
-            match lowercase {
-                Some(ref val) if val.contains("close") => self.no_more_requests = true,
-                Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
-                Some(ref val)
-                    if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
-                {
-                    self.no_more_requests = true
-                }
-                None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
-                _ => (),
-            };
+        match lowercase {
+            Some(ref val) if val.contains("close") => self.no_more_requests = true,
+            Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
+            Some(ref val)
+                if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
+            {
+                self.no_more_requests = true
+            }
+            None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
+            _ => (),
+        };
 
-            // returning the request
-            return Some(rq);
-        }
+        // returning the request
+        Some(rq)
     }
-}
-
-/// Parses a "HTTP/1.1" string.
-fn parse_http_version(version: &str) -> Result<HTTPVersion, ReadError> {
-    let (major, minor) = match version {
-        "HTTP/0.9" => (0, 9),
-        "HTTP/1.0" => (1, 0),
-        "HTTP/1.1" => (1, 1),
-        "HTTP/2.0" => (2, 0),
-        "HTTP/3.0" => (3, 0),
-        _ => return Err(ReadError::WrongRequestLine),
-    };
-
-    Ok(HTTPVersion(major, minor))
-}
-
-/// Parses the request line of the request.
-/// eg. GET / HTTP/1.1
-fn parse_request_line(line: &str) -> Result<(Method, String, HTTPVersion), ReadError> {
-    let mut parts = line.split(' ');
-
-    let method = parts.next().and_then(|w| w.parse().ok());
-    let path = parts.next().map(ToOwned::to_owned);
-    let version = parts.next().and_then(|w| parse_http_version(w).ok());
-
-    method
-        .and_then(|method| Some((method, path?, version?)))
-        .ok_or(ReadError::WrongRequestLine)
 }
 
 #[cfg(test)]
 mod test {
-    #[test]
-    fn test_parse_request_line() {
-        let (method, path, ver) = super::parse_request_line("GET /hello HTTP/1.1").unwrap();
+    use super::{parse_head, ReadError};
+    use crate::common::HTTPVersion;
 
+    #[test]
+    fn test_parse_head() {
+        let (method, path, ver, headers) =
+            parse_head(b"GET /hello HTTP/1.1\r\nHost: x \r\n\r\n").unwrap();
         assert!(method == crate::Method::Get);
         assert!(path == "/hello");
-        assert!(ver == crate::common::HTTPVersion(1, 1));
+        assert!(ver == HTTPVersion(1, 1));
+        assert_eq!(headers[0].value.as_str(), "x");
 
-        assert!(super::parse_request_line("GET /hello").is_err());
-        assert!(super::parse_request_line("qsd qsd qsd").is_err());
+        assert!(matches!(parse_head(b"GET /hello\r\n\r\n"), Err(ReadError::BadRequest(_))));
+        assert!(matches!(parse_head(b"qsd qsd qsd\r\n\r\n"), Err(ReadError::BadRequest(_))));
+        assert!(matches!(
+            parse_head(b"GET / HTTP/2.0\r\n\r\n"),
+            Err(ReadError::VersionNotSupported)
+        ));
+        assert!(parse_head(b"GET / HTTP/1.1\nA: b\n\n").is_ok());
     }
 }

@@ -99,15 +99,17 @@ use std::io::Error as IoError;
 use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use client::ClientConnection;
 use connection::Connection;
+use util::refined_tcp_stream::now_ms;
 use util::MessagesQueue;
 
 pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
@@ -128,29 +130,160 @@ mod util;
 /// keyrack patch: limits applied to each accepted TCP connection.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ConnectionOptions {
-    /// Timeout of each read on the socket: an idle keep-alive connection or a client that
-    /// stops sending is closed after it (the original had none, so such a client held a
-    /// thread for ever).
+    /// Timeout of each read on the socket (the original had none, so a client that stopped
+    /// sending held a thread for ever). Under the idle and head deadlines below, a read waits
+    /// at most until the deadline.
     pub read_timeout: Option<Duration>,
     /// Timeout of each write on the socket.
     pub write_timeout: Option<Duration>,
     /// Most connections served at once (0: no limit); more wait in the listen backlog.
     pub max_connections: usize,
+    /// Time a request head, and a body of up to 64 KiB read with it, may take to arrive,
+    /// counted from its first byte; past it, 408 and the connection closes (None: no limit).
+    pub head_timeout: Option<Duration>,
+    /// Time a keep-alive connection may wait for the first byte of its next request; past it
+    /// the connection closes without an answer (None: only the read timeout).
+    pub idle_timeout: Option<Duration>,
 }
 
-/// Counts a live connection for as long as it is held.
-struct LiveGuard(Arc<AtomicUsize>);
+/// keyrack patch: the register of live connections: their number (for `max_connections`,
+/// waited on without polling), and those that wait for a request or are reading one. A
+/// graceful shutdown closes the waiting (idle) ones at once and waits for the others to finish.
+/// At the cap, the accept thread closes the connection that has waited longest while idle, or
+/// else the one that has spent longest on its head (past `EVICT_AFTER_MS`), so that a healthy
+/// client is not kept in the backlog by slow ones until their deadline.
+pub(crate) struct Tracker {
+    state: Mutex<TrackerState>,
+    changed: Condvar,
+}
 
-impl LiveGuard {
-    fn new(count: Arc<AtomicUsize>) -> LiveGuard {
-        count.fetch_add(1, Relaxed);
-        LiveGuard(count)
+#[derive(Default)]
+struct TrackerState {
+    live: usize,
+    next_id: u64,
+    draining: bool,
+    /// connection number → (since when, idle (true) or reading a head, its socket)
+    waiting: HashMap<u64, (u64, bool, Arc<Connection>)>,
+}
+
+/// keyrack patch: a connection reading its head for less than this is never closed to make room.
+const EVICT_AFTER_MS: u64 = 1000;
+
+impl Tracker {
+    fn new() -> Arc<Tracker> {
+        Arc::new(Tracker {
+            state: Mutex::new(TrackerState::default()),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TrackerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a new connection for as long as the guard lives; returns its number too.
+    fn register(self: &Arc<Self>) -> (u64, LiveGuard) {
+        let mut st = self.lock();
+        st.live += 1;
+        st.next_id += 1;
+        (st.next_id, LiveGuard(self.clone()))
+    }
+
+    /// The connection waits for its next request: false when the server is shutting down.
+    pub(crate) fn enter_idle(&self, id: u64, handle: Option<&Arc<Connection>>) -> bool {
+        let mut st = self.lock();
+        if st.draining {
+            return false;
+        }
+        if let Some(h) = handle {
+            st.waiting.insert(id, (now_ms(), true, h.clone()));
+        }
+        true
+    }
+
+    /// The first byte of a head has come.
+    pub(crate) fn begin_head(&self, id: u64) {
+        if let Some(entry) = self.lock().waiting.get_mut(&id) {
+            *entry = (now_ms(), false, entry.2.clone());
+        }
+    }
+
+    /// The head (and a body read with it) is in, or the connection is done.
+    pub(crate) fn forget(&self, id: u64) {
+        self.lock().waiting.remove(&id);
+    }
+
+    /// Blocks while `max` connections are live (0: never), until one ends or `stop` is set.
+    /// Makes room by closing an idle or slow connection when there is one.
+    fn wait_for_room(&self, max: usize, stop: &AtomicBool) {
+        let mut st = self.lock();
+        while max > 0 && st.live >= max && !st.draining && !stop.load(Relaxed) {
+            let now = now_ms();
+            let victim = st
+                .waiting
+                .iter()
+                .filter(|(_, (since, idle, _))| *idle || now.saturating_sub(*since) >= EVICT_AFTER_MS)
+                .min_by_key(|(_, (since, idle, _))| (!*idle, *since))
+                .map(|(id, _)| *id);
+            if let Some(id) = victim {
+                if let Some((_, _, conn)) = st.waiting.remove(&id) {
+                    let _ = conn.shutdown(Shutdown::Read);
+                }
+            }
+            // Woken when a connection ends; a head may become old enough to close meanwhile.
+            st = self
+                .changed
+                .wait_timeout(st, Duration::from_millis(EVICT_AFTER_MS))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Closes the idle connections now, and every other one once it has been answered.
+    fn drain(&self) {
+        let mut st = self.lock();
+        st.draining = true;
+        st.waiting.retain(|_, (_, idle, conn)| {
+            if *idle {
+                let _ = conn.shutdown(Shutdown::Read);
+            }
+            !*idle
+        });
+        self.changed.notify_all();
+    }
+
+    /// Waits until no connection is left, at most `limit`; true when none is.
+    fn wait_empty(&self, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        let mut st = self.lock();
+        while st.live > 0 {
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, end - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    fn wake(&self) {
+        let _st = self.lock();
+        self.changed.notify_all();
     }
 }
 
+/// Counts a live connection for as long as it is held.
+struct LiveGuard(Arc<Tracker>);
+
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        let mut st = self.0.lock();
+        st.live -= 1;
+        self.0.changed.notify_all();
     }
 }
 
@@ -169,6 +302,9 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // keyrack patch: the live connections
+    tracker: Arc<Tracker>,
 }
 
 enum Message {
@@ -324,8 +460,10 @@ impl Server {
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
-        let live_connections = Arc::new(AtomicUsize::new(0));
+        let tracker = Tracker::new();
+        let inside_tracker = tracker.clone();
         thread::spawn(move || {
+            let tracker = inside_tracker;
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
             let mut backoff = Duration::from_millis(5);
@@ -334,11 +472,9 @@ impl Server {
             while !inside_close_trigger.load(Relaxed) {
                 // keyrack patch: bound the number of connections (and so of pool threads);
                 // further clients wait in the listen backlog until one closes.
-                while options.max_connections > 0
-                    && live_connections.load(Relaxed) >= options.max_connections
-                    && !inside_close_trigger.load(Relaxed)
-                {
-                    thread::sleep(Duration::from_millis(2));
+                tracker.wait_for_room(options.max_connections, &inside_close_trigger);
+                if inside_close_trigger.load(Relaxed) {
+                    break;
                 }
                 let accepted = server.accept().and_then(|(sock, _)| {
                     if let Connection::Tcp(tcp) = &sock {
@@ -369,17 +505,28 @@ impl Server {
                         };
 
                         pair.map(|(read_closable, write_closable)| {
-                            ClientConnection::new(write_closable, read_closable)
+                            let (id, live) = tracker.register();
+                            let read_closable = read_closable.with_read_timeout(options.read_timeout);
+                            let client = ClientConnection::new(
+                                write_closable,
+                                read_closable,
+                                options,
+                                tracker.clone(),
+                                id,
+                            );
+                            (client, live)
                         })
                     }
                     Err(e) => Err(e),
                 };
 
+                if inside_close_trigger.load(Relaxed) {
+                    break;
+                }
                 match new_client {
-                    Ok(client) => {
+                    Ok((client, live)) => {
                         backoff = Duration::from_millis(5);
                         let messages = inside_messages.clone();
-                        let live = LiveGuard::new(live_connections.clone());
                         let mut client = Some((client, live));
                         tasks_pool.spawn(Box::new(move || {
                             if let Some((client, _live)) = client.take() {
@@ -419,6 +566,7 @@ impl Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            tracker,
         })
     }
 
@@ -469,6 +617,35 @@ impl Server {
         }
     }
 
+    /// keyrack patch: a graceful shutdown. Stops accepting, closes the connections that wait
+    /// idle for their next request at once, and lets every other connection finish the request
+    /// it has begun (its head and body are read under the usual deadlines) and then close.
+    /// Returns when no connection is left, or after `limit` (false then). Requests already
+    /// received stay queued for `recv`: keep the workers running until this returns, then
+    /// unblock them.
+    pub fn shutdown_gracefully(&self, limit: Duration) -> bool {
+        self.close.store(true, Relaxed);
+        self.tracker.drain();
+        self.wake_accept_thread();
+        self.tracker.wait_empty(limit)
+    }
+
+    fn wake_accept_thread(&self) {
+        self.tracker.wake();
+        // Connect briefly to ourselves to unblock the accept thread
+        let maybe_stream = match &self.listening_addr {
+            ListenAddr::IP(addr) => TcpStream::connect(addr).map(Connection::from),
+            #[cfg(unix)]
+            ListenAddr::Unix(addr) => match addr.as_pathname() {
+                Some(path) => std::os::unix::net::UnixStream::connect(path).map(Connection::from),
+                None => return,
+            },
+        };
+        if let Ok(stream) = maybe_stream {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
     /// Unblock thread stuck in recv() or incoming_requests().
     /// If there are several such threads, only one is unblocked.
     /// This method allows graceful shutdown of server.
@@ -487,19 +664,7 @@ impl Iterator for IncomingRequests<'_> {
 impl Drop for Server {
     fn drop(&mut self) {
         self.close.store(true, Relaxed);
-        // Connect briefly to ourselves to unblock the accept thread
-        let maybe_stream = match &self.listening_addr {
-            ListenAddr::IP(addr) => TcpStream::connect(addr).map(Connection::from),
-            #[cfg(unix)]
-            ListenAddr::Unix(addr) => {
-                // TODO: use connect_addr when its stabilized.
-                let path = addr.as_pathname().unwrap();
-                std::os::unix::net::UnixStream::connect(path).map(Connection::from)
-            }
-        };
-        if let Ok(stream) = maybe_stream {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
+        self.wake_accept_thread();
 
         #[cfg(unix)]
         if let ListenAddr::Unix(addr) = &self.listening_addr {

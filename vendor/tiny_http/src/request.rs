@@ -3,9 +3,8 @@ use std::io::{self, Cursor, ErrorKind, Read, Write};
 
 use std::fmt;
 use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
@@ -83,20 +82,19 @@ pub struct Request {
 
     // keyrack patch: set when the response carried `Connection: close`
     close_after_response: bool,
+
+    // keyrack patch: shared with the connection's thread; set when a response closes the
+    // connection, so that thread reads what is left of the body (bounded) and then ends.
+    closing: Option<Arc<AtomicBool>>,
+
+    // keyrack patch: true when the body is still on the socket (not read with the head)
+    body_on_socket: bool,
 }
 
-/// keyrack patch: how much of an unread body is still read and thrown away before a connection
-/// that a response closed is shut down. Reading it lets the client, still sending, see the
-/// response rather than a reset; the limit keeps a huge body from being read at all.
-const LINGER_BYTES: u64 = 4 * 1024 * 1024;
 /// keyrack patch: bodies up to this size are read with the head, by the connection's own
 /// thread and under the head's deadline, so that a slow body never holds a worker thread (the
 /// original read only bodies up to 1 KiB so). keyrack's body limit is 64 KiB.
 const PREBUFFER_LIMIT: usize = 64 * 1024;
-/// keyrack patch: the longest time spent on that.
-const LINGER_TIME: Duration = Duration::from_secs(2);
-/// keyrack patch: the longest wait for one read while lingering.
-const LINGER_STEP: Duration = Duration::from_millis(250);
 
 struct NotifyOnDrop<R> {
     sender: Sender<()>,
@@ -130,6 +128,12 @@ pub enum RequestCreationError {
 
     /// Error while reading data from the socket during the creation of the `Request`.
     CreationIoError(IoError),
+
+    /// keyrack patch: the body's framing is invalid (400, and the connection closes).
+    BadFraming(&'static str),
+
+    /// keyrack patch: a transfer coding other than chunked (501).
+    UnsupportedTransferCoding,
 }
 
 impl From<IoError> for RequestCreationError {
@@ -157,27 +161,52 @@ pub fn new_request<R, W>(
     remote_addr: Option<SocketAddr>,
     mut source_data: R,
     writer: W,
+    closing: Option<Arc<AtomicBool>>,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    // finding the transfer-encoding header
-    let transfer_encoding = headers
-        .iter()
-        .find(|h: &&Header| h.field.equiv("Transfer-Encoding"))
-        .map(|h| h.value.clone());
-
-    // finding the content-length header
-    let content_length = if transfer_encoding.is_some() {
-        // if transfer-encoding is specified, the Content-Length
-        // header must be ignored (RFC2616 #4.4)
-        None
-    } else {
+    // keyrack patch: the body's framing after RFC 9112 section 6. The original took the first
+    // Content-Length (so a second one could hide a request in the body), read an invalid one
+    // as "no body", and decoded any Transfer-Encoding as chunked.
+    let value_of = |name: &'static str| {
         headers
             .iter()
-            .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
+            .filter(move |h: &&Header| h.field.equiv(name))
+            .map(|h| h.value.as_str())
+    };
+    let transfer_codings: Vec<String> = value_of("Transfer-Encoding")
+        .flat_map(|v| v.split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .collect();
+    let lengths: Vec<&str> = value_of("Content-Length").collect();
+    let chunked = if transfer_codings.is_empty() {
+        false
+    } else if !lengths.is_empty() {
+        return Err(RequestCreationError::BadFraming(
+            "a request may not carry both Transfer-Encoding and Content-Length",
+        ));
+    } else if transfer_codings == ["chunked"] {
+        true
+    } else {
+        return Err(RequestCreationError::UnsupportedTransferCoding);
+    };
+    let content_length: Option<usize> = match lengths.as_slice() {
+        [] => None,
+        [v] if !v.is_empty() && v.len() <= 15 && v.bytes().all(|b| b.is_ascii_digit()) => {
+            v.parse().ok()
+        }
+        [_] => {
+            return Err(RequestCreationError::BadFraming(
+                "Content-Length must be a decimal number of bytes",
+            ))
+        }
+        _ => {
+            return Err(RequestCreationError::BadFraming(
+                "a request may carry only one Content-Length",
+            ))
+        }
     };
 
     // true if the client sent a `Expect: 100-continue` header
@@ -193,28 +222,25 @@ where
         }
     };
 
-    // true if the client sent a `Connection: upgrade` header
-    let connection_upgrade = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Connection"))
-            .map(|h| h.value.as_str())
-        {
-            Some(v) if v.to_ascii_lowercase().contains("upgrade") => true,
-            _ => false,
-        }
+    // keyrack patch: `100 Continue`, when the body is read here; the original left both to the
+    // worker, which then read a slow body under the socket timeout alone.
+    let mut writer = writer;
+    let send_continue = |writer: &mut W| -> io::Result<()> {
+        writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        writer.flush()
     };
 
-    // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
-    // content-length headers
-    let reader = if connection_upgrade {
-        // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
-    } else if let Some(content_length) = content_length {
+    // keyrack patch: `Connection: upgrade` no longer hands the whole socket to the handler as
+    // the body (keyrack upgrades nothing): its body is framed like any other.
+    let mut body_on_socket = false;
+    let reader = if let Some(content_length) = content_length {
         if content_length == 0 {
             Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-        } else if content_length <= PREBUFFER_LIMIT && !expects_continue {
-            // if the content-length is small enough, we just read everything into a buffer
+        } else if content_length <= PREBUFFER_LIMIT {
+            // keyrack patch: also with `Expect: 100-continue`
+            if expects_continue {
+                send_continue(&mut writer)?;
+            }
 
             let mut buffer = vec![0; content_length];
             let mut offset = 0;
@@ -234,30 +260,33 @@ where
 
             Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
         } else {
-            let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
+            body_on_socket = true;
+            let (data_reader, _) = EqualReader::new(source_data, content_length);
+            let data_reader = match &closing {
+                Some(flag) => data_reader.abandon_on(flag.clone()),
+                None => data_reader,
+            };
             Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
         }
-    } else if transfer_encoding.is_some() {
-        // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
-        // over the message (RFC2616 #3.6)
-        let mut decoder = Decoder::new(source_data);
+    } else if chunked {
         if expects_continue {
-            Box::new(FusedReader::new(decoder)) as Box<dyn Read + Send + 'static>
+            send_continue(&mut writer)?;
+        }
+        // keyrack patch: read up to the pre-buffer limit now, on the connection's thread and
+        // under the head's deadline, as for bodies with a length; a longer body goes on
+        // from the socket after what was read.
+        let mut decoder = Decoder::new(source_data);
+        let mut buffer = Vec::new();
+        decoder
+            .by_ref()
+            .take(PREBUFFER_LIMIT as u64 + 1)
+            .read_to_end(&mut buffer)?;
+        if buffer.len() <= PREBUFFER_LIMIT {
+            Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
         } else {
-            // keyrack patch: read up to the pre-buffer limit now, on the connection's thread and
-            // under the head's deadline, as for bodies with a length; a longer body goes on
-            // from the socket after what was read.
-            let mut buffer = Vec::new();
-            decoder
-                .by_ref()
-                .take(PREBUFFER_LIMIT as u64 + 1)
-                .read_to_end(&mut buffer)?;
-            if buffer.len() <= PREBUFFER_LIMIT {
-                Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
-            } else {
-                Box::new(Cursor::new(buffer).chain(FusedReader::new(decoder)))
-                    as Box<dyn Read + Send + 'static>
-            }
+            body_on_socket = true;
+            Box::new(Cursor::new(buffer).chain(FusedReader::new(decoder)))
+                as Box<dyn Read + Send + 'static>
         }
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,
@@ -276,10 +305,12 @@ where
         http_version: version,
         headers,
         body_length: content_length,
-        must_send_continue: expects_continue,
+        must_send_continue: expects_continue && body_on_socket,
         notify_when_responded: None,
         close_handle: None,
         close_after_response: false,
+        closing,
+        body_on_socket,
     })
 }
 
@@ -543,32 +574,23 @@ impl Drop for Request {
             }
         }
         // keyrack patch: a response with `Connection: close` ends the connection: the client
-        // gets end-of-file after the response, a bounded part of any unread body is read and
-        // thrown away, and the socket is shut down so that no further request is read from it.
+        // gets end-of-file after the response. A body still on the socket is left to the
+        // connection's own thread, which reads and throws away a bounded part of it (so that a
+        // client still sending sees the response, not a reset) and then closes: a client that
+        // stops sending never holds a worker here.
         if self.close_after_response {
+            if let Some(flag) = &self.closing {
+                flag.store(true, std::sync::atomic::Ordering::Release);
+            }
             if let Some(handle) = self.close_handle.take() {
                 let _ = handle.shutdown(Shutdown::Write);
-                if let Some(mut reader) = self.data_reader.take() {
-                    // Bounded in bytes and in time, so a client that stops sending cannot
-                    // hold the worker thread.
-                    let _ = handle.set_read_timeout(Some(LINGER_STEP));
-                    let deadline = Instant::now() + LINGER_TIME;
-                    let mut left = LINGER_BYTES;
-                    let mut buf = [0u8; 8192];
-                    while left > 0 && Instant::now() < deadline {
-                        let want = buf.len().min(left as usize);
-                        match reader.read(&mut buf[..want]) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => left -= n as u64,
-                        }
-                    }
-                    let _ = handle.shutdown(Shutdown::Read);
-                    drop(reader);
-                } else {
+                if !self.body_on_socket {
                     let _ = handle.shutdown(Shutdown::Read);
                 }
             }
         }
+        // the body reader goes now, handing the socket back to the connection's thread
+        drop(self.data_reader.take());
     }
 }
 

@@ -1,6 +1,8 @@
 use std::io::Read;
 use std::io::Result as IoResult;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
 
 /// A `Reader` that reads exactly the number of bytes from a sub-reader.
@@ -15,6 +17,9 @@ where
     reader: R,
     size: usize,
     last_read_signal: Sender<IoResult<()>>,
+    // keyrack patch: when this flag is set at drop, the rest is not read: the connection is
+    // being closed, and its own thread reads (a bounded part of) what is left.
+    abandon: Option<Arc<AtomicBool>>,
 }
 
 impl<R> EqualReader<R>
@@ -28,9 +33,16 @@ where
             reader,
             size,
             last_read_signal: tx,
+            abandon: None,
         };
 
         (r, rx)
+    }
+
+    /// keyrack patch: see `abandon`.
+    pub fn abandon_on(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.abandon = Some(flag);
+        self
     }
 }
 
@@ -64,6 +76,9 @@ where
     R: Read,
 {
     fn drop(&mut self) {
+        if self.abandon.as_ref().is_some_and(|f| f.load(Ordering::Acquire)) {
+            return;
+        }
         let mut remaining_to_read = self.size;
 
         while remaining_to_read > 0 {

@@ -1,9 +1,9 @@
 use std::io::Result as IoResult;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::connection::Connection;
 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -50,6 +50,14 @@ impl Stream {
         }
     }
 
+    fn set_read_timeout(&self, t: Option<Duration>) -> IoResult<()> {
+        match self {
+            Stream::Http(tcp_stream) => tcp_stream.set_read_timeout(t),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => Ok(()),
+        }
+    }
+
     fn shutdown(&mut self, how: Shutdown) -> IoResult<()> {
         match self {
             Stream::Http(tcp_stream) => tcp_stream.shutdown(how),
@@ -91,16 +99,22 @@ pub struct RefinedTcpStream {
     stream: Stream,
     close_read: bool,
     close_write: bool,
-    // keyrack patch: a deadline for reads (ms since the Unix epoch, 0: none), shared with the
-    // `ClientConnection`, which sets it while a request head (and small body) is read.
+    // keyrack patch: a deadline for reads (see `now_ms`; 0: none), shared with the
+    // `ClientConnection`, which sets it while it waits for a request head and reads it (and a
+    // small body with it).
     deadline: Arc<AtomicU64>,
+    // keyrack patch: the socket's own read timeout, and the one applied now (shortened to
+    // what is left before the deadline when that is less).
+    read_timeout: Option<Duration>,
+    applied_timeout: Option<Duration>,
 }
 
-/// keyrack patch: milliseconds since the Unix epoch.
+/// keyrack patch: milliseconds on a monotonic clock (`Instant`), counted from the first call
+/// plus one, so that 0 can mean "no deadline". A wall clock set back or forward would stretch
+/// or cut every deadline.
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 impl RefinedTcpStream {
@@ -118,6 +132,8 @@ impl RefinedTcpStream {
             close_read: true,
             close_write: false,
             deadline: deadline.clone(),
+            read_timeout: None,
+            applied_timeout: None,
         };
 
         let write = RefinedTcpStream {
@@ -125,6 +141,8 @@ impl RefinedTcpStream {
             close_read: false,
             close_write: true,
             deadline,
+            read_timeout: None,
+            applied_timeout: None,
         };
 
         Ok((read, write))
@@ -150,6 +168,14 @@ impl RefinedTcpStream {
         self.stream.peer_addr()
     }
 
+    /// keyrack patch: the read timeout the socket was given, so that reads under a deadline
+    /// can shorten it and restore it after.
+    pub(crate) fn with_read_timeout(mut self, t: Option<Duration>) -> Self {
+        self.read_timeout = t;
+        self.applied_timeout = t;
+        self
+    }
+
     /// keyrack patch: the shared read deadline.
     pub(crate) fn deadline(&self) -> Arc<AtomicU64> {
         self.deadline.clone()
@@ -170,18 +196,39 @@ impl Drop for RefinedTcpStream {
 
 impl Read for RefinedTcpStream {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
-        // keyrack patch: checked once per read from the socket (not per byte): a client that
-        // trickles its request head cannot hold the connection past the deadline (plus at most
-        // one socket read timeout).
+        // keyrack patch: under a deadline, a read waits at most until the deadline (the socket's
+        // timeout is shortened to what is left), so a client that trickles its head, or sends
+        // nothing at all, cannot hold the connection past it.
         let deadline = self.deadline.load(Ordering::Relaxed);
-        if deadline != 0 && now_ms() > deadline {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the request head took too long",
-            ));
+        let want = if deadline == 0 {
+            self.read_timeout
+        } else {
+            let now = now_ms();
+            if now >= deadline {
+                return Err(timed_out());
+            }
+            let left = Duration::from_millis(deadline - now);
+            Some(self.read_timeout.map_or(left, |t| t.min(left)))
+        };
+        if want != self.applied_timeout {
+            self.stream.set_read_timeout(want)?;
+            self.applied_timeout = want;
         }
-        self.stream.read(buf)
+        match self.stream.read(buf) {
+            Err(e)
+                if deadline != 0
+                    && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+                    && now_ms() >= deadline =>
+            {
+                Err(timed_out())
+            }
+            other => other,
+        }
     }
+}
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(ErrorKind::TimedOut, "the request head took too long")
 }
 
 impl Write for RefinedTcpStream {

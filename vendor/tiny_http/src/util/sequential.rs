@@ -183,6 +183,12 @@ where
     W: Write + Send,
 {
     fn drop(&mut self) {
+        // keyrack patch: a writer dropped before its turn (its request was refused before it
+        // wrote anything) waits for the writer before it; the original let the next writer go
+        // at once, and its error response was written into the middle of the previous one.
+        if let Some(trigger) = self.trigger.take() {
+            let _ = trigger.recv();
+        }
         self.on_finish.send(()).ok();
     }
 }

@@ -1,0 +1,440 @@
+//! The HTTP layer against hostile clients: request framing (RFC 9112 section 6), versions it
+//! does not speak, slow bodies behind `Expect: 100-continue` or `Connection: Upgrade`, many slow
+//! connections, and a shutdown that arrives while a request is still coming in.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// Short timeouts, so that a test never waits for production values.
+fn fast_env() -> Env {
+    Env::new()
+        .var("KEYRACK_HEAD_TIMEOUT", "2")
+        .var("KEYRACK_IDLE_TIMEOUT", "2")
+        .var("KEYRACK_SOCKET_TIMEOUT", "2")
+}
+
+fn connect(addr: &str, read_timeout: Duration) -> TcpStream {
+    let c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(read_timeout)).unwrap();
+    c
+}
+
+/// Sends `request`, then reads until the server closes the connection or `limit` passes.
+/// Returns what was read and whether the server closed.
+fn exchange_within(addr: &str, request: &[u8], limit: Duration) -> (String, bool) {
+    let mut c = connect(addr, limit);
+    let _ = c.write_all(request);
+    let mut out = Vec::new();
+    let closed = c.read_to_end(&mut out).is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// The answer to `request`, which must come, with the connection closed, within 3 s.
+fn answer_and_close(addr: &str, request: &[u8]) -> String {
+    let start = Instant::now();
+    let (ans, closed) = exchange_within(addr, request, Duration::from_secs(3));
+    assert!(
+        closed,
+        "not closed after {:?}; read so far: {ans:?}",
+        start.elapsed()
+    );
+    ans
+}
+
+fn count_responses(text: &str) -> usize {
+    text.matches("HTTP/1.1 ").count()
+}
+
+fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Threads:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn http2_requests_are_answered_505_and_give_their_threads_back() {
+    let s = fast_env().serve();
+    let pid = s.child.id();
+    let idle = threads(pid);
+    // More than the connection cap (1,024): before, each of these held a thread for ever.
+    for i in 0..1030 {
+        let (ans, closed) =
+            exchange_within(&s.addr, b"GET / HTTP/2.0\r\n\r\n", Duration::from_secs(3));
+        assert!(
+            closed && ans.starts_with("HTTP/1.1 505"),
+            "request {i}: {ans:?}"
+        );
+    }
+    let ans = answer_and_close(&s.addr, b"GET /healthz HTTP/3.0\r\n\r\n");
+    assert!(ans.starts_with("HTTP/1.1 505"), "{ans}");
+    // The connection threads return to the pool and leave it within seconds.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while threads(pid) > idle + 8 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(threads(pid) <= idle + 8, "{} threads", threads(pid));
+    assert_eq!(s.get("/healthz", None).status, 200);
+}
+
+#[test]
+fn duplicate_content_length_is_400_and_smuggles_nothing() {
+    let s = fast_env().serve();
+    let token = s.user("victim@example.com");
+    let hidden = format!("GET /user/me HTTP/1.1\r\nAuthorization: Bearer {token}\r\n\r\n");
+    let req = format!(
+        "POST /auth/logout HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n{hidden}",
+        hidden.len()
+    );
+    let ans = answer_and_close(&s.addr, req.as_bytes());
+    assert!(ans.starts_with("HTTP/1.1 400"), "{ans}");
+    assert_eq!(count_responses(&ans), 1, "{ans}");
+    assert!(!ans.contains("victim@example.com"), "{ans}");
+}
+
+#[test]
+fn an_invalid_content_length_is_400_and_closes() {
+    let s = fast_env().serve();
+    for value in ["abc", "99999999999999999999", "+5", "5, 5", "-1", "0x5", ""] {
+        let req = format!(
+            "POST /auth/login HTTP/1.1\r\nContent-Length: {value}\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n"
+        );
+        let ans = answer_and_close(&s.addr, req.as_bytes());
+        assert!(ans.starts_with("HTTP/1.1 400"), "{value:?}: {ans}");
+        assert_eq!(count_responses(&ans), 1, "{value:?}: {ans}");
+    }
+}
+
+#[test]
+fn transfer_encoding_with_content_length_is_400_and_closes() {
+    let s = fast_env().serve();
+    let ans = answer_and_close(
+        &s.addr,
+        b"POST /auth/login HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n",
+    );
+    assert!(ans.starts_with("HTTP/1.1 400"), "{ans}");
+    assert_eq!(count_responses(&ans), 1, "{ans}");
+}
+
+#[test]
+fn a_transfer_coding_other_than_chunked_is_501() {
+    let s = fast_env().serve();
+    for te in ["gzip", "identity", "gzip, chunked", "chunked, gzip", "x"] {
+        let req = format!(
+            "POST /auth/login HTTP/1.1\r\nTransfer-Encoding: {te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let ans = answer_and_close(&s.addr, req.as_bytes());
+        assert!(ans.starts_with("HTTP/1.1 501"), "{te:?}: {ans}");
+    }
+    // Two Transfer-Encoding headers are one list: "gzip, chunked".
+    let ans = answer_and_close(
+        &s.addr,
+        b"POST /auth/login HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert!(ans.starts_with("HTTP/1.1 501"), "{ans}");
+}
+
+#[test]
+fn heads_with_bare_lf_are_answered_at_once() {
+    let s = fast_env().serve();
+    let mut c = connect(&s.addr, Duration::from_secs(3));
+    c.write_all(b"GET /healthz HTTP/1.1\nHost: x\n\n").unwrap();
+    let mut buf = [0u8; 512];
+    let start = Instant::now();
+    let n = c.read(&mut buf).expect("an answer");
+    let ans = String::from_utf8_lossy(&buf[..n]);
+    assert!(ans.starts_with("HTTP/1.1 200"), "{ans}");
+    assert!(start.elapsed() < Duration::from_secs(1));
+    // Mixed line ends too.
+    let ans = answer_and_close(
+        &s.addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\nConnection: close\r\n\n",
+    );
+    assert!(ans.starts_with("HTTP/1.1 200"), "{ans}");
+}
+
+#[test]
+fn malformed_heads_are_400_at_once() {
+    let s = fast_env().serve();
+    for head in [
+        &b"GET /healthz HTTP/1.1\r\nBad Header: x\r\n\r\n"[..],
+        b"GET /healthz HTTP/1.1\r\n folded: x\r\n\r\n",
+        b"GET /health z HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nX: \x01\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nX: caf\xc3\xa9\r\n\r\n",
+        b"GET /healthz HTTP/1.1\rX: y\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    ] {
+        let ans = answer_and_close(&s.addr, head);
+        assert!(
+            ans.starts_with("HTTP/1.1 400"),
+            "{:?}: {ans}",
+            String::from_utf8_lossy(head)
+        );
+    }
+}
+
+#[test]
+fn several_authorization_headers_are_400() {
+    let s = fast_env().serve();
+    let token = s.user("ada@example.com");
+    let req = format!(
+        "GET /user/me HTTP/1.1\r\nAuthorization: Bearer nope\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let ans = answer_and_close(&s.addr, req.as_bytes());
+    assert!(ans.starts_with("HTTP/1.1 400"), "{ans}");
+    assert!(ans.contains("Authorization"), "{ans}");
+    assert!(!ans.contains("ada@example.com"), "{ans}");
+}
+
+#[test]
+fn head_is_answered_as_get_without_a_body() {
+    let s = fast_env().serve();
+    let get = answer_and_close(
+        &s.addr,
+        b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    let head = answer_and_close(
+        &s.addr,
+        b"HEAD /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (get_head, get_body) = get.split_once("\r\n\r\n").unwrap();
+    let (head_head, head_body) = head.split_once("\r\n\r\n").unwrap();
+    assert_eq!(head_body, "", "{head}");
+    assert!(!get_body.is_empty());
+    let length = |h: &str| {
+        h.lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+            .map(str::to_owned)
+    };
+    assert_eq!(length(head_head), length(get_head), "{head}");
+    // A keep-alive connection goes on after a HEAD answer.
+    let mut c = connect(&s.addr, Duration::from_secs(3));
+    c.write_all(
+        b"HEAD /healthz HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    assert_eq!(count_responses(&String::from_utf8_lossy(&out)), 2);
+    // HEAD on a route without GET is still 405, naming the methods.
+    let ans = answer_and_close(
+        &s.addr,
+        b"HEAD /auth/login HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(ans.starts_with("HTTP/1.1 405"), "{ans}");
+}
+
+#[test]
+fn expect_continue_and_upgrade_bodies_do_not_hold_the_workers() {
+    let s = Env::new()
+        .var("KEYRACK_HEAD_TIMEOUT", "4")
+        .var("KEYRACK_SOCKET_TIMEOUT", "10")
+        .serve_with(&["--workers", "4"]);
+    let heads: [&[u8]; 8] = [
+        b"POST /auth/login HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 50\r\n\r\n",
+        b"POST /auth/login HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 50\r\n\r\n{",
+        b"POST /auth/login HTTP/1.1\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /auth/login HTTP/1.1\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n{",
+        b"POST /auth/login HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 50\r\n\r\n{",
+        b"POST /auth/login HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"POST /auth/login HTTP/1.1\r\nConnection: upgrade, keep-alive\r\nUpgrade: h2c\r\nContent-Length: 50\r\n\r\n{",
+        b"POST /auth/login HTTP/1.1\r\nContent-Length: 100000\r\n\r\n{",
+    ];
+    // Four of each kind: any one kind alone would take all four workers if it reached them.
+    let mut slow = Vec::new();
+    for h in heads.iter().cycle().take(4 * heads.len()) {
+        let mut c = TcpStream::connect(&s.addr).unwrap();
+        c.write_all(h).unwrap();
+        slow.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        for c in &mut slow {
+            let _ = c.write_all(b" ");
+        }
+        let start = Instant::now();
+        let r = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .get(&format!("{}/healthz", s.base))
+            .call();
+        assert_eq!(r.map(|r| r.status()).ok(), Some(200));
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // An `Expect: 100-continue` client that does send its body is served as usual.
+    let body = r#"{"email":"nobody@example.com","password":"wrong password"}"#;
+    let mut c = connect(&s.addr, Duration::from_secs(3));
+    write!(
+        c,
+        "POST /auth/login HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = [0u8; 64];
+    let n = c.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 100"), "{:?}", &buf[..n]);
+    c.write_all(body.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("HTTP/1.1 401"), "{out}");
+}
+
+#[test]
+fn sigterm_answers_a_request_still_arriving_and_closes_idle_connections() {
+    let mut s = fast_env()
+        .var("KEYRACK_HEAD_TIMEOUT", "5")
+        .var("KEYRACK_IDLE_TIMEOUT", "30")
+        .serve();
+    let body = br#"{"email":"late@example.com","password":"correct horse battery"}"#;
+    // One request whose body lacks its last byte, one whose head lacks its end.
+    let mut arriving = connect(&s.addr, Duration::from_secs(5));
+    write!(
+        arriving,
+        "POST /auth/register HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    arriving.write_all(&body[..body.len() - 1]).unwrap();
+    let mut heading = connect(&s.addr, Duration::from_secs(5));
+    heading
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // An idle keep-alive connection that has been answered once.
+    let mut idle = connect(&s.addr, Duration::from_secs(5));
+    idle.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let mut buf = [0u8; 1024];
+    let n = idle.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(200));
+
+    signal(&s.child, libc::SIGTERM);
+    // The idle connection is closed at once.
+    let start = Instant::now();
+    assert!(matches!(idle.read(&mut buf), Ok(0)), "idle not closed");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // The rest of each request arrives after the signal, and each is answered.
+    arriving.write_all(&body[body.len() - 1..]).unwrap();
+    heading.write_all(b"\r\n").unwrap();
+    let mut out = Vec::new();
+    let _ = arriving.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.starts_with("HTTP/1.1 201"), "{out:?}");
+    let mut out = Vec::new();
+    let _ = heading.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    let status = wait_timeout(&mut s.child, Duration::from_secs(10)).expect("exit after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn a_refused_pipelined_request_is_answered_after_the_one_before_it() {
+    let s = fast_env().serve();
+    // The login takes a while (argon2); the second request is refused by the connection's
+    // thread at once. Its answer must wait for the login's, not be written into it.
+    let body = r#"{"email":"nobody@example.com","password":"wrong password"}"#;
+    let req = format!(
+        "POST /auth/login HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}\
+         POST /auth/login HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        body.len()
+    );
+    for _ in 0..3 {
+        let ans = answer_and_close(&s.addr, req.as_bytes());
+        assert!(ans.starts_with("HTTP/1.1 401 "), "{ans}");
+        let (first, rest) = ans
+            .split_once("HTTP/1.1 501 ")
+            .expect("a 501 after the 401");
+        assert!(first.ends_with("}"), "{ans}");
+        assert!(rest.contains("not_implemented"), "{ans}");
+    }
+}
+
+#[test]
+fn a_response_that_closes_ends_the_connection() {
+    let s = fast_env().serve();
+    // A body over 64 KiB is refused (413, `Connection: close`); the request after it, sent
+    // on the same connection, is never read.
+    let mut req = b"POST /auth/login HTTP/1.1\r\nContent-Length: 100000\r\n\r\n".to_vec();
+    req.extend(std::iter::repeat_n(b'x', 100_000));
+    req.extend_from_slice(b"GET /healthz HTTP/1.1\r\n\r\n");
+    let ans = answer_and_close(&s.addr, &req);
+    assert!(ans.starts_with("HTTP/1.1 413"), "{ans}");
+    assert_eq!(count_responses(&ans), 1, "{ans}");
+}
+
+/// Twenty tries of /healthz on new connections while every slow connection sends one more
+/// byte before each; returns the slowest.
+fn worst_of_20(s: &Server, slow: &mut [TcpStream]) -> Duration {
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        for c in slow.iter_mut() {
+            let _ = c.write_all(b"a");
+        }
+        let start = Instant::now();
+        let ans = answer_and_close(
+            &s.addr,
+            b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert!(ans.starts_with("HTTP/1.1 200"), "{ans}");
+        worst = worst.max(start.elapsed());
+    }
+    worst
+}
+
+fn open_slow(s: &Server, slow: &mut Vec<TcpStream>, n: usize) {
+    for _ in 0..n {
+        let mut c = TcpStream::connect(&s.addr).unwrap();
+        c.write_all(format!("GET /healthz HTTP/1.1\r\nX-Slow-{}: ", slow.len()).as_bytes())
+            .unwrap();
+        slow.push(c);
+    }
+}
+
+#[test]
+fn a_healthy_client_is_served_with_1000_slow_connections_and_past_the_cap() {
+    let s = Env::new()
+        .var("KEYRACK_HEAD_TIMEOUT", "30")
+        .serve_with(&["--workers", "4"]);
+    let pid = s.child.id();
+    let mut slow = Vec::new();
+    open_slow(&s, &mut slow, 1000);
+    let worst = worst_of_20(&s, &mut slow);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or_default()
+        .to_owned();
+    eprintln!(
+        "1000 slow connections: worst of 20 {worst:?}, {} threads, {rss}",
+        threads(pid)
+    );
+    assert!(worst < Duration::from_secs(1), "{worst:?}");
+
+    // 1,100 against a cap of 1,024 connections: the server closes the slowest to make room
+    // rather than leave a healthy client in the backlog until their deadline.
+    open_slow(&s, &mut slow, 100);
+    std::thread::sleep(Duration::from_millis(1500));
+    let worst = worst_of_20(&s, &mut slow);
+    eprintln!("1100 slow connections: worst of 20 {worst:?}");
+    assert!(worst < Duration::from_secs(1), "{worst:?}");
+}

@@ -1,0 +1,150 @@
+//! keyrack patch: tests of the patches that need no keyrack around them. Each is named in
+//! KEYRACK-PATCHES.md, beside the patch it checks.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+use tiny_http::{ConnectionOptions, Response, Server};
+
+fn server(options: ConnectionOptions) -> (Server, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::from_listener_with_options(listener, None, options).unwrap();
+    (server, addr)
+}
+
+#[test]
+fn a_worker_reading_a_stalled_body_gets_a_timeout() {
+    let (server, addr) = server(ConnectionOptions {
+        read_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    // Over 64 KiB, so the body is left on the socket for the handler to read.
+    c.write_all(b"POST / HTTP/1.1\r\nContent-Length: 100000\r\n\r\nabc")
+        .unwrap();
+    let mut rq = server.recv().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut body = Vec::new();
+        let r = rq.as_reader().read_to_end(&mut body);
+        tx.send(r.is_err()).ok();
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
+    drop(c);
+}
+
+#[test]
+fn a_response_to_a_client_that_does_not_read_gets_a_timeout() {
+    let (server, addr) = server(ConnectionOptions {
+        write_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let rq = server.recv().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        // Far more than the socket buffers hold; the client never reads.
+        let r = rq.respond(Response::from_data(vec![0u8; 256 << 20]));
+        tx.send(r.is_err()).ok();
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+    drop(c);
+}
+
+#[test]
+fn connections_over_the_cap_wait_in_the_backlog() {
+    let (server, addr) = server(ConnectionOptions {
+        max_connections: 2,
+        head_timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    });
+    thread::spawn(move || {
+        while let Ok(rq) = server.recv() {
+            let _ = rq.respond(Response::from_string("ok"));
+        }
+    });
+    // Two connections that have just begun their heads take both places: a third client
+    // waits (until one of them has spent a second on its head, see the next test).
+    let mut a = TcpStream::connect(addr).unwrap();
+    a.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let mut b = TcpStream::connect(addr).unwrap();
+    b.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    thread::sleep(Duration::from_millis(50));
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(c.read(&mut buf).is_err(), "served over the cap");
+    // `a` finishes its request and leaves: the waiting connection is taken at once.
+    a.write_all(b"Connection: close\r\n\r\n").unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = a.read_to_end(&mut Vec::new());
+    drop(a);
+    c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let n = c.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    drop(b);
+}
+
+#[test]
+fn at_the_cap_an_idle_or_slow_connection_makes_room() {
+    let (server, addr) = server(ConnectionOptions {
+        max_connections: 2,
+        head_timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    });
+    thread::spawn(move || {
+        while let Ok(rq) = server.recv() {
+            let _ = rq.respond(Response::from_string("ok"));
+        }
+    });
+    let ask = |c: &mut TcpStream| {
+        c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    };
+    // Two slow heads take both places; a new client is served once the older head has taken
+    // a second, well before the 30 s head deadline.
+    let mut slow_a = TcpStream::connect(addr).unwrap();
+    slow_a.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").unwrap();
+    let mut slow_b = TcpStream::connect(addr).unwrap();
+    slow_b.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let start = std::time::Instant::now();
+    ask(&mut TcpStream::connect(addr).unwrap());
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    // An idle keep-alive connection makes room at once.
+    let mut idle = TcpStream::connect(addr).unwrap();
+    ask(&mut idle);
+    let start = std::time::Instant::now();
+    ask(&mut TcpStream::connect(addr).unwrap());
+    assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
+    drop((slow_a, slow_b));
+}
+
+#[test]
+fn an_unread_huge_body_is_drained_through_a_small_buffer() {
+    let (server, addr) = server(ConnectionOptions {
+        read_timeout: Some(Duration::from_secs(2)),
+        ..Default::default()
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    // A body of 1 TiB is announced; ten bytes of it come, then the client stops sending.
+    c.write_all(b"POST / HTTP/1.1\r\nContent-Length: 1099511627776\r\n\r\n0123456789")
+        .unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let rq = server.recv().unwrap();
+    // Answered without reading the body and without closing: dropping the request drains
+    // what is left (the original allocated a buffer as large as the remaining length).
+    rq.respond(Response::from_string("ok")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    assert!(out.starts_with(b"HTTP/1.1 200"));
+}
