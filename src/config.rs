@@ -360,10 +360,35 @@ mod tests {
 
     #[test]
     fn defaults() {
-        // Only variables that no test environment sets are relied on here.
-        let c = Config::resolve(Some("x.db"), &lookup(&[])).unwrap();
-        assert_eq!(c.db, DbLocation::File("x.db".into()));
-        assert_eq!(c.db.key_file(), Some(PathBuf::from("x.db.key")));
+        // The environment is read too: this test needs one without keyrack's variables.
+        let set: Vec<String> = std::env::vars()
+            .map(|(k, _)| k)
+            .filter(|k| k.starts_with("KEYRACK_") || k == "RUST_LOG")
+            .collect();
+        assert!(set.is_empty(), "unset {set:?} to run this test");
+        let c = Config::resolve(None, &lookup(&[])).unwrap();
+        assert_eq!(c.db, DbLocation::File("keyrack.db".into()));
+        assert_eq!(c.db.key_file(), Some(PathBuf::from("keyrack.db.key")));
+        assert!(c.encryption_key.is_none());
+        assert!(c.old_encryption_keys.is_empty());
+        assert!(c.admin_token.is_none());
+        assert_eq!(c.session_ttl_secs, 30 * 24 * 3600);
+        assert_eq!(c.log_filter, "info,refinery_core=warn");
+        assert!(c.signups_open);
+        assert_eq!(c.max_keys_per_user, 1000);
+        let s = ServeConfig::resolve(None, None, &lookup(&[])).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:8080".parse().unwrap());
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        assert_eq!(s.workers, (cores * 2).clamp(4, 64));
+        let ten = std::time::Duration::from_secs(10);
+        assert_eq!(
+            s.timeouts,
+            HttpTimeouts {
+                socket: ten,
+                head: ten,
+                idle: ten
+            }
+        );
     }
 
     #[test]

@@ -136,10 +136,38 @@ mod tests {
         ));
     }
 
+    /// `has_column` and `uses_table` agree with what the phase commands do to the two stores.
     #[test]
     fn column_and_table_by_phase() {
-        assert!(Phase::Legacy.has_column() && !Phase::Legacy.uses_table());
-        assert!(Phase::Dual.has_column() && Phase::Dual.uses_table());
-        assert!(!Phase::NewOnly.has_column() && Phase::NewOnly.uses_table());
+        for p in [Phase::Legacy, Phase::Dual, Phase::NewOnly] {
+            assert!(p.has_column() || p.uses_table(), "{p} keeps keys somewhere");
+            // migrate copies the column into the table; with no column it has nothing to do.
+            match plan(Command::Migrate, p) {
+                Step::Run { target } => {
+                    assert!(p.has_column(), "{p}");
+                    assert!(target.has_column() && target.uses_table(), "{p}");
+                }
+                Step::AlreadyDone(_) => assert!(!p.has_column(), "{p}"),
+                Step::WrongPhase(_) => panic!("migrate runs from every phase but new_only"),
+            }
+            // remove-legacy-column compares both stores, then drops the column.
+            match plan(Command::RemoveLegacyColumn, p) {
+                Step::Run { target } => {
+                    assert!(p.has_column() && p.uses_table(), "{p}");
+                    assert!(!target.has_column() && target.uses_table(), "{p}");
+                }
+                Step::AlreadyDone(_) => assert!(!p.has_column(), "{p}"),
+                Step::WrongPhase(_) => assert!(!p.uses_table(), "{p}"),
+            }
+            // revert goes back to the column alone.
+            match plan(Command::Revert, p) {
+                Step::Run { target } => {
+                    assert!(p.uses_table(), "{p}");
+                    assert!(target.has_column() && !target.uses_table(), "{p}");
+                }
+                Step::AlreadyDone(_) => assert!(!p.uses_table(), "{p}"),
+                Step::WrongPhase(_) => panic!("revert runs from every phase but legacy"),
+            }
+        }
     }
 }

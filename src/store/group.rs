@@ -129,7 +129,11 @@ fn run_group(conn: &mut Connection, ctx: &Ctx<'_>, batch: Vec<Job>) {
         }
     }
     match tx.commit() {
-        Ok(()) => delivers.into_iter().for_each(|d| d(None)),
+        Ok(()) => {
+            // At debug level only (`RUST_LOG=keyrack::store=debug`): how writes were grouped.
+            log::debug!("committed {} writes in one transaction", delivers.len());
+            delivers.into_iter().for_each(|d| d(None));
+        }
         Err(e) => {
             log::warn!("a group commit failed: {e}");
             let e = group_error(e, "commit");

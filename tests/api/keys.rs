@@ -556,7 +556,8 @@ fn admin_status_needs_the_admin_token() {
 
 #[test]
 fn concurrent_writes_commit_in_groups_each_with_its_own_answer() {
-    let env = Env::new();
+    // The store logs the size of each group it commits at debug level.
+    let env = Env::new().var("RUST_LOG", "info,keyrack::store=debug");
     let s = env.serve_with(&["--workers", "8"]);
     let users: Vec<(String, String)> = (0..8)
         .map(|i| {
@@ -594,6 +595,17 @@ fn concurrent_writes_commit_in_groups_each_with_its_own_answer() {
         .collect();
     let created: i64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(created, 120);
+    // Writes of different workers shared a commit: at least one group held more than one.
+    let logs = s.logs();
+    let groups: Vec<usize> = logs
+        .lines()
+        .filter_map(|l| l.split("] committed ").nth(1))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        groups.iter().any(|&n| n > 1),
+        "no group commit held more than one write: {groups:?}"
+    );
     // Acknowledged means on disk: kill -9, then count.
     s.kill9();
     assert_eq!(
