@@ -32,12 +32,14 @@ pub struct App {
 impl App {
     /// Opens the database, applies pending schema migrations and checks the encryption key.
     pub fn open(mut config: Config) -> Result<App, Failure> {
-        let db = Database::new(&config.db).map_err(|e| {
-            Failure::Runtime(format!(
-                "cannot open the database {}: {e}",
-                describe(&config.db)
-            ))
-        })?;
+        let db = Database::new(&config.db)
+            .map(|db| db.with_busy_timeout(config.busy_timeout))
+            .map_err(|e| {
+                Failure::Runtime(format!(
+                    "cannot open the database {}: {e}",
+                    describe(&config.db)
+                ))
+            })?;
         let mut conn = db.connect().map_err(|e| {
             Failure::Runtime(format!(
                 "cannot open the database {}: {e}",

@@ -147,6 +147,8 @@ pub struct Config {
     pub signups_open: bool,
     /// `KEYRACK_MAX_KEYS_PER_USER`: most `api_keys` rows one user may create.
     pub max_keys_per_user: i64,
+    /// `KEYRACK_BUSY_TIMEOUT`: how long a statement waits for a lock another process holds.
+    pub busy_timeout: std::time::Duration,
 }
 
 /// Default of `KEYRACK_MAX_KEYS_PER_USER`.
@@ -175,27 +177,34 @@ pub struct HttpTimeouts {
 
 impl HttpTimeouts {
     fn resolve(lookup: &Lookup) -> Result<HttpTimeouts, ConfigError> {
-        let seconds = |name: &str| -> Result<std::time::Duration, ConfigError> {
-            let Some(v) = lookup.get(name) else {
-                return Ok(std::time::Duration::from_secs(10));
-            };
-            v.trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|n| (0.1..=3600.0).contains(n))
-                .map(std::time::Duration::from_secs_f64)
-                .ok_or_else(|| {
-                    ConfigError(format!(
-                        "{name}={v:?} is not valid; give a number of seconds from 0.1 to 3600"
-                    ))
-                })
-        };
+        let ten = std::time::Duration::from_secs(10);
         Ok(HttpTimeouts {
-            socket: seconds("KEYRACK_SOCKET_TIMEOUT")?,
-            head: seconds("KEYRACK_HEAD_TIMEOUT")?,
-            idle: seconds("KEYRACK_IDLE_TIMEOUT")?,
+            socket: seconds(lookup, "KEYRACK_SOCKET_TIMEOUT", ten)?,
+            head: seconds(lookup, "KEYRACK_HEAD_TIMEOUT", ten)?,
+            idle: seconds(lookup, "KEYRACK_IDLE_TIMEOUT", ten)?,
         })
     }
+}
+
+/// A timeout setting: seconds, fractions allowed, from 0.1 to 3600.
+fn seconds(
+    lookup: &Lookup,
+    name: &str,
+    default: std::time::Duration,
+) -> Result<std::time::Duration, ConfigError> {
+    let Some(v) = lookup.get(name) else {
+        return Ok(default);
+    };
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|n| (0.1..=3600.0).contains(n))
+        .map(std::time::Duration::from_secs_f64)
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "{name}={v:?} is not valid; give a number of seconds from 0.1 to 3600"
+            ))
+        })
 }
 
 impl Config {
@@ -288,6 +297,7 @@ impl Config {
                 .unwrap_or_else(|| "info,refinery_core=warn".to_owned()),
             signups_open,
             max_keys_per_user,
+            busy_timeout: seconds(lookup, "KEYRACK_BUSY_TIMEOUT", crate::db::BUSY_TIMEOUT)?,
         })
     }
 }
@@ -376,6 +386,7 @@ mod tests {
         assert_eq!(c.log_filter, "info,refinery_core=warn");
         assert!(c.signups_open);
         assert_eq!(c.max_keys_per_user, 1000);
+        assert_eq!(c.busy_timeout, std::time::Duration::from_secs(5));
         let s = ServeConfig::resolve(None, None, &lookup(&[])).unwrap();
         assert_eq!(s.listen, "127.0.0.1:8080".parse().unwrap());
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

@@ -17,12 +17,13 @@ mod embedded {
 }
 
 /// How long a statement waits for a lock held by another connection before giving up
-/// (the request then answers 503 `busy`).
+/// (the request then answers 503 `busy`), unless `KEYRACK_BUSY_TIMEOUT` says otherwise.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens connections to one database.
 pub struct Database {
     target: Target,
+    busy_timeout: Duration,
     /// For `:memory:`: one connection held for the life of the process, since the memdb
     /// database is freed when its last connection closes.
     _keep_alive: Option<Mutex<Connection>>,
@@ -40,6 +41,7 @@ impl Database {
                 create_owner_only(p);
                 Ok(Database {
                     target: Target::File(p.clone()),
+                    busy_timeout: BUSY_TIMEOUT,
                     _keep_alive: None,
                 })
             }
@@ -51,6 +53,7 @@ impl Database {
                 );
                 let mut db = Database {
                     target: Target::Memory(name),
+                    busy_timeout: BUSY_TIMEOUT,
                     _keep_alive: None,
                 };
                 let holder = db.connect()?;
@@ -58,6 +61,12 @@ impl Database {
                 Ok(db)
             }
         }
+    }
+
+    /// Sets how long a statement of the connections opened from now on waits for a lock.
+    pub fn with_busy_timeout(mut self, timeout: Duration) -> Database {
+        self.busy_timeout = timeout;
+        self
     }
 
     /// A new connection with keyrack's settings. One per worker thread.
@@ -72,7 +81,7 @@ impl Database {
                     | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?,
         };
-        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.busy_timeout(self.busy_timeout)?;
         if matches!(self.target, Target::File(_)) {
             // WAL lets readers go on while one connection writes.
             let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;

@@ -31,6 +31,8 @@ else ./.env when it exists), the file over the default. An empty variable counts
   KEYRACK_HEAD_TIMEOUT         serve: seconds a request head (and a small body) may take (10)
   KEYRACK_IDLE_TIMEOUT         serve: seconds a keep-alive connection may sit idle (10)
   KEYRACK_SOCKET_TIMEOUT       serve: seconds each socket read or write may take (10)
+  KEYRACK_BUSY_TIMEOUT         seconds a statement waits for a lock another process holds
+                               (default 5; past it a request answers 503 busy)
   RUST_LOG                     log filter (default info); logs go to stderr
 
 Exit codes:

@@ -552,7 +552,7 @@ fn a_panicking_handler_answers_500_and_the_worker_lives() {
 
 #[test]
 fn a_database_locked_too_long_answers_503_busy() {
-    let env = Env::new();
+    let env = Env::new().var("KEYRACK_BUSY_TIMEOUT", "0.3");
     let s = env.serve();
     let t = s.user("ada@example.com");
     // Another process holds the write lock past keyrack's busy timeout.
@@ -560,8 +560,14 @@ fn a_database_locked_too_long_answers_503_busy() {
     let tx = holder
         .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
         .unwrap();
+    let start = std::time::Instant::now();
     let r = s.set_key(&t, "openai", "sk-busy-0123456789");
     assert_eq!((r.status, r.code()), (503, "busy"), "{}", r.raw);
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(3),
+        "answered after the setting's 0.3 s, not the default 5 s ({:?})",
+        start.elapsed()
+    );
     assert_eq!(r.header("Retry-After"), Some("1"));
     assert!(
         !r.raw.contains("locked"),
@@ -577,11 +583,14 @@ fn an_idle_keep_alive_connection_is_closed() {
     let s = Env::new().var("KEYRACK_IDLE_TIMEOUT", "1").serve();
     let start = std::time::Instant::now();
     let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
-    c.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
-    // Sends nothing: the server closes the connection (it would otherwise hold a thread).
+    // Sends nothing: the server closes the connection (it would otherwise hold a thread). The
+    // client's own timeout is an error here, never taken for a close.
     let mut buf = [0u8; 64];
-    let n = c.read(&mut buf).unwrap_or(0);
+    let n = c
+        .read(&mut buf)
+        .expect("the server closes the idle connection before the client gives up");
     assert_eq!(n, 0, "closed without an answer");
     assert!(start.elapsed() < std::time::Duration::from_secs(5));
     assert_eq!(s.get("/healthz", None).status, 200);
