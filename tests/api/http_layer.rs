@@ -268,7 +268,7 @@ fn expect_continue_and_upgrade_bodies_do_not_hold_the_workers() {
             .call();
         assert_eq!(r.map(|r| r.status()).ok(), Some(200));
         assert!(
-            start.elapsed() < Duration::from_secs(1),
+            start.elapsed() < within(Duration::from_secs(1)),
             "{:?}",
             start.elapsed()
         );
@@ -326,7 +326,7 @@ fn sigterm_answers_a_request_still_arriving_and_closes_idle_connections() {
     let start = Instant::now();
     assert!(matches!(idle.read(&mut buf), Ok(0)), "idle not closed");
     assert!(
-        start.elapsed() < Duration::from_secs(2),
+        start.elapsed() < within(Duration::from_secs(2)),
         "{:?}",
         start.elapsed()
     );
@@ -428,13 +428,19 @@ fn a_healthy_client_is_served_with_1000_slow_connections_and_past_the_cap() {
         "1000 slow connections: worst of 20 {worst:?}, {} threads, {rss}",
         threads(pid)
     );
-    assert!(worst < Duration::from_secs(1), "{worst:?}");
+    assert!(worst < within(Duration::from_secs(1)), "{worst:?}");
 
     // 1,100 against a cap of 1,024 connections: the server closes the slowest to make room
     // rather than leave a healthy client in the backlog until their deadline.
     open_slow(&s, &mut slow, 100);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Once the accept thread has made room for the newest (one answer comes back), every
+    // healthy client is answered at once.
+    let ans = answer_and_close(
+        &s.addr,
+        b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(ans.starts_with("HTTP/1.1 200"), "{ans}");
     let worst = worst_of_20(&s, &mut slow);
     eprintln!("1100 slow connections: worst of 20 {worst:?}");
-    assert!(worst < Duration::from_secs(1), "{worst:?}");
+    assert!(worst < within(Duration::from_secs(1)), "{worst:?}");
 }

@@ -280,7 +280,7 @@ fn cycle_reads(env: &Env, s: &Server, token: &str, cycle: usize) -> (usize, usiz
 fn no_read_answers_a_replaced_key_while_migrate_runs_after_a_revert() {
     // Enough users that the backfill takes a while; the reader's user is created last, so the
     // backfill reaches it last.
-    let env = legacy_env(12_000);
+    let env = legacy_env(6_000);
     assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
     let s = env.serve();
     let t = s.user("last@example.com");
@@ -297,7 +297,8 @@ fn no_read_answers_a_replaced_key_while_migrate_runs_after_a_revert() {
 
 #[test]
 fn an_interrupted_migrate_says_so_and_the_column_still_wins() {
-    let n = 20_000;
+    // Three batches of 2,000 users: a signal as soon as the phase is dual stops after the first.
+    let n = 6_000;
     let template = legacy_env(n);
     assert_eq!(template.run(&["migrate"]).status.code(), Some(0));
     // The last user sets K1 in phase dual, then K2 in phase legacy after a revert.

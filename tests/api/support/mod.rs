@@ -495,3 +495,26 @@ pub fn fixtures_file(env: &Env, name: &str, v: &Value) -> PathBuf {
 pub fn repo_fixture(name: &str) -> String {
     format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Calls `f` until it holds or `limit` has passed (every 20 ms); whether it held.
+pub fn poll_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// A latency bound of a test: as written in release builds, three times it in debug builds,
+/// which run several times slower on a loaded machine. Each bound it is used for tells apart a
+/// failure that takes far longer (a timeout of 5 s or more, or the client's own).
+pub fn within(bound: Duration) -> Duration {
+    if cfg!(debug_assertions) {
+        bound * 3
+    } else {
+        bound
+    }
+}
