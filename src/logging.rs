@@ -1,6 +1,6 @@
 //! Logging to stderr: env_logger with a `RUST_LOG`-style filter, no colours, one line per record.
 //!
-//! Line format: `2026-11-25T20:09:15.713Z INFO  keyrack::http] GET /healthz 200 0.1ms request=12`.
+//! Line format: `2026-11-25T20:09:15.713Z [INFO  keyrack::http] GET /healthz 200 0.1ms request=12`.
 //! What this module adds to env_logger, all in its `format` closure:
 //! - a record logged while a request is served ends with ` request=N`, and ` user=ID` once the
 //!   request is authenticated, so the request line and any error line of the same request name
@@ -76,7 +76,7 @@ fn write_line(
         out.write_all(b"\n")?;
     }
     at.format_into(out, &fmt).map_err(std::io::Error::other)?;
-    write!(out, " {level:<5} {target}] ")?;
+    write!(out, " [{level:<5} {target}] ")?;
     MESSAGE.with(|m| {
         let Ok(mut m) = m.try_borrow_mut() else {
             // Logging while formatting a log line (a Display impl that logs): no escaping buffer.
@@ -177,7 +177,7 @@ mod tests {
     fn one_line_with_level_and_target() {
         assert_eq!(
             line("GET /healthz 200 0.1ms", None, false),
-            "2026-11-26T07:00:00.000Z INFO  keyrack::http] GET /healthz 200 0.1ms\n"
+            "2026-11-26T07:00:00.000Z [INFO  keyrack::http] GET /healthz 200 0.1ms\n"
         );
     }
 

@@ -271,41 +271,13 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// Splits `a=1&b=two%20words` into decoded pairs.
+/// Splits `a=1&b=two%20words` into decoded pairs (`application/x-www-form-urlencoded`: `+` is
+/// a space, `%` takes exactly two hex digits or stays as it is, bytes that are not UTF-8 become
+/// U+FFFD).
 pub fn parse_query(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
-        })
+    form_urlencoded::parse(q.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -325,6 +297,15 @@ mod tests {
         assert_eq!(
             parse_query("a=%zz&b=%4"),
             vec![("a".into(), "%zz".into()), ("b".into(), "%4".into())]
+        );
+        // Two hex digits or nothing: a sign is no digit, `+` is a space.
+        assert_eq!(
+            parse_query("a=%+1&b=%-f&c=x+y%41"),
+            vec![
+                ("a".into(), "% 1".into()),
+                ("b".into(), "%-f".into()),
+                ("c".into(), "x yA".into())
+            ]
         );
     }
 
