@@ -176,8 +176,7 @@ fn finish_migrate(total: &Backfill) -> Result<(), Failure> {
 }
 
 pub fn status(app: &App, json: bool) -> Result<(), Failure> {
-    let mut conn = app.db.connect().map_err(db_err)?;
-    let status = Status::collect(&mut conn, &app.ring).map_err(store_err)?;
+    let status = Status::collect(&mut app.store()?).map_err(store_err)?;
     if json {
         println!("{}", status.to_json());
     } else {
@@ -351,8 +350,8 @@ pub fn remove_legacy_column(
     if plan(Command::RemoveLegacyColumn, current_phase(app)?)?.is_none() {
         return Ok(());
     }
+    let status = Status::collect(&mut app.store()?).map_err(store_err)?;
     let mut conn = app.db.connect().map_err(db_err)?;
-    let status = Status::collect(&mut conn, &app.ring).map_err(store_err)?;
     let s = &status.survey;
     if blocks_removal(s) {
         return Err(refuse_with(s));

@@ -1,14 +1,11 @@
 //! The status report of `keyrack status` and GET /admin/status: phase, schema version and the
 //! counts the README lists under `keyrack status`, every stored value decrypted to check it.
 
-use rusqlite::Connection;
 use serde_json::{json, Value};
 
-use crate::crypto::KeyRing;
-use crate::db;
 use crate::phase::Phase;
-use crate::store::phases::{self, Survey};
-use crate::store::{meta, StoreError};
+use crate::store::phases::Survey;
+use crate::store::{Store, StoreError};
 
 #[derive(Debug)]
 pub struct Status {
@@ -19,12 +16,8 @@ pub struct Status {
 
 impl Status {
     /// Reads everything in one read transaction, so the counts agree with each other.
-    pub fn collect(conn: &mut Connection, ring: &KeyRing) -> Result<Status, StoreError> {
-        let tx = conn.transaction()?;
-        let phase = meta::phase(&tx)?;
-        let schema_version = db::schema_version(&tx)?;
-        let survey = phases::survey(&tx, ring, phase)?;
-        tx.commit()?;
+    pub fn collect(store: &mut Store) -> Result<Status, StoreError> {
+        let (phase, schema_version, survey) = store.survey()?;
         Ok(Status {
             phase,
             schema_version,

@@ -36,10 +36,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     let stores = (0..cfg.workers)
         .map(|_| app.store())
         .collect::<Result<Vec<_>, _>>()?;
-    let mut flusher_conn = app
-        .db
-        .connect()
-        .map_err(|e| Failure::Runtime(format!("cannot open the database: {e}")))?;
+    let mut flusher_store = app.store()?;
 
     let listener = TcpListener::bind(cfg.listen)
         .map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", cfg.listen)))?;
@@ -83,13 +80,12 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
 
     let (stop_flusher, flusher_stop) = mpsc::channel::<()>();
     let flusher = {
-        let shared = app.shared.clone();
         // Expired sessions are pruned at start and then every hour, on the flusher's thread.
         let mut pruned_at: Option<Instant> = None;
         thread::spawn(move || loop {
             if pruned_at.is_none_or(|t| t.elapsed() >= SESSION_PRUNE_EVERY) {
                 pruned_at = Some(Instant::now());
-                match crate::store::users::prune_sessions(&flusher_conn) {
+                match flusher_store.prune_sessions() {
                     Ok(0) => {}
                     Ok(n) => log::info!("removed {n} expired sessions"),
                     Err(e) => log::warn!(
@@ -102,7 +98,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                 flusher_stop.recv_timeout(Duration::from_secs(1)),
                 Err(mpsc::RecvTimeoutError::Timeout)
             );
-            if let Err(e) = shared.flush_usage(&mut flusher_conn) {
+            if let Err(e) = flusher_store.flush_usage() {
                 log::warn!(
                     "could not write usage counters yet: {}",
                     crate::error_chain(&e)

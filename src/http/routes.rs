@@ -11,7 +11,7 @@ use crate::domain::{ApiKey, Email, Invalid, KeyName, Password, Provider};
 use crate::status::Status;
 use crate::store::keys::{KeyList, KeyView, NewKey};
 use crate::store::users::User;
-use crate::store::{meta, now, rfc3339, Store};
+use crate::store::{now, rfc3339, Store};
 
 type Handler = fn(&App, &mut Store, &Incoming, &[&str]) -> Result<Reply, ApiError>;
 
@@ -125,7 +125,7 @@ struct Health {
 }
 
 fn healthz(_: &App, store: &mut Store, _: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
-    let phase = meta::phase(store.conn())?;
+    let phase = store.phase()?;
     Ok(Reply::of(
         200,
         &Health {
@@ -442,7 +442,7 @@ fn admin_status(
             "the admin token is missing or wrong",
         ));
     }
-    let status = Status::collect(store.conn_mut(), &app.ring)?;
+    let status = Status::collect(store)?;
     Ok(Reply::json(200, status.to_json()))
 }
 

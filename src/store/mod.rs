@@ -18,6 +18,7 @@ use rusqlite::{Connection, ErrorCode, Transaction, TransactionBehavior};
 use std::sync::Arc;
 
 use crate::crypto::{KeyRing, OpenError};
+use crate::phase::Phase;
 use group::GroupCommit;
 pub(crate) use usage::UsageLog;
 
@@ -119,13 +120,6 @@ pub struct Shared {
     usage: UsageLog,
 }
 
-impl Shared {
-    /// Writes the pending usage counts through `conn` (the flusher's own connection).
-    pub fn flush_usage(&self, conn: &mut Connection) -> Result<usize> {
-        self.usage.flush(conn, &self.writes)
-    }
-}
-
 /// One connection and what the key operations need beside it.
 pub struct Store {
     conn: Connection,
@@ -151,12 +145,25 @@ impl Store {
         self
     }
 
-    pub fn conn(&self) -> &Connection {
-        &self.conn
+    /// Writes the usage counts still pending (the server's flusher, once a second and at exit).
+    pub fn flush_usage(&mut self) -> Result<usize> {
+        self.shared.usage.flush(&mut self.conn, &self.shared.writes)
     }
 
-    pub fn conn_mut(&mut self) -> &mut Connection {
-        &mut self.conn
+    /// The phase, as the next request will see it (GET /healthz).
+    pub fn phase(&self) -> Result<Phase> {
+        meta::phase(&self.conn)
+    }
+
+    /// The phase, the schema version and the counts of every stored value, read in one
+    /// transaction so that they agree (`keyrack status`, GET /admin/status).
+    pub fn survey(&mut self) -> Result<(Phase, i64, phases::Survey)> {
+        let tx = self.conn.transaction()?;
+        let phase = meta::phase(&tx)?;
+        let schema_version = crate::db::schema_version(&tx)?;
+        let survey = phases::survey(&tx, &self.ring, phase)?;
+        tx.commit()?;
+        Ok((phase, schema_version, survey))
     }
 
     /// Runs `f` in an IMMEDIATE transaction of its own and commits when it returns `Ok`. For

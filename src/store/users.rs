@@ -64,7 +64,7 @@ impl Store {
 
     /// The user a live session token belongs to.
     pub fn session_user(&mut self, token_hash: &[u8]) -> Result<Option<User>> {
-        let conn = self.conn();
+        let conn = &self.conn;
         Ok(conn
             .prepare_cached(
                 "SELECT u.id, u.email FROM sessions s JOIN users u ON u.id = s.user_id
@@ -89,13 +89,17 @@ impl Store {
     }
 }
 
-/// Deletes every expired session (they no longer authenticate; this keeps the table from
-/// growing with sessions nobody ends). Returns how many went.
-pub fn prune_sessions(conn: &rusqlite::Connection) -> Result<u64> {
-    let n = conn
-        .prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?
-        .execute([now()])?;
-    Ok(n as u64)
+impl Store {
+    /// Deletes every expired session (they no longer authenticate; this keeps the table from
+    /// growing with sessions nobody ends). Returns how many went.
+    pub fn prune_sessions(&mut self) -> Result<u64> {
+        self.write_alone(|tx, _| {
+            let n = tx
+                .prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?
+                .execute([now()])?;
+            Ok(n as u64)
+        })
+    }
 }
 
 pub(crate) fn insert_user(
