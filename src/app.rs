@@ -17,16 +17,16 @@ use crate::Failure;
 
 /// What every worker and command shares.
 pub struct App {
-    pub db: Database,
-    pub ring: Arc<KeyRing>,
+    pub(crate) db: Database,
+    pub(crate) ring: Arc<KeyRing>,
     /// What the connections to the database share (group commit, pending usage counts).
-    pub shared: Arc<Shared>,
-    pub throttle: Throttle,
-    pub session_ttl_secs: i64,
-    pub admin_token: Option<Secret>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) throttle: Throttle,
+    pub(crate) session_ttl_secs: i64,
+    pub(crate) admin_token: Option<Secret>,
     /// `KEYRACK_SIGNUPS=open`: POST /auth/register creates accounts.
-    pub signups_open: bool,
-    pub max_keys_per_user: i64,
+    pub(crate) signups_open: bool,
+    pub(crate) max_keys_per_user: i64,
 }
 
 impl App {
@@ -105,7 +105,7 @@ impl App {
     }
 
     /// A store on a new connection (one per worker thread).
-    pub fn store(&self) -> Result<Store, Failure> {
+    pub(crate) fn store(&self) -> Result<Store, Failure> {
         let conn = self
             .db
             .connect()

@@ -4,7 +4,7 @@
 pub mod accounts;
 pub mod app;
 pub mod auth;
-pub mod clock;
+pub(crate) mod clock;
 pub mod commands;
 pub mod config;
 pub mod crypto;
@@ -13,10 +13,10 @@ pub mod domain;
 pub mod fixtures;
 pub mod http;
 pub mod logging;
-pub mod phase;
-pub mod progress;
-pub mod status;
-pub mod store;
+pub(crate) mod phase;
+pub(crate) mod progress;
+pub(crate) mod status;
+pub(crate) mod store;
 
 /// How a command failed, and so its exit code (listed in `keyrack --help`).
 #[derive(Debug)]
@@ -26,7 +26,9 @@ pub enum Failure {
     /// Exit 1: the database failed; what was being done, and the store's error with its causes.
     Store {
         doing: String,
-        source: store::StoreError,
+        source: Box<dyn std::error::Error + Send + Sync>,
+        /// Busy: the same command may succeed when run again.
+        retry: bool,
     },
     /// Exit 2: usage or configuration error.
     Config(String),
@@ -36,10 +38,11 @@ pub enum Failure {
 
 impl Failure {
     /// A store error met while `doing` something (empty: the error says enough).
-    pub fn store(doing: impl Into<String>, source: store::StoreError) -> Failure {
+    pub(crate) fn store(doing: impl Into<String>, source: store::StoreError) -> Failure {
         Failure::Store {
             doing: doing.into(),
-            source,
+            retry: matches!(source, store::StoreError::Busy),
+            source: Box::new(source),
         }
     }
 
@@ -55,13 +58,13 @@ impl Failure {
     pub fn message(&self) -> String {
         match self {
             Failure::Runtime(m) | Failure::Config(m) | Failure::Refused(m) => m.clone(),
-            Failure::Store { doing, source } => {
-                let chain = error_chain(source);
-                let hint = if matches!(source, store::StoreError::Busy) {
-                    "; try again"
-                } else {
-                    ""
-                };
+            Failure::Store {
+                doing,
+                source,
+                retry,
+            } => {
+                let chain = error_chain(source.as_ref());
+                let hint = if *retry { "; try again" } else { "" };
                 if doing.is_empty() {
                     format!("{chain}{hint}")
                 } else {
@@ -81,7 +84,7 @@ impl std::fmt::Display for Failure {
 impl std::error::Error for Failure {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Failure::Store { source, .. } => Some(source),
+            Failure::Store { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }
@@ -95,7 +98,7 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// An error and its causes in one line: `database error: disk I/O error`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

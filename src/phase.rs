@@ -7,7 +7,7 @@
 use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// The column `users.openai_api_key` is the source of truth; the table is not used.
     Legacy,
     /// The table is the source of truth and the column mirrors the default OpenAI key.
@@ -17,7 +17,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Phase::Legacy => "legacy",
             Phase::Dual => "dual",
@@ -25,7 +25,7 @@ impl Phase {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Phase> {
+    pub(crate) fn parse(s: &str) -> Option<Phase> {
         match s {
             "legacy" => Some(Phase::Legacy),
             "dual" => Some(Phase::Dual),
@@ -35,12 +35,12 @@ impl Phase {
     }
 
     /// Whether `users.openai_api_key` exists in this phase.
-    pub fn has_column(self) -> bool {
+    pub(crate) fn has_column(self) -> bool {
         self != Phase::NewOnly
     }
 
     /// Whether the `api_keys` table is in use (several keys, other providers).
-    pub fn uses_table(self) -> bool {
+    pub(crate) fn uses_table(self) -> bool {
         self != Phase::Legacy
     }
 }
@@ -53,7 +53,7 @@ impl fmt::Display for Phase {
 
 /// The phase commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
+pub(crate) enum Command {
     Migrate,
     RemoveLegacyColumn,
     Revert,
@@ -61,7 +61,7 @@ pub enum Command {
 
 /// What a phase command should do, given the current phase.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Do the work, ending in the target phase.
     Run { target: Phase },
     /// The target phase is already reached: say so and exit 0.
@@ -71,7 +71,7 @@ pub enum Step {
 }
 
 /// The transition table.
-pub fn plan(command: Command, current: Phase) -> Step {
+pub(crate) fn plan(command: Command, current: Phase) -> Step {
     use Phase::*;
     match (command, current) {
         (Command::Migrate, Legacy | Dual) => Step::Run { target: Dual },

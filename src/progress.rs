@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::logging;
 
-pub struct Progress {
+pub(crate) struct Progress {
     on: bool,
     start: Instant,
     what: &'static str,
@@ -16,7 +16,7 @@ pub struct Progress {
 
 impl Progress {
     /// `total`: the number of rows the command expects to go through.
-    pub fn new(what: &'static str, total: u64) -> Progress {
+    pub(crate) fn new(what: &'static str, total: u64) -> Progress {
         Progress {
             on: std::io::stderr().is_terminal(),
             start: Instant::now(),
@@ -25,7 +25,7 @@ impl Progress {
         }
     }
 
-    pub fn update(&self, done: u64) {
+    pub(crate) fn update(&self, done: u64) {
         if self.on {
             let text = line(self.what, done, self.total, self.start.elapsed());
             let mut err = std::io::stderr().lock();
@@ -36,7 +36,7 @@ impl Progress {
         }
     }
 
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if self.on {
             logging::set_progress_open(false);
             eprintln!();
@@ -45,7 +45,7 @@ impl Progress {
 }
 
 /// The text of one progress line.
-pub fn line(what: &str, done: u64, total: u64, elapsed: Duration) -> String {
+pub(crate) fn line(what: &str, done: u64, total: u64, elapsed: Duration) -> String {
     let secs = elapsed.as_secs_f64().max(0.001);
     let rate = done as f64 / secs;
     // Rows can be added while the command runs: never show more done than total.

@@ -8,15 +8,15 @@ use crate::store::phases::Survey;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug)]
-pub struct Status {
-    pub phase: Phase,
-    pub schema_version: i64,
-    pub survey: Survey,
+pub(crate) struct Status {
+    pub(crate) phase: Phase,
+    pub(crate) schema_version: i64,
+    pub(crate) survey: Survey,
 }
 
 impl Status {
     /// Reads everything in one read transaction, so the counts agree with each other.
-    pub fn collect(store: &mut Store) -> Result<Status, StoreError> {
+    pub(crate) fn collect(store: &mut Store) -> Result<Status, StoreError> {
         let (phase, schema_version, survey) = store.survey()?;
         Ok(Status {
             phase,
@@ -25,7 +25,7 @@ impl Status {
         })
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         let s = &self.survey;
         json!({
             "phase": self.phase.as_str(),
@@ -41,7 +41,7 @@ impl Status {
         })
     }
 
-    pub fn to_text(&self) -> String {
+    pub(crate) fn to_text(&self) -> String {
         let s = &self.survey;
         let mut out = format!(
             "phase            {}\nschema version   {}\nusers            {}\ncolumn keys      {}\n\
@@ -69,7 +69,7 @@ impl Status {
     }
 }
 
-pub fn join_ids(ids: &[i64]) -> String {
+pub(crate) fn join_ids(ids: &[i64]) -> String {
     ids.iter()
         .map(i64::to_string)
         .collect::<Vec<_>>()

@@ -5,7 +5,7 @@
 //! return. The HTTP layer's timeouts are settings (`HttpTimeouts`).
 
 pub mod api;
-pub mod routes;
+pub(crate) mod routes;
 
 use std::io::{Cursor, Read, Write};
 use std::net::TcpListener;

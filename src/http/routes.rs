@@ -58,7 +58,7 @@ fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
 
 /// Finds the handler for a request: 404 for an unknown path, 405 with `Allow` for a known path
 /// and another method.
-pub fn route(app: &App, store: &mut Store, req: &Incoming) -> Result<Reply, ApiError> {
+pub(crate) fn route(app: &App, store: &mut Store, req: &Incoming) -> Result<Reply, ApiError> {
     // Debug builds only: lets the test suite show that a panicking handler answers 500 and
     // that its worker lives on. Release builds do not contain this route.
     #[cfg(debug_assertions)]

@@ -13,7 +13,7 @@ use crate::domain::Secret;
 
 /// What the two stores hold for one user, and so what to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// The column is empty: nothing to move; the table's key, if any, is the truth.
     NoColumn,
     /// The column holds the table's key (the same sealed text, or the same key).
@@ -34,7 +34,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// True when the column holds a key the table should get (`migrate` moves it).
-    pub fn needs_move(self) -> bool {
+    pub(crate) fn needs_move(self) -> bool {
         matches!(self, Verdict::Unmigrated | Verdict::ColumnWins)
     }
 }
@@ -42,7 +42,7 @@ impl Verdict {
 /// Classifies one user. `column` and `table` are sealed texts; `pending` says whether the user
 /// is still pending a backfill from phase legacy; `open` decrypts a sealed text (bound to the
 /// user and `openai`), `None` when it does not open. Equal sealed texts are never decrypted.
-pub fn classify(
+pub(crate) fn classify(
     column: Option<&str>,
     table: Option<&str>,
     pending: bool,

@@ -63,51 +63,51 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 
 /// A key as the listing shows it.
 #[derive(Debug, Clone)]
-pub struct KeyView {
+pub(crate) struct KeyView {
     /// `None` for the legacy column's key.
-    pub id: Option<i64>,
-    pub provider: String,
-    pub name: Option<String>,
+    pub(crate) id: Option<i64>,
+    pub(crate) provider: String,
+    pub(crate) name: Option<String>,
     /// `None` when the stored value does not decrypt (logged).
-    pub masked_key: Option<String>,
-    pub is_default: bool,
-    pub source: Source,
-    pub created_at: Option<i64>,
-    pub updated_at: Option<i64>,
-    pub last_used_at: Option<i64>,
-    pub usage_count: i64,
+    pub(crate) masked_key: Option<String>,
+    pub(crate) is_default: bool,
+    pub(crate) source: Source,
+    pub(crate) created_at: Option<i64>,
+    pub(crate) updated_at: Option<i64>,
+    pub(crate) last_used_at: Option<i64>,
+    pub(crate) usage_count: i64,
 }
 
 #[derive(Debug)]
-pub struct KeyList {
-    pub phase: Phase,
-    pub keys: Vec<KeyView>,
-    pub column_present: bool,
-    pub column_has_key: bool,
+pub(crate) struct KeyList {
+    pub(crate) phase: Phase,
+    pub(crate) keys: Vec<KeyView>,
+    pub(crate) column_present: bool,
+    pub(crate) column_has_key: bool,
 }
 
 /// A user's default key of one provider, as one request found it.
 #[derive(Debug)]
-pub struct FoundKey {
-    pub key: ApiKey,
-    pub source: Source,
+pub(crate) struct FoundKey {
+    pub(crate) key: ApiKey,
+    pub(crate) source: Source,
 }
 
 /// The outcome of moving one user's column key into the table.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Moved {
-    pub migrated: u64,
-    pub already_migrated: u64,
-    pub conflicts: u64,
+pub(crate) struct Moved {
+    pub(crate) migrated: u64,
+    pub(crate) already_migrated: u64,
+    pub(crate) conflicts: u64,
 }
 
 /// A key to add with POST /user/api-keys.
 #[derive(Debug)]
-pub struct NewKey {
-    pub provider: Provider,
-    pub key: ApiKey,
-    pub name: Option<KeyName>,
-    pub is_default: Option<bool>,
+pub(crate) struct NewKey {
+    pub(crate) provider: Provider,
+    pub(crate) key: ApiKey,
+    pub(crate) name: Option<KeyName>,
+    pub(crate) is_default: Option<bool>,
 }
 
 fn conflict_in_legacy(what: &str) -> StoreError {
@@ -418,7 +418,7 @@ fn sealing_again<T>(mut write: impl FnMut() -> Result<T>) -> Result<T> {
 
 impl Store {
     /// GET /user/api-key. With `count_use`, a found table key counts one use.
-    pub fn get_default_key(
+    pub(crate) fn get_default_key(
         &mut self,
         user_id: i64,
         provider: &Provider,
@@ -441,7 +441,7 @@ impl Store {
     }
 
     /// POST /user/api-key: sets the user's default key of the provider.
-    pub fn set_default_key(
+    pub(crate) fn set_default_key(
         &mut self,
         user_id: i64,
         provider: &Provider,
@@ -505,7 +505,7 @@ impl Store {
     }
 
     /// DELETE /user/api-key: removes the default key of the provider from every store of the phase.
-    pub fn delete_default_key(&mut self, user_id: i64, provider: &Provider) -> Result<()> {
+    pub(crate) fn delete_default_key(&mut self, user_id: i64, provider: &Provider) -> Result<()> {
         let provider = provider.clone();
         self.write(move |tx, ctx| {
             let phase = meta::phase(tx)?;
@@ -527,7 +527,7 @@ impl Store {
     }
 
     /// GET /user/api-keys. In phase dual a key found only in the column is moved first.
-    pub fn list_keys(&mut self, user_id: i64) -> Result<KeyList> {
+    pub(crate) fn list_keys(&mut self, user_id: i64) -> Result<KeyList> {
         if let Some(list) = self.read(|tx, ctx| list_in(tx, ctx, user_id, true))? {
             return Ok(list);
         }
@@ -547,7 +547,7 @@ impl Store {
     }
 
     /// POST /user/api-keys.
-    pub fn add_key(&mut self, user_id: i64, new: &NewKey) -> Result<KeyView> {
+    pub(crate) fn add_key(&mut self, user_id: i64, new: &NewKey) -> Result<KeyView> {
         sealing_again(|| self.add_key_once(user_id, new))
     }
 
@@ -601,7 +601,7 @@ impl Store {
     }
 
     /// DELETE /user/api-keys/{id}.
-    pub fn delete_key(&mut self, user_id: i64, id: i64) -> Result<()> {
+    pub(crate) fn delete_key(&mut self, user_id: i64, id: i64) -> Result<()> {
         self.write(move |tx, ctx| {
             let phase = meta::phase(tx)?;
             if phase == Phase::Legacy {
@@ -636,7 +636,7 @@ impl Store {
     }
 
     /// POST /user/migrate-api-keys: moves this user's column key, reporting a conflict.
-    pub fn migrate_user(&mut self, user_id: i64) -> Result<(Moved, Phase)> {
+    pub(crate) fn migrate_user(&mut self, user_id: i64) -> Result<(Moved, Phase)> {
         self.write(move |tx, ctx| {
             let phase = meta::phase(tx)?;
             match phase {

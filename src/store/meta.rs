@@ -31,7 +31,7 @@ fn set(conn: &Connection, name: &str, value: &str) -> Result<()> {
 
 /// The current phase. Read inside the caller's transaction. A change since this process last
 /// read it (a phase command run by another process) is logged once.
-pub fn phase(conn: &Connection) -> Result<Phase> {
+pub(crate) fn phase(conn: &Connection) -> Result<Phase> {
     let raw = get(conn, PHASE)?.unwrap_or_else(|| "dual".to_owned());
     let phase = Phase::parse(&raw).ok_or(StoreError::BadPhase { stored: raw })?;
     let code = phase_code(phase);
@@ -57,39 +57,39 @@ fn phase_code(p: Phase) -> u8 {
     }
 }
 
-pub fn set_phase(conn: &Connection, phase: Phase) -> Result<()> {
+pub(crate) fn set_phase(conn: &Connection, phase: Phase) -> Result<()> {
     set(conn, PHASE, phase.as_str())
 }
 
-pub fn key_id(conn: &Connection) -> Result<Option<String>> {
+pub(crate) fn key_id(conn: &Connection) -> Result<Option<String>> {
     get(conn, KEY_ID)
 }
 
-pub fn set_key_id(conn: &Connection, id: &str) -> Result<()> {
+pub(crate) fn set_key_id(conn: &Connection, id: &str) -> Result<()> {
     set(conn, KEY_ID, id)
 }
 
 /// Whether the user is still pending a backfill from phase legacy: their column value wins.
-pub fn backfill_pending(conn: &Connection, user_id: i64) -> Result<bool> {
+pub(crate) fn backfill_pending(conn: &Connection, user_id: i64) -> Result<bool> {
     Ok(conn
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM legacy_backfill WHERE user_id = ?1)")?
         .query_row([user_id], |r| r.get(0))?)
 }
 
 /// The user's OpenAI key is settled: the column no longer wins for them.
-pub fn backfill_done(conn: &Connection, user_id: i64) -> Result<()> {
+pub(crate) fn backfill_done(conn: &Connection, user_id: i64) -> Result<()> {
     conn.prepare_cached("DELETE FROM legacy_backfill WHERE user_id = ?1")?
         .execute([user_id])?;
     Ok(())
 }
 
 /// How many users are still pending a backfill from phase legacy.
-pub fn backfill_left(conn: &Connection) -> Result<u64> {
+pub(crate) fn backfill_left(conn: &Connection) -> Result<u64> {
     Ok(conn.query_row("SELECT COUNT(*) FROM legacy_backfill", [], |r| r.get(0))?)
 }
 
 /// `migrate` from phase legacy: every user holding a column key is pending.
-pub fn backfill_start(conn: &Connection) -> Result<u64> {
+pub(crate) fn backfill_start(conn: &Connection) -> Result<u64> {
     Ok(conn.execute(
         "INSERT OR IGNORE INTO legacy_backfill(user_id)
          SELECT id FROM users WHERE openai_api_key IS NOT NULL",
@@ -99,7 +99,7 @@ pub fn backfill_start(conn: &Connection) -> Result<u64> {
 
 /// Forgets every pending user (revert: in phase legacy the column is the truth for all).
 /// Also the users whose column became empty, when `only_empty_columns`.
-pub fn backfill_clear(conn: &Connection, only_empty_columns: bool) -> Result<u64> {
+pub(crate) fn backfill_clear(conn: &Connection, only_empty_columns: bool) -> Result<u64> {
     let sql = if only_empty_columns {
         "DELETE FROM legacy_backfill
          WHERE user_id IN (SELECT id FROM users WHERE openai_api_key IS NULL)"
@@ -111,7 +111,7 @@ pub fn backfill_clear(conn: &Connection, only_empty_columns: bool) -> Result<u64
 
 /// A database written by a version that kept one flag for the whole backfill: the users it
 /// covered (every column key) become pending, and the flag goes.
-pub fn upgrade_backfill_flag(conn: &Connection) -> Result<()> {
+pub(crate) fn upgrade_backfill_flag(conn: &Connection) -> Result<()> {
     if get(conn, OLD_BACKFILL_FLAG)?.is_some() {
         if column_present(conn)? {
             backfill_start(conn)?;
@@ -125,7 +125,7 @@ pub fn upgrade_backfill_flag(conn: &Connection) -> Result<()> {
 }
 
 /// Whether `users.openai_api_key` exists (it is dropped in phase new_only).
-pub fn column_present(conn: &Connection) -> Result<bool> {
+pub(crate) fn column_present(conn: &Connection) -> Result<bool> {
     let n: i64 = conn.query_row(
         "SELECT COUNT(*) FROM pragma_table_info('users') WHERE name = 'openai_api_key'",
         [],
@@ -135,7 +135,7 @@ pub fn column_present(conn: &Connection) -> Result<bool> {
 }
 
 /// Whether any sealed value is stored, in either store.
-pub fn has_encrypted_values(conn: &Connection) -> Result<bool> {
+pub(crate) fn has_encrypted_values(conn: &Connection) -> Result<bool> {
     let in_table: bool =
         conn.query_row("SELECT EXISTS (SELECT 1 FROM api_keys)", [], |r| r.get(0))?;
     if in_table {
@@ -154,7 +154,7 @@ pub fn has_encrypted_values(conn: &Connection) -> Result<bool> {
 
 /// How many values are stored: (in the legacy column, in the table). The total that progress
 /// lines count towards.
-pub fn stored_key_counts(conn: &Connection) -> Result<(u64, u64)> {
+pub(crate) fn stored_key_counts(conn: &Connection) -> Result<(u64, u64)> {
     let table: i64 = conn.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
     let column: i64 = if column_present(conn)? {
         conn.query_row(

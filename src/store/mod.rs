@@ -4,15 +4,15 @@
 //! reads the phase inside its own transaction (`store::keys`), so a phase command run by another
 //! process takes effect at the next request.
 
-pub mod classify;
+pub(crate) mod classify;
 mod group;
-pub mod keys;
-pub mod meta;
-pub mod phases;
-pub mod rotation;
-pub mod seed;
+pub(crate) mod keys;
+pub(crate) mod meta;
+pub(crate) mod phases;
+pub(crate) mod rotation;
+pub(crate) mod seed;
 mod usage;
-pub mod users;
+pub(crate) mod users;
 
 use rusqlite::{Connection, ErrorCode, Transaction, TransactionBehavior};
 use std::sync::Arc;
@@ -24,7 +24,7 @@ pub(crate) use usage::UsageLog;
 
 /// Which store a value was read from or written to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     /// The `api_keys` table.
     Table,
     /// The legacy column `users.openai_api_key`.
@@ -32,7 +32,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Source::Table => "api_keys",
             Source::Column => "users_column",
@@ -41,7 +41,7 @@ impl Source {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     #[error("the database stayed locked past the time limit")]
     Busy,
     #[error("this email is already registered")]
@@ -93,7 +93,7 @@ pub enum StoreError {
 
 /// Where a stored key is, in words: `api_keys (key 12)` or `users_column`. The one wording of
 /// an unreadable key, in logs and command output alike.
-pub fn place(store: Source, key_id: Option<i64>) -> String {
+pub(crate) fn place(store: Source, key_id: Option<i64>) -> String {
     match key_id {
         Some(id) => format!("{} (key {id})", store.as_str()),
         None => store.as_str().to_owned(),
@@ -109,19 +109,19 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-pub type Result<T> = std::result::Result<T, StoreError>;
+pub(crate) type Result<T> = std::result::Result<T, StoreError>;
 
 /// What the connections of this process to one database share: the group-commit queue and
 /// writer lock, and the usage counts not yet written. One per database, never a process
 /// global, so that two databases in one process never run each other's writes.
 #[derive(Default)]
-pub struct Shared {
+pub(crate) struct Shared {
     writes: GroupCommit,
     usage: UsageLog,
 }
 
 /// One connection and what the key operations need beside it.
-pub struct Store {
+pub(crate) struct Store {
     conn: Connection,
     ring: Arc<KeyRing>,
     shared: Arc<Shared>,
@@ -130,7 +130,7 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn new(conn: Connection, ring: Arc<KeyRing>, shared: Arc<Shared>) -> Store {
+    pub(crate) fn new(conn: Connection, ring: Arc<KeyRing>, shared: Arc<Shared>) -> Store {
         Store {
             conn,
             ring,
@@ -140,24 +140,24 @@ impl Store {
     }
 
     /// Sets the per-user key limit (`KEYRACK_MAX_KEYS_PER_USER`).
-    pub fn with_key_limit(mut self, limit: i64) -> Store {
+    pub(crate) fn with_key_limit(mut self, limit: i64) -> Store {
         self.key_limit = limit;
         self
     }
 
     /// Writes the usage counts still pending (the server's flusher, once a second and at exit).
-    pub fn flush_usage(&mut self) -> Result<usize> {
+    pub(crate) fn flush_usage(&mut self) -> Result<usize> {
         self.shared.usage.flush(&mut self.conn, &self.shared.writes)
     }
 
     /// The phase, as the next request will see it (GET /healthz).
-    pub fn phase(&self) -> Result<Phase> {
+    pub(crate) fn phase(&self) -> Result<Phase> {
         meta::phase(&self.conn)
     }
 
     /// The phase, the schema version and the counts of every stored value, read in one
     /// transaction so that they agree (`keyrack status`, GET /admin/status).
-    pub fn survey(&mut self) -> Result<(Phase, i64, phases::Survey)> {
+    pub(crate) fn survey(&mut self) -> Result<(Phase, i64, phases::Survey)> {
         let tx = self.conn.transaction()?;
         let phase = meta::phase(&tx)?;
         let schema_version = crate::db::schema_version(&tx)?;
@@ -168,7 +168,7 @@ impl Store {
 
     /// Runs `f` in an IMMEDIATE transaction of its own and commits when it returns `Ok`. For
     /// large one-off work (fixtures); requests use `write`, which shares commits.
-    pub fn write_alone<T>(
+    pub(crate) fn write_alone<T>(
         &mut self,
         f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T>,
     ) -> Result<T> {
@@ -179,7 +179,7 @@ impl Store {
 
     /// Runs `f` as one write and returns once it is committed and synced, possibly in one
     /// transaction with other writers' writes (group commit, `store::group`).
-    pub fn write<T: Send + 'static>(
+    pub(crate) fn write<T: Send + 'static>(
         &mut self,
         f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
@@ -191,7 +191,7 @@ impl Store {
     }
 
     /// Runs `f` in a read transaction: one consistent snapshot, no lock taken for writing.
-    pub fn read<T>(
+    pub(crate) fn read<T>(
         &mut self,
         f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T>,
     ) -> Result<T> {
@@ -215,12 +215,12 @@ impl Store {
 }
 
 /// What a transaction body may use beside the transaction itself.
-pub struct Ctx<'a> {
-    pub ring: &'a KeyRing,
+pub(crate) struct Ctx<'a> {
+    pub(crate) ring: &'a KeyRing,
     pub(crate) usage: &'a UsageLog,
 }
 
-pub use crate::clock::{now, rfc3339};
+pub(crate) use crate::clock::{now, rfc3339};
 
 /// True when the error is a UNIQUE constraint violation.
 fn is_unique_violation(e: &rusqlite::Error) -> bool {

@@ -16,26 +16,26 @@ use crate::phase::Phase;
 const OPENAI: &str = Provider::OPENAI;
 
 /// Up to this many user ids are named for each kind of problem.
-pub const SAMPLE: usize = 20;
+pub(crate) const SAMPLE: usize = 20;
 
 /// A count, and up to `SAMPLE` of the user ids counted, for a report: the shape of every
 /// problem a phase command counts.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Tally {
-    pub count: u64,
+pub(crate) struct Tally {
+    pub(crate) count: u64,
     /// The first `SAMPLE` user ids counted, each once when counted in a row.
-    pub ids: Vec<i64>,
+    pub(crate) ids: Vec<i64>,
 }
 
 impl Tally {
     /// Counts one more, for user `id`.
-    pub fn add(&mut self, id: i64) {
+    pub(crate) fn add(&mut self, id: i64) {
         self.count += 1;
         self.sample(id);
     }
 
     /// Adds the count and ids of `other` (one batch's, to a whole run's).
-    pub fn merge(&mut self, other: &Tally) {
+    pub(crate) fn merge(&mut self, other: &Tally) {
         self.count += other.count;
         other.ids.iter().for_each(|&id| self.sample(id));
     }
@@ -67,20 +67,20 @@ fn opener(ring: &KeyRing, user_id: i64) -> impl Fn(&str) -> Option<Secret> + '_ 
 
 /// Counts of the whole store, as `keyrack status` reports them.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Survey {
-    pub users: u64,
-    pub column_keys: u64,
-    pub table_keys: u64,
-    pub unmigrated: Tally,
-    pub conflicts: Tally,
-    pub undecryptable: Tally,
+pub(crate) struct Survey {
+    pub(crate) users: u64,
+    pub(crate) column_keys: u64,
+    pub(crate) table_keys: u64,
+    pub(crate) unmigrated: Tally,
+    pub(crate) conflicts: Tally,
+    pub(crate) undecryptable: Tally,
     /// Users still pending a backfill from phase legacy (the column wins for them).
-    pub backfill_left: u64,
+    pub(crate) backfill_left: u64,
 }
 
 impl Survey {
     /// One line per kind of problem found: `unmigrated: user ids 3, 7`.
-    pub fn problem_lines(&self) -> Vec<String> {
+    pub(crate) fn problem_lines(&self) -> Vec<String> {
         [
             ("unmigrated", &self.unmigrated.ids),
             ("conflicts", &self.conflicts.ids),
@@ -134,7 +134,7 @@ fn column_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ColumnRow> {
 
 /// Decrypts every stored value and compares the column with the table, streaming (memory does
 /// not grow with the number of keys).
-pub fn survey(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<Survey> {
+pub(crate) fn survey(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<Survey> {
     let mut s = Survey {
         users: conn.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?,
         backfill_left: meta::backfill_left(conn)?,
@@ -184,18 +184,18 @@ pub fn survey(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<Survey>
 
 /// Counts of one backfill batch (or of a whole `migrate`).
 #[derive(Debug, Default, Clone)]
-pub struct Backfill {
-    pub migrated: u64,
-    pub already_migrated: u64,
-    pub conflicts: Tally,
-    pub failed: Tally,
+pub(crate) struct Backfill {
+    pub(crate) migrated: u64,
+    pub(crate) already_migrated: u64,
+    pub(crate) conflicts: Tally,
+    pub(crate) failed: Tally,
     /// The last user id looked at; `None` when there was nothing after `after`.
-    pub last_user_id: Option<i64>,
-    pub users_seen: u64,
+    pub(crate) last_user_id: Option<i64>,
+    pub(crate) users_seen: u64,
 }
 
 impl Backfill {
-    pub fn add(&mut self, b: &Backfill) {
+    pub(crate) fn add(&mut self, b: &Backfill) {
         self.migrated += b.migrated;
         self.already_migrated += b.already_migrated;
         self.conflicts.merge(&b.conflicts);
@@ -219,7 +219,7 @@ impl Backfill {
 /// wins for them until settled), and a default OpenAI row of a user whose column is empty (the
 /// user removed the key in phase legacy) stays as an extra key, no longer the default. Returns
 /// (users pending, rows no longer default).
-pub fn start_backfill_from_legacy(tx: &Transaction<'_>) -> Result<(u64, u64)> {
+pub(crate) fn start_backfill_from_legacy(tx: &Transaction<'_>) -> Result<(u64, u64)> {
     let pending = meta::backfill_start(tx)?;
     let undefaulted = tx.execute(
         "UPDATE api_keys SET is_default = 0
@@ -232,7 +232,7 @@ pub fn start_backfill_from_legacy(tx: &Transaction<'_>) -> Result<(u64, u64)> {
 
 /// One batch of Phase 1: settles the next `limit` users after `after` that hold a column key.
 /// Runs in the caller's IMMEDIATE transaction.
-pub fn backfill_batch(
+pub(crate) fn backfill_batch(
     tx: &Transaction<'_>,
     ring: &KeyRing,
     shared: &Shared,
@@ -271,7 +271,7 @@ pub fn backfill_batch(
 
 /// What `migrate` would do, without writing (`--dry-run`): each column value as the backfill
 /// would judge it. From phase legacy every column key would be pending (the column wins).
-pub fn backfill_plan(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<Backfill> {
+pub(crate) fn backfill_plan(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<Backfill> {
     let mut b = Backfill::default();
     let mut stmt = conn.prepare(column_rows_sql(false))?;
     let mut rows = stmt.query([])?;
@@ -290,7 +290,7 @@ pub fn backfill_plan(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<
 /// The last check of `remove-legacy-column`, inside its final transaction: the users whose two
 /// stores differ by sealed text, judged by `classify` (a writer other than keyrack may have
 /// changed the column since the survey), and the users still pending backfill.
-pub fn recheck_before_drop(tx: &Transaction<'_>, ring: &KeyRing) -> Result<Survey> {
+pub(crate) fn recheck_before_drop(tx: &Transaction<'_>, ring: &KeyRing) -> Result<Survey> {
     let mut s = Survey {
         backfill_left: meta::backfill_left(tx)?,
         ..Survey::default()
@@ -310,7 +310,7 @@ pub fn recheck_before_drop(tx: &Transaction<'_>, ring: &KeyRing) -> Result<Surve
 }
 
 /// Phase 3: drops the legacy column (and keyrack's index on it first, which SQLite requires).
-pub fn drop_column(tx: &Transaction<'_>) -> Result<()> {
+pub(crate) fn drop_column(tx: &Transaction<'_>) -> Result<()> {
     tx.execute_batch(
         "DROP INDEX IF EXISTS users_by_key_id; ALTER TABLE users DROP COLUMN openai_api_key",
     )?;
@@ -319,7 +319,7 @@ pub fn drop_column(tx: &Transaction<'_>) -> Result<()> {
 
 /// The index of the legacy column's key ids (the table's is created by a schema migration; the
 /// column comes and goes with the phase commands, so its index is kept here).
-pub fn ensure_column_index(conn: &Connection) -> Result<()> {
+pub(crate) fn ensure_column_index(conn: &Connection) -> Result<()> {
     if meta::column_present(conn)? {
         conn.execute_batch(
             "CREATE INDEX IF NOT EXISTS users_by_key_id ON users(substr(openai_api_key, 5, 16))",
@@ -330,49 +330,49 @@ pub fn ensure_column_index(conn: &Connection) -> Result<()> {
 
 /// What `revert` writes into the column and what it keeps.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct RevertPlan {
+pub(crate) struct RevertPlan {
     /// Default OpenAI table keys written into an empty column.
-    pub written: u64,
+    pub(crate) written: u64,
     /// Column values that already hold the table's key.
-    pub in_step: u64,
+    pub(crate) in_step: u64,
     /// Column values kept as they are: the table lacks them.
-    pub kept_unmigrated: u64,
+    pub(crate) kept_unmigrated: u64,
     /// Column values kept as they are: they do not open (undecryptable, sealed with a key that
     /// is not configured, not in keyrack's format).
-    pub kept_unreadable: u64,
+    pub(crate) kept_unreadable: u64,
     /// Column values kept as they are: newer than the table's key (users pending backfill from
     /// phase legacy), or the table's key does not open.
-    pub kept_newer: u64,
+    pub(crate) kept_newer: u64,
     /// Column values that conflict with the table's key: replaced by the table's key (the one
     /// served in phase dual), each first kept in `api_keys` as an extra OpenAI key.
-    pub overwritten: Tally,
+    pub(crate) overwritten: Tally,
     /// Up to `SAMPLE` user ids of the kept values.
-    pub kept_ids: Vec<i64>,
+    pub(crate) kept_ids: Vec<i64>,
     /// Table keys that stay in `api_keys`, unreachable in phase legacy (other providers, extra
     /// keys), the extra keys `revert` adds included.
-    pub table_stay: u64,
+    pub(crate) table_stay: u64,
 }
 
 impl RevertPlan {
-    pub fn kept(&self) -> u64 {
+    pub(crate) fn kept(&self) -> u64 {
         self.kept_unmigrated + self.kept_unreadable + self.kept_newer
     }
 
     /// Keys in the legacy column once the revert is done.
-    pub fn in_column(&self) -> u64 {
+    pub(crate) fn in_column(&self) -> u64 {
         self.written + self.in_step + self.kept() + self.overwritten.count
     }
 }
 
 /// The name of the extra key that keeps a conflicting column value `revert` replaces.
-pub const KEPT_AT_REVERT: &str = "legacy column value kept at revert";
+pub(crate) const KEPT_AT_REVERT: &str = "legacy column value kept at revert";
 
 /// `revert`'s plan (`apply` false: nothing written) or its work (`apply` true, in the caller's
 /// IMMEDIATE transaction, which also sets phase legacy): re-adds the column if it is gone, writes
 /// each user's default OpenAI key into an empty column, keeps every column value the table lacks
 /// or cannot replace exactly as it is, and replaces a conflicting one by the table's key after
 /// keeping it in `api_keys` as an extra key. No key is lost; no row of `api_keys` is deleted.
-pub fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<RevertPlan> {
+pub(crate) fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<RevertPlan> {
     let mut plan = RevertPlan::default();
     let column = meta::column_present(tx)?;
     if apply && !column {
@@ -445,7 +445,7 @@ pub fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<RevertPlan
 /// The ids of the keys that sealed the stored values, found by seeks on the key-id indexes
 /// (a few per key in use), never by reading or decrypting every value. Values not in keyrack's
 /// format name no key and are left out.
-pub fn key_ids_in_use(conn: &Connection) -> Result<BTreeSet<String>> {
+pub(crate) fn key_ids_in_use(conn: &Connection) -> Result<BTreeSet<String>> {
     let mut ids = BTreeSet::new();
     for (table, col) in stores(conn)? {
         let next_sql = format!(
@@ -473,7 +473,7 @@ pub fn key_ids_in_use(conn: &Connection) -> Result<BTreeSet<String>> {
 }
 
 /// How many stored values were sealed with key `id` (an index range count).
-pub fn count_sealed_with(conn: &Connection, id: &KeyId) -> Result<u64> {
+pub(crate) fn count_sealed_with(conn: &Connection, id: &KeyId) -> Result<u64> {
     let mut n = 0;
     for (table, col) in stores(conn)? {
         n += conn.query_row(

@@ -13,25 +13,25 @@ const OPENAI: &str = Provider::OPENAI;
 
 /// The two stores a sealed value can live in, for `reseal_batch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sealed {
+pub(crate) enum Sealed {
     Table,
     Column,
 }
 
 /// Counts of one rotation batch.
 #[derive(Debug, Default)]
-pub struct Reseal {
-    pub resealed: u64,
-    pub current: u64,
-    pub failed: Tally,
+pub(crate) struct Reseal {
+    pub(crate) resealed: u64,
+    pub(crate) current: u64,
+    pub(crate) failed: Tally,
     /// The last row (table) or user (column) id looked at; `None` when nothing was left.
-    pub last_id: Option<i64>,
+    pub(crate) last_id: Option<i64>,
 }
 
 /// One batch of `rotate-encryption-key`: re-seals, under the current key, the next `limit`
 /// values of one store after id `after`. A default OpenAI row's column mirror is re-sealed with
 /// it (the two stay one sealed text) and is not visited again in the column pass.
-pub fn reseal_batch(
+pub(crate) fn reseal_batch(
     tx: &Transaction<'_>,
     ring: &KeyRing,
     which: Sealed,

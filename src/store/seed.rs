@@ -14,7 +14,7 @@ const OPENAI: &str = Provider::OPENAI;
 
 /// A user's OpenAI key as the application before keyrack held it: in the legacy column, or,
 /// once the column is gone (phase new_only), as the default OpenAI row.
-pub fn legacy_key(
+pub(crate) fn legacy_key(
     tx: &Transaction<'_>,
     ring: &KeyRing,
     phase: Phase,
@@ -48,7 +48,12 @@ fn column_key(tx: &Transaction<'_>, ring: &KeyRing, user_id: i64, key: &ApiKey) 
 
 /// A table row. The first key of a provider becomes its default unless `is_default` says
 /// otherwise for a later one.
-pub fn table_key(tx: &Transaction<'_>, ring: &KeyRing, user_id: i64, new: &NewKey) -> Result<()> {
+pub(crate) fn table_key(
+    tx: &Transaction<'_>,
+    ring: &KeyRing,
+    user_id: i64,
+    new: &NewKey,
+) -> Result<()> {
     let p = new.provider.as_str();
     let has_default = default_row(tx, user_id, p)?.is_some();
     let make_default = !has_default || new.is_default == Some(true);

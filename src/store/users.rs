@@ -6,25 +6,25 @@ use super::{is_unique_violation, now, Result, Store, StoreError};
 use crate::domain::Email;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct User {
-    pub id: i64,
-    pub email: String,
+pub(crate) struct User {
+    pub(crate) id: i64,
+    pub(crate) email: String,
 }
 
 /// What a login needs: the user and their password hash.
 #[derive(Debug)]
-pub struct Credentials {
-    pub user: User,
-    pub password_hash: String,
+pub(crate) struct Credentials {
+    pub(crate) user: User,
+    pub(crate) password_hash: String,
 }
 
 impl Store {
-    pub fn create_user(&mut self, email: &Email, password_hash: &str) -> Result<User> {
+    pub(crate) fn create_user(&mut self, email: &Email, password_hash: &str) -> Result<User> {
         let (email, hash) = (email.clone(), password_hash.to_owned());
         self.write(move |tx, _| insert_user(tx, &email, &hash))
     }
 
-    pub fn credentials(&mut self, email: &str) -> Result<Option<Credentials>> {
+    pub(crate) fn credentials(&mut self, email: &str) -> Result<Option<Credentials>> {
         self.read(|tx, _| {
             Ok(tx
                 .prepare_cached("SELECT id, email, password_hash FROM users WHERE email = ?1")?
@@ -41,7 +41,7 @@ impl Store {
         })
     }
 
-    pub fn create_session(
+    pub(crate) fn create_session(
         &mut self,
         user_id: i64,
         token_hash: &[u8],
@@ -63,7 +63,7 @@ impl Store {
     }
 
     /// The user a live session token belongs to.
-    pub fn session_user(&mut self, token_hash: &[u8]) -> Result<Option<User>> {
+    pub(crate) fn session_user(&mut self, token_hash: &[u8]) -> Result<Option<User>> {
         let conn = &self.conn;
         Ok(conn
             .prepare_cached(
@@ -79,7 +79,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn delete_session(&mut self, token_hash: &[u8]) -> Result<()> {
+    pub(crate) fn delete_session(&mut self, token_hash: &[u8]) -> Result<()> {
         let token_hash = token_hash.to_vec();
         self.write(move |tx, _| {
             tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
@@ -92,7 +92,7 @@ impl Store {
 impl Store {
     /// Deletes every expired session (they no longer authenticate; this keeps the table from
     /// growing with sessions nobody ends). Returns how many went.
-    pub fn prune_sessions(&mut self) -> Result<u64> {
+    pub(crate) fn prune_sessions(&mut self) -> Result<u64> {
         self.write_alone(|tx, _| {
             let n = tx
                 .prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?
