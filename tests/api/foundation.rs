@@ -336,29 +336,11 @@ fn unknown_route_404_and_wrong_method_405_with_allow() {
     assert_eq!(r.status, 404);
 }
 
-/// Sends raw bytes and reads the whole answer until the server closes or `limit` passes.
-fn raw_exchange(addr: &str, request: &[u8]) -> String {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-        .unwrap();
-    let _ = c.write_all(request);
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match c.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[test]
 fn payload_too_large_by_content_length_is_refused_unread() {
     let s = Env::new().serve();
     // Declares 1 GiB and sends none of it: the answer comes at once and the connection closes.
-    let ans = raw_exchange(
+    let ans = exchange(
         &s.addr,
         b"POST /auth/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n",
     );
@@ -397,7 +379,7 @@ fn payload_too_large_one_mib_body() {
         chunked.extend_from_slice(b"\r\n");
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
-    let ans = raw_exchange(&s.addr, &chunked);
+    let ans = exchange(&s.addr, &chunked);
     assert!(ans.starts_with("HTTP/1.1 413"), "{ans}");
     assert_eq!(s.get("/healthz", None).status, 200);
 }
@@ -588,9 +570,7 @@ fn an_idle_keep_alive_connection_is_closed() {
     use std::io::Read;
     let s = Env::new().var("KEYRACK_IDLE_TIMEOUT", "1").serve();
     let start = std::time::Instant::now();
-    let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
-    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
+    let mut c = connect(&s.addr, std::time::Duration::from_secs(10));
     // Sends nothing: the server closes the connection (it would otherwise hold a thread). The
     // client's own timeout is an error here, never taken for a close.
     let mut buf = [0u8; 64];
@@ -606,7 +586,7 @@ fn an_idle_keep_alive_connection_is_closed() {
 fn a_refused_body_that_never_comes_does_not_hold_the_worker() {
     use std::io::{Read, Write};
     let s = Env::new().serve_with(&["--workers", "1"]);
-    let mut a = std::net::TcpStream::connect(&s.addr).unwrap();
+    let mut a = connect(&s.addr, std::time::Duration::from_secs(20));
     a.write_all(b"POST /auth/register HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n")
         .unwrap();
     let mut got = Vec::new();

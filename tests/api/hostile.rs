@@ -6,16 +6,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-/// Sends `request` and reads the answer until the server closes the connection.
-fn exchange(addr: &str, request: &[u8]) -> String {
-    let mut c = TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let _ = c.write_all(request);
-    let mut out = Vec::new();
-    let _ = c.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[test]
 fn oversized_request_line_is_414_and_headers_431() {
     let s = Env::new().serve();

@@ -16,34 +16,6 @@ fn fast_env() -> Env {
         .var("KEYRACK_SOCKET_TIMEOUT", "2")
 }
 
-fn connect(addr: &str, read_timeout: Duration) -> TcpStream {
-    let c = TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(read_timeout)).unwrap();
-    c
-}
-
-/// Sends `request`, then reads until the server closes the connection or `limit` passes.
-/// Returns what was read and whether the server closed.
-fn exchange_within(addr: &str, request: &[u8], limit: Duration) -> (String, bool) {
-    let mut c = connect(addr, limit);
-    let _ = c.write_all(request);
-    let mut out = Vec::new();
-    let closed = c.read_to_end(&mut out).is_ok();
-    (String::from_utf8_lossy(&out).into_owned(), closed)
-}
-
-/// The answer to `request`, which must come, with the connection closed, within 3 s.
-fn answer_and_close(addr: &str, request: &[u8]) -> String {
-    let start = Instant::now();
-    let (ans, closed) = exchange_within(addr, request, Duration::from_secs(3));
-    assert!(
-        closed,
-        "not closed after {:?}; read so far: {ans:?}",
-        start.elapsed()
-    );
-    ans
-}
-
 fn count_responses(text: &str) -> usize {
     text.matches("HTTP/1.1 ").count()
 }

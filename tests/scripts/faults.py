@@ -27,6 +27,8 @@ import time
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from keyrack_http import request, serve
+
 BIN, SEED = sys.argv[1], sys.argv[2]
 ROUNDS = int(sys.argv[3]) if len(sys.argv) > 3 else 20
 KEYS = int(sys.argv[4]) if len(sys.argv) > 4 else 20000
@@ -171,23 +173,14 @@ def server_rounds(key, open_value):
     tokens = None
     expected = {}
     for r in range(ROUNDS):
-        p = subprocess.Popen([BIN, "--db", db, "serve", "--listen", "127.0.0.1:0"], env=env,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
-        line = p.stdout.readline()
-        host, port = line.strip().rsplit("//", 1)[1].split(":")
-        port = int(port)
+        p, host, port = serve(BIN, db, env)
 
         def call(method, path, body=None, token=None):
             c = http.client.HTTPConnection(host, port, timeout=30)
-            headers = {"Content-Type": "application/json"}
-            if token:
-                headers["Authorization"] = f"Bearer {token}"
-            c.request(method, path, json.dumps(body) if body is not None else None, headers)
-            resp = c.getresponse()
-            data = resp.read()
-            c.close()
-            return resp.status, data
+            try:
+                return request(c, method, path, body, token)
+            finally:
+                c.close()
 
         if tokens is not None:
             # The restart after the kill: every value the database held reveals, exactly.
@@ -259,12 +252,9 @@ def server_rounds(key, open_value):
         else:
             counts["ok"] += 1
     # The restart after the last kill, checked the same way.
-    p = subprocess.Popen([BIN, "--db", db, "serve", "--listen", "127.0.0.1:0"], env=env,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True)
-    host, port = p.stdout.readline().strip().rsplit("//", 1)[1].split(":")
+    p, host, port = serve(BIN, db, env)
     for i, want in expected.items():
-        c = http.client.HTTPConnection(host, int(port), timeout=30)
+        c = http.client.HTTPConnection(host, port, timeout=30)
         c.request("GET", "/user/api-key?reveal=true", headers={"Authorization": f"Bearer {tokens[i]}"})
         resp = c.getresponse()
         got = json.loads(resp.read()).get("api_key")

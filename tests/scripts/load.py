@@ -20,6 +20,8 @@ import tempfile
 import threading
 import time
 
+from keyrack_http import request, serve
+
 BIN = sys.argv[1]
 SECONDS = float(sys.argv[2]) if len(sys.argv) > 2 else 60
 USERS, CONNECTIONS = 50, 64
@@ -29,20 +31,7 @@ env = dict(os.environ, RUST_LOG="warn")
 env["KEYRACK_ENCRYPTION_KEY"] = subprocess.check_output([BIN, "gen-key"], text=True).strip()
 PASSWORD = "correct horse battery"
 
-server = subprocess.Popen([BIN, "--db", db, "serve", "--listen", "127.0.0.1:0"], env=env,
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=open(os.path.join(work, "server.log"), "w"), text=True)
-host, port = server.stdout.readline().strip().rsplit("//", 1)[1].split(":")
-port = int(port)
-
-
-def request(conn, method, path, body=None, token=None):
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    conn.request(method, path, json.dumps(body) if body is not None else None, headers)
-    resp = conn.getresponse()
-    return resp.status, resp.read()
+server, host, port = serve(BIN, db, env, stderr=open(os.path.join(work, "server.log"), "w"))
 
 
 setup = http.client.HTTPConnection(host, port, timeout=30)

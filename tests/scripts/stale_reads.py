@@ -18,6 +18,8 @@ import sys
 import tempfile
 import threading
 
+from keyrack_http import request, serve
+
 BIN = sys.argv[1]
 USERS = int(sys.argv[2]) if len(sys.argv) > 2 else 1500
 CYCLES = int(sys.argv[3]) if len(sys.argv) > 3 else 10
@@ -41,22 +43,15 @@ def run(*args):
 
 
 assert run("migrate").returncode == 0
-server = subprocess.Popen([BIN, "--db", db, "serve", "--listen", "127.0.0.1:0"], env=env,
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True)
-host, port = server.stdout.readline().strip().rsplit("//", 1)[1].split(":")
+server, host, port = serve(BIN, db, env)
 
 
 def call(conn, method, path, body=None, token=None):
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    conn.request(method, path, json.dumps(body) if body is not None else None, headers)
-    resp = conn.getresponse()
-    return resp.status, json.loads(resp.read() or b"null")
+    status, data = request(conn, method, path, body, token)
+    return status, json.loads(data or b"null")
 
 
-c = http.client.HTTPConnection(host, int(port), timeout=30)
+c = http.client.HTTPConnection(host, port, timeout=30)
 creds = {"email": "last@example.com", "password": "correct horse battery"}
 call(c, "POST", "/auth/register", creds)
 token = call(c, "POST", "/auth/login", creds)[1]["token"]
@@ -72,7 +67,7 @@ for cycle in range(CYCLES):
     seen = {"reads": 0, "stale": 0, "other": 0}
 
     def reader():
-        rc = http.client.HTTPConnection(host, int(port), timeout=30)
+        rc = http.client.HTTPConnection(host, port, timeout=30)
         while not stop.is_set():
             status, body = call(rc, "GET", "/user/api-key?reveal=true", None, token)
             seen["reads"] += 1

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
@@ -517,4 +517,40 @@ pub fn within(bound: Duration) -> Duration {
     } else {
         bound
     }
+}
+
+// ---- raw connections, for what an HTTP client library would not send ----------------------
+
+/// A raw connection to the server, reads timing out after `read_timeout`.
+pub fn connect(addr: &str, read_timeout: Duration) -> std::net::TcpStream {
+    let c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(read_timeout)).unwrap();
+    c
+}
+
+/// Sends `request`, then reads until the server closes the connection or `limit` passes.
+/// Returns what was read and whether the server closed.
+pub fn exchange_within(addr: &str, request: &[u8], limit: Duration) -> (String, bool) {
+    let mut c = connect(addr, limit);
+    let _ = c.write_all(request);
+    let mut out = Vec::new();
+    let closed = c.read_to_end(&mut out).is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// The answer to `request`, which must come, with the connection closed, within 3 s.
+pub fn answer_and_close(addr: &str, request: &[u8]) -> String {
+    let start = Instant::now();
+    let (ans, closed) = exchange_within(addr, request, Duration::from_secs(3));
+    assert!(
+        closed,
+        "not closed after {:?}; read so far: {ans:?}",
+        start.elapsed()
+    );
+    ans
+}
+
+/// Sends `request` and reads the answer until the server closes the connection (20 s at most).
+pub fn exchange(addr: &str, request: &[u8]) -> String {
+    exchange_within(addr, request, Duration::from_secs(20)).0
 }
