@@ -273,6 +273,28 @@ impl BackupTo {
         }
     }
 
+    /// For a plan: refuses a `--backup PATH` as the real run would (a path that exists, a
+    /// folder that does not), without creating anything.
+    fn check(&self) -> Result<(), Failure> {
+        let BackupTo::Given(p) = self else {
+            return Ok(());
+        };
+        if std::fs::symlink_metadata(p).is_ok() {
+            return Err(already_exists(p));
+        }
+        let folder = match p.parent() {
+            Some(f) if !f.as_os_str().is_empty() => f,
+            _ => Path::new("."),
+        };
+        if !folder.is_dir() {
+            return Err(cannot_create(
+                p,
+                &std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        Ok(())
+    }
+
     /// Writes the backup and returns its path. The file is created here, new (never over an
     /// existing file or through a symbolic link) and readable by its owner only; a backup that
     /// fails is removed.
@@ -281,17 +303,9 @@ impl BackupTo {
             BackupTo::Given(p) => match create_backup_file(p) {
                 Ok(f) => (p.clone(), f),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return Err(Failure::Refused(format!(
-                        "refused: {} already exists (a backup never replaces a file or follows a symbolic link); give another --backup PATH; nothing was changed",
-                        p.display()
-                    )))
+                    return Err(already_exists(p))
                 }
-                Err(e) => {
-                    return Err(Failure::Refused(format!(
-                        "refused: cannot create the backup file {} ({e}); nothing was changed",
-                        p.display()
-                    )))
-                }
+                Err(e) => return Err(cannot_create(p, &e)),
             },
             BackupTo::Beside(db) => {
                 let stamp = time::OffsetDateTime::now_utc()
@@ -312,12 +326,7 @@ impl BackupTo {
                         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => {
                             n += 1
                         }
-                        Err(e) => {
-                            return Err(Failure::Refused(format!(
-                                "refused: cannot create the backup file {} ({e}); nothing was changed",
-                                p.display()
-                            )))
-                        }
+                        Err(e) => return Err(cannot_create(&p, &e)),
                     }
                 }
             }
@@ -335,6 +344,20 @@ impl BackupTo {
         println!("backup written to {}", path.display());
         Ok(path)
     }
+}
+
+fn already_exists(p: &Path) -> Failure {
+    Failure::Refused(format!(
+        "refused: {} already exists (a backup never replaces a file or follows a symbolic link); give another --backup PATH; nothing was changed",
+        p.display()
+    ))
+}
+
+fn cannot_create(p: &Path, e: &std::io::Error) -> Failure {
+    Failure::Refused(format!(
+        "refused: cannot create the backup file {} ({e}); nothing was changed",
+        p.display()
+    ))
 }
 
 /// A new, empty file, mode 0600; an existing file or a symbolic link at `path` is refused
@@ -399,6 +422,7 @@ pub fn remove_legacy_column(
         unreachable!("BackupTo::new refuses :memory:")
     };
     if dry_run {
+        backup_to.check()?;
         println!(
             "dry run: the checks pass (unmigrated 0, conflicts 0, undecryptable 0); remove-legacy-column would write a backup to {}, then drop users.openai_api_key ({} column keys, all in api_keys) and set phase new_only; nothing was written",
             backup_to.describe(),
@@ -516,6 +540,7 @@ pub fn revert(
     };
     let backup_to = BackupTo::new(db, backup, "revert")?;
     if dry_run {
+        backup_to.check()?;
         println!(
             "dry run: revert would write a backup to {}, then return the database from phase {before} to phase legacy:",
             backup_to.describe()

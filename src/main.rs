@@ -126,7 +126,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
         _ => None,
     };
 
-    let app = app::App::open(config)?;
+    let dry_run = matches!(
+        command,
+        Cmd::Migrate { dry_run: true }
+            | Cmd::RemoveLegacyColumn { dry_run: true, .. }
+            | Cmd::Revert { dry_run: true, .. }
+    );
+    let app = if dry_run {
+        app::App::open_copy(config)?
+    } else {
+        app::App::open(config)?
+    };
     match command {
         Cmd::Serve(args) => {
             app.check_keys_for_serving()?;

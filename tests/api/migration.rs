@@ -743,3 +743,91 @@ fn a_backup_path_is_a_plain_new_file_never_a_uri_or_a_link() {
     assert!(!target.exists());
     assert_eq!(std::fs::read(env.path("taken.db")).unwrap(), b"keep me");
 }
+
+/// The files of the environment's directory with their bytes, to show that a command wrote
+/// nothing at all (no schema upgrade, no journal mode change, no key file, no leftover WAL).
+fn files_in(env: &Env) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn dry_runs_on_a_database_of_the_previous_version_or_a_missing_path_write_nothing() {
+    // A database as the version before the per-user backfill marker left it: schema 2, the one
+    // flag `backfill_from_legacy`, no key-id indexes, a rollback journal.
+    let env = legacy_env(3);
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
+    sql(
+        &env.db(),
+        "DELETE FROM refinery_schema_history WHERE version = 3;
+         DROP TABLE legacy_backfill; DROP INDEX api_keys_by_key_id; DROP INDEX users_by_key_id;
+         INSERT INTO keyrack_meta(name, value) VALUES ('backfill_from_legacy', '1');
+         PRAGMA journal_mode = DELETE;",
+    );
+    let before = files_in(&env);
+    for args in [
+        &["migrate", "--dry-run"][..],
+        &["revert", "--dry-run"],
+        &["remove-legacy-column", "--dry-run"],
+    ] {
+        let out = env.run(args);
+        assert!(
+            stdout(&out).contains("nothing was written") || out.status.code() == Some(3),
+            "{args:?}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        assert!(
+            files_in(&env) == before,
+            "{args:?} wrote to the database's files"
+        );
+    }
+    // The plan is the one the upgraded database would follow: every user pending is copied.
+    let out = env.run(&["migrate", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // A path that does not exist: exit 2 naming it, and no database or key file appears.
+    let env = Env::without_key();
+    for cmd in ["migrate", "revert", "remove-legacy-column"] {
+        let out = env.run(&[cmd, "--dry-run"]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", stdout(&out));
+        assert!(stderr(&out).contains("keyrack.db"), "{}", stderr(&out));
+        assert!(files_in(&env).is_empty(), "{cmd} created files");
+    }
+}
+
+#[test]
+fn a_dry_run_refuses_a_backup_path_as_the_real_run_would() {
+    let env = legacy_env(2);
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
+    std::fs::write(env.path("taken.db"), b"keep me").unwrap();
+    for cmd in ["revert", "remove-legacy-column"] {
+        for path in ["taken.db", "no/such/dir/b.db"] {
+            let real = env.run(&[cmd, "--yes", "--backup", path]);
+            let dry = env.run(&[cmd, "--dry-run", "--backup", path]);
+            assert_eq!(
+                real.status.code(),
+                Some(3),
+                "{cmd} {path}: {}",
+                stderr(&real)
+            );
+            assert_eq!(
+                dry.status.code(),
+                real.status.code(),
+                "{cmd} --dry-run --backup {path}: {}",
+                stdout(&dry)
+            );
+        }
+    }
+    assert_eq!(std::fs::read(env.path("taken.db")).unwrap(), b"keep me");
+    assert_eq!(status_json(&env)["phase"], "dual");
+}
