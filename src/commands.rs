@@ -295,51 +295,83 @@ impl BackupTo {
         Ok(())
     }
 
-    /// Writes the backup and returns its path. The file is created here, new (never over an
-    /// existing file or through a symbolic link) and readable by its owner only; a backup that
-    /// fails is removed.
-    fn write(&self, conn: &rusqlite::Connection) -> Result<PathBuf, Failure> {
-        let (path, file) = match self {
-            BackupTo::Given(p) => match create_backup_file(p) {
-                Ok(f) => (p.clone(), f),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return Err(already_exists(p))
-                }
-                Err(e) => return Err(cannot_create(p, &e)),
-            },
+    /// The `n`th name tried for the backup (`n` > 1 only beside the database, when a backup of
+    /// the same second exists).
+    fn name(&self, n: u32, stamp: &str) -> PathBuf {
+        match self {
+            BackupTo::Given(p) => p.clone(),
             BackupTo::Beside(db) => {
-                let stamp = time::OffsetDateTime::now_utc()
-                    .format(time::macros::format_description!(
-                        "[year][month][day]-[hour][minute][second]"
-                    ))
-                    .unwrap_or_else(|_| "backup".into());
-                let mut n = 1;
-                loop {
-                    let mut s = db.as_os_str().to_owned();
-                    s.push(format!(".backup-{stamp}"));
-                    if n > 1 {
-                        s.push(format!("-{n}"));
-                    }
-                    let p = PathBuf::from(s);
-                    match create_backup_file(&p) {
-                        Ok(f) => break (p, f),
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => {
-                            n += 1
-                        }
-                        Err(e) => return Err(cannot_create(&p, &e)),
-                    }
+                let mut s = db.as_os_str().to_owned();
+                s.push(format!(".backup-{stamp}"));
+                if n > 1 {
+                    s.push(format!("-{n}"));
                 }
+                PathBuf::from(s)
             }
-        };
-        let written = crate::db::backup_to(conn, &path)
-            .map_err(|e| e.to_string())
-            .and_then(|()| file.sync_all().map_err(|e| e.to_string()));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&path);
-            return Err(Failure::Refused(format!(
+        }
+    }
+
+    /// Writes the backup and returns its path. The copy is written into a new file under a
+    /// temporary name beside it (never over an existing file or through a symbolic link,
+    /// readable by its owner only), synced, and only then given the backup's name by a hard link,
+    /// which never replaces a file: the backup's path holds a whole backup or nothing, even when
+    /// keyrack is killed while writing it, so that a rerun of the same command is not refused by
+    /// a partial copy. A backup that fails is removed.
+    fn write(&self, conn: &rusqlite::Connection) -> Result<PathBuf, Failure> {
+        let stamp = time::OffsetDateTime::now_utc()
+            .format(time::macros::format_description!(
+                "[year][month][day]-[hour][minute][second]"
+            ))
+            .unwrap_or_else(|_| "backup".into());
+        let mut n = 1;
+        let mut path = self.name(n, &stamp);
+        while std::fs::symlink_metadata(&path).is_ok() {
+            if matches!(self, BackupTo::Given(_)) || n >= 100 {
+                return Err(already_exists(&path));
+            }
+            n += 1;
+            path = self.name(n, &stamp);
+        }
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(format!(".partial-{:08x}", rand::random::<u32>()));
+        let partial = PathBuf::from(partial);
+        let file = create_backup_file(&partial).map_err(|e| cannot_create(&path, &e))?;
+        let failed = |path: &Path, e: String| {
+            let _ = std::fs::remove_file(&partial);
+            Failure::Refused(format!(
                 "refused: the backup to {} failed ({e}); it was removed; nothing was changed",
                 path.display()
-            )));
+            ))
+        };
+        crate::db::backup_to(conn, &partial).map_err(|e| failed(&path, e.to_string()))?;
+        file.sync_all().map_err(|e| failed(&path, e.to_string()))?;
+        loop {
+            match std::fs::hard_link(&partial, &path) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if matches!(self, BackupTo::Given(_)) || n >= 100 {
+                        let _ = std::fs::remove_file(&partial);
+                        return Err(already_exists(&path));
+                    }
+                    n += 1;
+                    path = self.name(n, &stamp);
+                }
+                // A file system without hard links: a rename, after a last check.
+                Err(_) if std::fs::symlink_metadata(&path).is_err() => {
+                    std::fs::rename(&partial, &path).map_err(|e| failed(&path, e.to_string()))?;
+                    break;
+                }
+                Err(e) => return Err(failed(&path, e.to_string())),
+            }
+        }
+        let _ = std::fs::remove_file(&partial);
+        // The new name is on disk before the command goes on.
+        let folder = match path.parent() {
+            Some(f) if !f.as_os_str().is_empty() => f,
+            _ => Path::new("."),
+        };
+        if let Ok(dir) = std::fs::File::open(folder) {
+            let _ = dir.sync_all();
         }
         println!("backup written to {}", path.display());
         Ok(path)

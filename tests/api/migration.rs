@@ -702,6 +702,12 @@ fn a_backup_that_fails_is_removed_and_nothing_changes() {
         );
         assert!(stderr(&out).contains("backup"), "{}", stderr(&out));
         assert!(!backup.exists(), "{cmd}: the partial backup was removed");
+        let left: Vec<String> = std::fs::read_dir(env.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(path))
+            .collect();
+        assert!(left.is_empty(), "{cmd}: left behind {left:?}");
         assert_eq!(snapshot(&env.db()), snap, "{cmd}: nothing changed");
     }
 }
@@ -830,4 +836,56 @@ fn a_dry_run_refuses_a_backup_path_as_the_real_run_would() {
     }
     assert_eq!(std::fs::read(env.path("taken.db")).unwrap(), b"keep me");
     assert_eq!(status_json(&env)["phase"], "dual");
+}
+
+#[test]
+fn a_revert_killed_while_writing_its_backup_is_finished_by_a_rerun_of_the_same_command() {
+    let env = legacy_env(20_000);
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
+    let named = |env: &Env| {
+        std::fs::read_dir(env.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("b.db"))
+            .collect::<Vec<_>>()
+    };
+    let mut child = std::process::Command::new(BIN)
+        .current_dir(env.dir.path())
+        .env("KEYRACK_ENCRYPTION_KEY", KEY_A)
+        .env("RUST_LOG", "warn")
+        .args(["--db", env.db().to_str().unwrap()])
+        .args(["revert", "--yes", "--backup", "b.db"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed as soon as the backup has begun (the copy of 20,000 keys takes a while).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while named(&env).is_empty() {
+        assert!(Instant::now() < deadline, "the backup never began");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        status_json(&env)["phase"],
+        "dual",
+        "killed before the revert"
+    );
+    // The same command again finishes, and the backup at the path is complete.
+    let out = env.run(&["revert", "--yes", "--backup", "b.db"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(integrity_ok(&env.path("b.db")));
+    assert_eq!(
+        int(&env.path("b.db"), "SELECT COUNT(openai_api_key) FROM users"),
+        20_000
+    );
+    assert_eq!(status_json(&env)["phase"], "legacy");
 }
