@@ -260,6 +260,15 @@ impl BackupTo {
                 "{command} needs a database file, not :memory:"
             )));
         };
+        if let Some(p) = given {
+            if is_own_file(db_path, p) {
+                return Err(Failure::Refused(format!(
+                    "refused: {} is one of the database's own files (SQLite would take a copy there \
+                     for its journal and delete it); give another --backup PATH; nothing was changed",
+                    p.display()
+                )));
+            }
+        }
         Ok(match given {
             Some(p) => BackupTo::Given(p.to_path_buf()),
             None => BackupTo::Beside(db_path.clone()),
@@ -376,6 +385,28 @@ impl BackupTo {
         println!("backup written to {}", path.display());
         Ok(path)
     }
+}
+
+/// Whether `path` names the database, its journal, WAL or shared-memory file, or its key file,
+/// however it is written (relative, through `..` or a linked folder).
+fn is_own_file(db: &Path, path: &Path) -> bool {
+    let resolve = |p: &Path| -> Option<PathBuf> {
+        let folder = match p.parent() {
+            Some(f) if !f.as_os_str().is_empty() => f,
+            _ => Path::new("."),
+        };
+        Some(std::fs::canonicalize(folder).ok()?.join(p.file_name()?))
+    };
+    let (Some(db), Some(path)) = (resolve(db), resolve(path)) else {
+        return false;
+    };
+    ["", "-journal", "-wal", "-shm", ".key"]
+        .iter()
+        .any(|suffix| {
+            let mut own = db.clone().into_os_string();
+            own.push(suffix);
+            own == path.as_os_str()
+        })
 }
 
 fn already_exists(p: &Path) -> Failure {

@@ -889,3 +889,39 @@ fn a_revert_killed_while_writing_its_backup_is_finished_by_a_rerun_of_the_same_c
     );
     assert_eq!(status_json(&env)["phase"], "legacy");
 }
+
+#[test]
+fn a_backup_path_that_is_one_of_the_databases_own_files_is_refused() {
+    // SQLite takes `keyrack.db-journal` for a journal of the database and deletes it at the next
+    // open: a backup written there would vanish.
+    let env = legacy_env(2);
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
+    let db = env.db();
+    let db = db.to_str().unwrap();
+    for path in [
+        "keyrack.db-journal".to_owned(),
+        "./keyrack.db-wal".to_owned(),
+        format!("{db}-shm"),
+        format!("{}/../{}/keyrack.db-journal", env.dir.path().display(), {
+            env.dir.path().file_name().unwrap().to_str().unwrap()
+        }),
+    ] {
+        for cmd in ["revert", "remove-legacy-column"] {
+            for dry in [false, true] {
+                let mut args = vec![cmd, "--yes", "--backup", &path];
+                if dry {
+                    args.push("--dry-run");
+                }
+                let out = env.run(&args);
+                assert_eq!(out.status.code(), Some(3), "{args:?}: {}", stdout(&out));
+                assert!(
+                    stderr(&out).contains("the database's own files"),
+                    "{}",
+                    stderr(&out)
+                );
+            }
+        }
+    }
+    assert_eq!(status_json(&env)["phase"], "dual");
+    assert!(!env.path("keyrack.db-journal").exists());
+}
