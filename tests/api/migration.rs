@@ -925,3 +925,34 @@ fn a_backup_path_that_is_one_of_the_databases_own_files_is_refused() {
     assert_eq!(status_json(&env)["phase"], "dual");
     assert!(!env.path("keyrack.db-journal").exists());
 }
+
+#[test]
+fn a_user_deleted_outside_keyrack_while_pending_does_not_block_the_backfill_forever() {
+    let env = legacy_env(3);
+    sql(
+        &env.db(),
+        "UPDATE users SET openai_api_key = 'not keyrack format' WHERE id = 2",
+    );
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(1), "user 2 fails");
+    assert_eq!(status_json(&env)["backfill_users_left"], 1);
+    // The operator removes the broken account by hand, with a client that does not enforce
+    // foreign keys (the sqlite3 shell's default): the user's rows elsewhere stay behind.
+    sql(
+        &env.db(),
+        "PRAGMA foreign_keys = OFF; DELETE FROM users WHERE id = 2",
+    );
+    let out = env.run(&["migrate"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(!stdout(&out).contains("unfinished"), "{}", stdout(&out));
+    let s = status_json(&env);
+    assert_eq!(s["backfill_users_left"], 0, "{s}");
+    assert_eq!(s["backfill_unfinished"], false, "{s}");
+    let out = env.run(&["remove-legacy-column", "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
