@@ -123,16 +123,23 @@ pub fn backfill_clear(conn: &Connection, only_empty_columns: bool) -> Result<u64
 
 /// A database written by a version that kept one flag for the whole backfill: the users it
 /// covered (every column key) become pending, and the flag goes.
+/// One transaction, so that two processes starting at once cannot mark again a user that a
+/// request of the first has settled in between.
 pub fn upgrade_backfill_flag(conn: &Connection) -> Result<()> {
-    if get(conn, OLD_BACKFILL_FLAG)?.is_some() {
-        if column_present(conn)? {
-            backfill_start(conn)?;
+    if get(conn, OLD_BACKFILL_FLAG)?.is_none() {
+        return Ok(());
+    }
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    if get(&tx, OLD_BACKFILL_FLAG)?.is_some() {
+        if column_present(&tx)? {
+            backfill_start(&tx)?;
         }
-        conn.execute(
+        tx.execute(
             "DELETE FROM keyrack_meta WHERE name = ?1",
             [OLD_BACKFILL_FLAG],
         )?;
     }
+    tx.commit()?;
     Ok(())
 }
 

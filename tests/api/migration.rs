@@ -956,3 +956,47 @@ fn a_user_deleted_outside_keyrack_while_pending_does_not_block_the_backfill_fore
     let out = env.run(&["remove-legacy-column", "--yes"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+#[test]
+fn the_previous_versions_flag_becomes_per_user_markers() {
+    // The previous version kept "the column wins" as one flag, set by a migrate from legacy that
+    // had not finished. Its column value is newer than the table's: after the upgrade the column
+    // still wins for that user; the flag itself is gone.
+    let env = Env::new();
+    let out = env.run(&["load-fixtures", &repo_fixture("conflict.json")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let old = "DELETE FROM refinery_schema_history WHERE version = 3;
+         DROP TABLE legacy_backfill; DROP INDEX api_keys_by_key_id; DROP INDEX users_by_key_id;";
+    sql(
+        &env.db(),
+        &format!(
+            "{old} INSERT INTO keyrack_meta(name, value) VALUES ('backfill_from_legacy', '1');"
+        ),
+    );
+    let s = status_json(&env);
+    assert_eq!(s["backfill_users_left"], 1, "{s}");
+    assert_eq!(s["conflicts"], 0, "{s}");
+    assert_eq!(
+        int(
+            &env.db(),
+            "SELECT COUNT(*) FROM keyrack_meta WHERE name = 'backfill_from_legacy'"
+        ),
+        0
+    );
+    let srv = env.serve();
+    let t = srv.login("cy@example.com");
+    assert_eq!(
+        srv.reveal(&t, "openai").as_deref(),
+        Some("sk-column-value-0123456789")
+    );
+    srv.terminate();
+    assert_eq!(status_json(&env)["backfill_users_left"], 0);
+
+    // Without the flag the same database shows a conflict, reported and not resolved.
+    let env = Env::new();
+    env.run(&["load-fixtures", &repo_fixture("conflict.json")]);
+    sql(&env.db(), old);
+    let s = status_json(&env);
+    assert_eq!(s["backfill_users_left"], 0, "{s}");
+    assert_eq!(s["conflicts"], 1, "{s}");
+}
