@@ -263,8 +263,9 @@ impl BackupTo {
         if let Some(p) = given {
             if is_own_file(db_path, p) {
                 return Err(Failure::Refused(format!(
-                    "refused: {} is one of the database's own files (SQLite would take a copy there \
-                     for its journal and delete it); give another --backup PATH; nothing was changed",
+                    "refused: {} is one of the database's own files (its journal, WAL, shared-memory \
+                     or key file: SQLite would delete or overwrite a copy there); give another \
+                     --backup PATH; nothing was changed",
                     p.display()
                 )));
             }
