@@ -1000,3 +1000,36 @@ fn the_previous_versions_flag_becomes_per_user_markers() {
     assert_eq!(s["backfill_users_left"], 0, "{s}");
     assert_eq!(s["conflicts"], 1, "{s}");
 }
+
+#[test]
+fn dry_runs_read_a_database_a_server_is_writing() {
+    // With a server running the WAL file exists: the plan reads the database through a
+    // read-only connection and sees what the server committed.
+    let env = legacy_env(3);
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
+    let s = env.serve();
+    let t = s.user("new@example.com");
+    assert_eq!(
+        s.set_key(&t, "openai", "sk-set-while-serving-01").status,
+        200
+    );
+    let out = env.run(&["revert", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("4 keys in the legacy column"),
+        "{}",
+        stdout(&out)
+    );
+    let out = env.run(&["migrate", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("already migrated 4"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        s.set_key(&t, "openai", "sk-set-while-serving-02").status,
+        200
+    );
+    s.terminate();
+}
