@@ -31,15 +31,41 @@ pub struct App {
 
 impl App {
     /// Opens the database, applies pending schema migrations and checks the encryption key.
-    pub fn open(mut config: Config) -> Result<App, Failure> {
-        let db = Database::new(&config.db)
-            .map(|db| db.with_busy_timeout(config.busy_timeout))
-            .map_err(|e| {
-                Failure::Runtime(format!(
-                    "cannot open the database {}: {e}",
-                    describe(&config.db)
-                ))
-            })?;
+    pub fn open(config: Config) -> Result<App, Failure> {
+        let db = Database::new(&config.db).map_err(|e| {
+            Failure::Runtime(format!(
+                "cannot open the database {}: {e}",
+                describe(&config.db)
+            ))
+        })?;
+        App::start(config, db, true)
+    }
+
+    /// For a plan (`--dry-run`): the same start-up, run on an in-memory copy of the database
+    /// file, so that nothing is written: not the schema migrations or other upgrades an older
+    /// database gets at start, not a key file. A path that does not exist: exit 2, nothing
+    /// created.
+    pub fn open_copy(config: Config) -> Result<App, Failure> {
+        let db = match &config.db {
+            DbLocation::File(p) if !p.exists() => {
+                return Err(Failure::Config(format!(
+                    "the database {} does not exist",
+                    p.display()
+                )))
+            }
+            DbLocation::File(p) => Database::snapshot_of(p).map_err(|e| {
+                Failure::Runtime(format!("cannot read the database {}: {e}", p.display()))
+            })?,
+            DbLocation::Memory => Database::new(&config.db)
+                .map_err(|e| Failure::Runtime(format!("cannot open the database :memory:: {e}")))?,
+        };
+        App::start(config, db, false)
+    }
+
+    /// The start-up shared by `open` and `open_copy`; `may_create_files` allows creating the key
+    /// file beside a database that holds no sealed value yet.
+    fn start(mut config: Config, db: Database, may_create_files: bool) -> Result<App, Failure> {
+        let db = db.with_busy_timeout(config.busy_timeout);
         let mut conn = db.connect().map_err(|e| {
             Failure::Runtime(format!(
                 "cannot open the database {}: {e}",
@@ -60,7 +86,7 @@ impl App {
         };
         phases::ensure_column_index(&conn).map_err(sql)?;
         meta::upgrade_backfill_flag(&conn).map_err(sql)?;
-        let ring = settle_key(&mut config, &conn)?;
+        let ring = settle_key(&mut config, &conn, may_create_files)?;
         Ok(App {
             db,
             ring: Arc::new(ring),
@@ -124,7 +150,11 @@ fn describe(db: &DbLocation) -> String {
 
 /// Finds the encryption key (configured, key file, or none) and checks it against the identity the database
 /// recorded at its first start: a wrong key stops keyrack here, before it serves anything.
-fn settle_key(config: &mut Config, conn: &rusqlite::Connection) -> Result<KeyRing, Failure> {
+fn settle_key(
+    config: &mut Config,
+    conn: &rusqlite::Connection,
+    may_create_files: bool,
+) -> Result<KeyRing, Failure> {
     let sql = |e: crate::store::StoreError| Failure::store("cannot read the database", e);
     let old = std::mem::take(&mut config.old_encryption_keys);
 
@@ -140,6 +170,10 @@ fn settle_key(config: &mut Config, conn: &rusqlite::Connection) -> Result<KeyRin
                 .expect("a file database has a key file path");
             if path.exists() {
                 read_key_file(&path)?
+            } else if !meta::has_encrypted_values(conn).map_err(sql)? && !may_create_files {
+                // A plan on a database without sealed values: any key will do, none is kept.
+                fresh_key_file = true;
+                EncryptionKey::generate()
             } else if !meta::has_encrypted_values(conn).map_err(sql)? {
                 let key = EncryptionKey::generate();
                 write_key_file(&path, &key)?;

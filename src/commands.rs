@@ -224,6 +224,16 @@ impl BackupTo {
                 "{command} needs a database file, not :memory:"
             )));
         };
+        if let Some(p) = given {
+            if is_own_file(db_path, p) {
+                return Err(Failure::Refused(format!(
+                    "refused: {} is one of the database's own files (its journal, WAL, shared-memory \
+                     or key file: SQLite would delete or overwrite a copy there); give another \
+                     --backup PATH; nothing was changed",
+                    p.display()
+                )));
+            }
+        }
         Ok(match given {
             Some(p) => BackupTo::Given(p.to_path_buf()),
             None => BackupTo::Beside(db_path.clone()),
@@ -237,68 +247,145 @@ impl BackupTo {
         }
     }
 
-    /// Writes the backup and returns its path. The file is created here, new (never over an
-    /// existing file or through a symbolic link) and readable by its owner only; a backup that
-    /// fails is removed.
-    fn write(&self, conn: &rusqlite::Connection) -> Result<PathBuf, Failure> {
-        let (path, file) = match self {
-            BackupTo::Given(p) => match create_backup_file(p) {
-                Ok(f) => (p.clone(), f),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return Err(Failure::Refused(format!(
-                        "refused: {} already exists (a backup never replaces a file or follows a symbolic link); give another --backup PATH; nothing was changed",
-                        p.display()
-                    )))
-                }
-                Err(e) => {
-                    return Err(Failure::Refused(format!(
-                        "refused: cannot create the backup file {} ({e}); nothing was changed",
-                        p.display()
-                    )))
-                }
-            },
-            BackupTo::Beside(db) => {
-                let stamp = time::OffsetDateTime::now_utc()
-                    .format(time::macros::format_description!(
-                        "[year][month][day]-[hour][minute][second]"
-                    ))
-                    .unwrap_or_else(|_| "backup".into());
-                let mut n = 1;
-                loop {
-                    let mut s = db.as_os_str().to_owned();
-                    s.push(format!(".backup-{stamp}"));
-                    if n > 1 {
-                        s.push(format!("-{n}"));
-                    }
-                    let p = PathBuf::from(s);
-                    match create_backup_file(&p) {
-                        Ok(f) => break (p, f),
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => {
-                            n += 1
-                        }
-                        Err(e) => {
-                            return Err(Failure::Refused(format!(
-                                "refused: cannot create the backup file {} ({e}); nothing was changed",
-                                p.display()
-                            )))
-                        }
-                    }
-                }
-            }
+    /// For a plan: refuses a `--backup PATH` as the real run would (a path that exists, a
+    /// folder that does not), without creating anything.
+    fn check(&self) -> Result<(), Failure> {
+        let BackupTo::Given(p) = self else {
+            return Ok(());
         };
-        let written = crate::db::backup_to(conn, &path)
-            .map_err(|e| e.to_string())
-            .and_then(|()| file.sync_all().map_err(|e| e.to_string()));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&path);
-            return Err(Failure::Refused(format!(
+        if std::fs::symlink_metadata(p).is_ok() {
+            return Err(already_exists(p));
+        }
+        let folder = match p.parent() {
+            Some(f) if !f.as_os_str().is_empty() => f,
+            _ => Path::new("."),
+        };
+        if !folder.is_dir() {
+            return Err(cannot_create(
+                p,
+                &std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `n`th name tried for the backup (`n` > 1 only beside the database, when a backup of
+    /// the same second exists).
+    fn name(&self, n: u32, stamp: &str) -> PathBuf {
+        match self {
+            BackupTo::Given(p) => p.clone(),
+            BackupTo::Beside(db) => {
+                let mut s = db.as_os_str().to_owned();
+                s.push(format!(".backup-{stamp}"));
+                if n > 1 {
+                    s.push(format!("-{n}"));
+                }
+                PathBuf::from(s)
+            }
+        }
+    }
+
+    /// Writes the backup and returns its path. The copy is written into a new file under a
+    /// temporary name beside it (never over an existing file or through a symbolic link,
+    /// readable by its owner only), synced, and only then given the backup's name by a hard link,
+    /// which never replaces a file: the backup's path holds a whole backup or nothing, even when
+    /// keyrack is killed while writing it, so that a rerun of the same command is not refused by
+    /// a partial copy. A backup that fails is removed.
+    fn write(&self, conn: &rusqlite::Connection) -> Result<PathBuf, Failure> {
+        let stamp = time::OffsetDateTime::now_utc()
+            .format(time::macros::format_description!(
+                "[year][month][day]-[hour][minute][second]"
+            ))
+            .unwrap_or_else(|_| "backup".into());
+        let mut n = 1;
+        let mut path = self.name(n, &stamp);
+        while std::fs::symlink_metadata(&path).is_ok() {
+            if matches!(self, BackupTo::Given(_)) || n >= 100 {
+                return Err(already_exists(&path));
+            }
+            n += 1;
+            path = self.name(n, &stamp);
+        }
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(format!(".partial-{:08x}", rand::random::<u32>()));
+        let partial = PathBuf::from(partial);
+        let file = create_backup_file(&partial).map_err(|e| cannot_create(&path, &e))?;
+        let failed = |path: &Path, e: String| {
+            let _ = std::fs::remove_file(&partial);
+            Failure::Refused(format!(
                 "refused: the backup to {} failed ({e}); it was removed; nothing was changed",
                 path.display()
-            )));
+            ))
+        };
+        crate::db::backup_to(conn, &partial).map_err(|e| failed(&path, e.to_string()))?;
+        file.sync_all().map_err(|e| failed(&path, e.to_string()))?;
+        loop {
+            match std::fs::hard_link(&partial, &path) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if matches!(self, BackupTo::Given(_)) || n >= 100 {
+                        let _ = std::fs::remove_file(&partial);
+                        return Err(already_exists(&path));
+                    }
+                    n += 1;
+                    path = self.name(n, &stamp);
+                }
+                // A file system without hard links: a rename, after a last check.
+                Err(_) if std::fs::symlink_metadata(&path).is_err() => {
+                    std::fs::rename(&partial, &path).map_err(|e| failed(&path, e.to_string()))?;
+                    break;
+                }
+                Err(e) => return Err(failed(&path, e.to_string())),
+            }
+        }
+        let _ = std::fs::remove_file(&partial);
+        // The new name is on disk before the command goes on.
+        let folder = match path.parent() {
+            Some(f) if !f.as_os_str().is_empty() => f,
+            _ => Path::new("."),
+        };
+        if let Ok(dir) = std::fs::File::open(folder) {
+            let _ = dir.sync_all();
         }
         println!("backup written to {}", path.display());
         Ok(path)
     }
+}
+
+/// Whether `path` names the database, its journal, WAL or shared-memory file, or its key file,
+/// however it is written (relative, through `..` or a linked folder).
+fn is_own_file(db: &Path, path: &Path) -> bool {
+    let resolve = |p: &Path| -> Option<PathBuf> {
+        let folder = match p.parent() {
+            Some(f) if !f.as_os_str().is_empty() => f,
+            _ => Path::new("."),
+        };
+        Some(std::fs::canonicalize(folder).ok()?.join(p.file_name()?))
+    };
+    let (Some(db), Some(path)) = (resolve(db), resolve(path)) else {
+        return false;
+    };
+    ["", "-journal", "-wal", "-shm", ".key"]
+        .iter()
+        .any(|suffix| {
+            let mut own = db.clone().into_os_string();
+            own.push(suffix);
+            own == path.as_os_str()
+        })
+}
+
+fn already_exists(p: &Path) -> Failure {
+    Failure::Refused(format!(
+        "refused: {} already exists (a backup never replaces a file or follows a symbolic link); give another --backup PATH; nothing was changed",
+        p.display()
+    ))
+}
+
+fn cannot_create(p: &Path, e: &std::io::Error) -> Failure {
+    Failure::Refused(format!(
+        "refused: cannot create the backup file {} ({e}); nothing was changed",
+        p.display()
+    ))
 }
 
 /// A new, empty file, mode 0600; an existing file or a symbolic link at `path` is refused
@@ -361,6 +448,7 @@ pub fn remove_legacy_column(
         unreachable!("BackupTo::new refuses :memory:")
     };
     if dry_run {
+        backup_to.check()?;
         println!(
             "dry run: the checks pass (unmigrated 0, conflicts 0, undecryptable 0); remove-legacy-column would write a backup to {}, then drop users.openai_api_key ({} column keys, all in api_keys) and set phase new_only; nothing was written",
             backup_to.describe(),
@@ -466,6 +554,7 @@ pub fn revert(
     };
     let backup_to = BackupTo::new(db, backup, "revert")?;
     if dry_run {
+        backup_to.check()?;
         println!(
             "dry run: revert would write a backup to {}, then return the database from phase {before} to phase legacy:",
             backup_to.describe()

@@ -69,6 +69,39 @@ impl Database {
         self
     }
 
+    /// A private copy of the database file at `path`, held in memory, for the plans of the phase
+    /// commands (`--dry-run`): schema migrations and every other start-up step then run on the
+    /// copy, and the file is only read. The file must exist (the caller checks). A WAL file
+    /// left beside it is read through a read-only connection, so that closing it checkpoints
+    /// nothing into the database file; otherwise the connection is read-write, without changing
+    /// any setting, so that SQLite removes the `-wal` and `-shm` files it made for the reading.
+    pub fn snapshot_of(path: &std::path::Path) -> rusqlite::Result<Database> {
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        // Read-write needs the create flag for SQLite to make the `-wal` and `-shm` files it
+        // reads through (and removes at close); the caller checked that the database exists.
+        let access = if std::path::Path::new(&wal).exists() {
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
+        };
+        // The URI flag lets `VACUUM INTO` name the in-memory copy; the file's own name is then
+        // given so that SQLite cannot read it as a URI.
+        let source = Connection::open_with_flags(
+            plain_name(path)?,
+            access | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        source.busy_timeout(BUSY_TIMEOUT)?;
+        let copy = Database::new(&DbLocation::Memory)?;
+        let Target::Memory(uri) = &copy.target else {
+            unreachable!("Database::new(Memory) is in memory")
+        };
+        // `VACUUM INTO` writes a consistent snapshot in rollback-journal mode (the file's WAL
+        // mode could not be opened again in memory).
+        source.execute("VACUUM INTO ?1", [uri])?;
+        Ok(copy)
+    }
+
     /// A new connection with keyrack's settings. One per worker thread.
     pub fn connect(&self) -> rusqlite::Result<Connection> {
         let conn = match &self.target {
@@ -129,15 +162,20 @@ pub fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
 /// is writing). `path` must not exist or be an empty file. It is a plain file path, never read
 /// as an SQLite URI (`file:…?mode=…`): a relative path is given to SQLite as `./path`.
 pub fn backup_to(conn: &Connection, path: &std::path::Path) -> rusqlite::Result<()> {
+    conn.execute("VACUUM INTO ?1", [plain_name(path)?])
+        .map(|_| ())
+}
+
+/// A file name SQLite never reads as a URI (`file:…`): a relative path becomes `./path`.
+fn plain_name(path: &std::path::Path) -> rusqlite::Result<String> {
     let Some(text) = path.to_str() else {
         return Err(rusqlite::Error::InvalidPath(path.to_path_buf()));
     };
-    let plain = if path.is_absolute() {
+    Ok(if path.is_absolute() {
         text.to_owned()
     } else {
         format!("./{text}")
-    };
-    conn.execute("VACUUM INTO ?1", [plain]).map(|_| ())
+    })
 }
 
 #[cfg(test)]

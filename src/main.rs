@@ -253,7 +253,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
         _ => None,
     };
     let serving = matches!(command, Cmd::Serve(_));
-    let app = app::App::open(config).and_then(|app| {
+    // A dry run does its whole start-up on an in-memory copy: it writes nothing, not even a
+    // schema upgrade.
+    let dry_run = matches!(
+        command,
+        Cmd::Migrate { dry_run: true, .. }
+            | Cmd::RemoveLegacyColumn { dry_run: true, .. }
+            | Cmd::Revert { dry_run: true, .. }
+    );
+    let opened = if dry_run {
+        app::App::open_copy(config)
+    } else {
+        app::App::open(config)
+    };
+    let app = opened.and_then(|app| {
         if serving {
             // Values sealed with a key outside the ring stop a server before it loads anything.
             app.check_keys_for_serving()?;

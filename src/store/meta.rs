@@ -83,9 +83,14 @@ pub(crate) fn backfill_done(conn: &Connection, user_id: i64) -> Result<()> {
     Ok(())
 }
 
-/// How many users are still pending a backfill from phase legacy.
+/// How many users are still pending a backfill from phase legacy. A row left by a user deleted
+/// outside keyrack (a client that does not enforce foreign keys) is not a user.
 pub(crate) fn backfill_left(conn: &Connection) -> Result<u64> {
-    Ok(conn.query_row("SELECT COUNT(*) FROM legacy_backfill", [], |r| r.get(0))?)
+    Ok(conn.query_row(
+        "SELECT COUNT(*) FROM legacy_backfill b JOIN users u ON u.id = b.user_id",
+        [],
+        |r| r.get(0),
+    )?)
 }
 
 /// `migrate` from phase legacy: every user holding a column key is pending.
@@ -98,11 +103,12 @@ pub(crate) fn backfill_start(conn: &Connection) -> Result<u64> {
 }
 
 /// Forgets every pending user (revert: in phase legacy the column is the truth for all).
-/// Also the users whose column became empty, when `only_empty_columns`.
+/// Only the users whose column became empty, when `only_empty_columns` (and the rows of users
+/// deleted outside keyrack).
 pub(crate) fn backfill_clear(conn: &Connection, only_empty_columns: bool) -> Result<u64> {
     let sql = if only_empty_columns {
         "DELETE FROM legacy_backfill
-         WHERE user_id IN (SELECT id FROM users WHERE openai_api_key IS NULL)"
+         WHERE user_id NOT IN (SELECT id FROM users WHERE openai_api_key IS NOT NULL)"
     } else {
         "DELETE FROM legacy_backfill"
     };
@@ -111,16 +117,23 @@ pub(crate) fn backfill_clear(conn: &Connection, only_empty_columns: bool) -> Res
 
 /// A database written by a version that kept one flag for the whole backfill: the users it
 /// covered (every column key) become pending, and the flag goes.
+/// One transaction, so that two processes starting at once cannot mark again a user that a
+/// request of the first has settled in between.
 pub(crate) fn upgrade_backfill_flag(conn: &Connection) -> Result<()> {
-    if get(conn, OLD_BACKFILL_FLAG)?.is_some() {
-        if column_present(conn)? {
-            backfill_start(conn)?;
+    if get(conn, OLD_BACKFILL_FLAG)?.is_none() {
+        return Ok(());
+    }
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    if get(&tx, OLD_BACKFILL_FLAG)?.is_some() {
+        if column_present(&tx)? {
+            backfill_start(&tx)?;
         }
-        conn.execute(
+        tx.execute(
             "DELETE FROM keyrack_meta WHERE name = ?1",
             [OLD_BACKFILL_FLAG],
         )?;
     }
+    tx.commit()?;
     Ok(())
 }
 

@@ -703,6 +703,12 @@ fn a_backup_that_fails_is_removed_and_nothing_changes() {
         );
         assert!(stderr(&out).contains("backup"), "{}", stderr(&out));
         assert!(!backup.exists(), "{cmd}: the partial backup was removed");
+        let left: Vec<String> = std::fs::read_dir(env.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(path))
+            .collect();
+        assert!(left.is_empty(), "{cmd}: left behind {left:?}");
         assert_eq!(snapshot(&env.db()), snap, "{cmd}: nothing changed");
     }
 }
@@ -743,4 +749,288 @@ fn a_backup_path_is_a_plain_new_file_never_a_uri_or_a_link() {
     }
     assert!(!target.exists());
     assert_eq!(std::fs::read(env.path("taken.db")).unwrap(), b"keep me");
+}
+
+/// The files of the environment's directory with their bytes, to show that a command wrote
+/// nothing at all (no schema upgrade, no journal mode change, no key file, no leftover WAL).
+fn files_in(env: &Env) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn dry_runs_on_a_database_of_the_previous_version_or_a_missing_path_write_nothing() {
+    // A database as the version before the per-user backfill marker left it: schema 2, the one
+    // flag `backfill_from_legacy`, no key-id indexes, a rollback journal.
+    let env = legacy_env(3);
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
+    sql(
+        &env.db(),
+        "DELETE FROM refinery_schema_history WHERE version = 3;
+         DROP TABLE legacy_backfill; DROP INDEX api_keys_by_key_id; DROP INDEX users_by_key_id;
+         INSERT INTO keyrack_meta(name, value) VALUES ('backfill_from_legacy', '1');
+         PRAGMA journal_mode = DELETE;",
+    );
+    let before = files_in(&env);
+    for args in [
+        &["migrate", "--dry-run"][..],
+        &["revert", "--dry-run"],
+        &["remove-legacy-column", "--dry-run"],
+    ] {
+        let out = env.run(args);
+        assert!(
+            stdout(&out).contains("nothing was written") || out.status.code() == Some(3),
+            "{args:?}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        assert!(
+            files_in(&env) == before,
+            "{args:?} wrote to the database's files"
+        );
+    }
+    // The plan is the one the upgraded database would follow: every user pending is copied.
+    let out = env.run(&["migrate", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // A path that does not exist: exit 2 naming it, and no database or key file appears.
+    let env = Env::without_key();
+    for cmd in ["migrate", "revert", "remove-legacy-column"] {
+        let out = env.run(&[cmd, "--dry-run"]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", stdout(&out));
+        assert!(stderr(&out).contains("keyrack.db"), "{}", stderr(&out));
+        assert!(files_in(&env).is_empty(), "{cmd} created files");
+    }
+}
+
+#[test]
+fn a_dry_run_refuses_a_backup_path_as_the_real_run_would() {
+    let env = legacy_env(2);
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
+    std::fs::write(env.path("taken.db"), b"keep me").unwrap();
+    for cmd in ["revert", "remove-legacy-column"] {
+        for path in ["taken.db", "no/such/dir/b.db"] {
+            let real = env.run(&[cmd, "--yes", "--backup", path]);
+            let dry = env.run(&[cmd, "--dry-run", "--backup", path]);
+            assert_eq!(
+                real.status.code(),
+                Some(3),
+                "{cmd} {path}: {}",
+                stderr(&real)
+            );
+            assert_eq!(
+                dry.status.code(),
+                real.status.code(),
+                "{cmd} --dry-run --backup {path}: {}",
+                stdout(&dry)
+            );
+        }
+    }
+    assert_eq!(std::fs::read(env.path("taken.db")).unwrap(), b"keep me");
+    assert_eq!(status_json(&env)["phase"], "dual");
+}
+
+#[test]
+fn a_revert_killed_while_writing_its_backup_is_finished_by_a_rerun_of_the_same_command() {
+    let env = legacy_env(20_000);
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
+    let named = |env: &Env| {
+        std::fs::read_dir(env.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("b.db"))
+            .collect::<Vec<_>>()
+    };
+    let mut child = std::process::Command::new(BIN)
+        .current_dir(env.dir.path())
+        .env("KEYRACK_ENCRYPTION_KEY", KEY_A)
+        .env("RUST_LOG", "warn")
+        .args(["--db", env.db().to_str().unwrap()])
+        .args(["revert", "--yes", "--backup", "b.db"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed as soon as the backup has begun (the copy of 20,000 keys takes a while).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while named(&env).is_empty() {
+        assert!(Instant::now() < deadline, "the backup never began");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        status_json(&env)["phase"],
+        "dual",
+        "killed before the revert"
+    );
+    // The same command again finishes, and the backup at the path is complete.
+    let out = env.run(&["revert", "--yes", "--backup", "b.db"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(integrity_ok(&env.path("b.db")));
+    assert_eq!(
+        int(&env.path("b.db"), "SELECT COUNT(openai_api_key) FROM users"),
+        20_000
+    );
+    assert_eq!(status_json(&env)["phase"], "legacy");
+}
+
+#[test]
+fn a_backup_path_that_is_one_of_the_databases_own_files_is_refused() {
+    // SQLite takes `keyrack.db-journal` for a journal of the database and deletes it at the next
+    // open: a backup written there would vanish.
+    let env = legacy_env(2);
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
+    let db = env.db();
+    let db = db.to_str().unwrap();
+    for path in [
+        "keyrack.db-journal".to_owned(),
+        "./keyrack.db-wal".to_owned(),
+        format!("{db}-shm"),
+        format!("{}/../{}/keyrack.db-journal", env.dir.path().display(), {
+            env.dir.path().file_name().unwrap().to_str().unwrap()
+        }),
+    ] {
+        for cmd in ["revert", "remove-legacy-column"] {
+            for dry in [false, true] {
+                let mut args = vec![cmd, "--yes", "--backup", &path];
+                if dry {
+                    args.push("--dry-run");
+                }
+                let out = env.run(&args);
+                assert_eq!(out.status.code(), Some(3), "{args:?}: {}", stdout(&out));
+                assert!(
+                    stderr(&out).contains("the database's own files"),
+                    "{}",
+                    stderr(&out)
+                );
+            }
+        }
+    }
+    assert_eq!(status_json(&env)["phase"], "dual");
+    assert!(!env.path("keyrack.db-journal").exists());
+}
+
+#[test]
+fn a_user_deleted_outside_keyrack_while_pending_does_not_block_the_backfill_forever() {
+    let env = legacy_env(3);
+    sql(
+        &env.db(),
+        "UPDATE users SET openai_api_key = 'not keyrack format' WHERE id = 2",
+    );
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(1), "user 2 fails");
+    assert_eq!(status_json(&env)["backfill_users_left"], 1);
+    // The operator removes the broken account by hand, with a client that does not enforce
+    // foreign keys (the sqlite3 shell's default): the user's rows elsewhere stay behind.
+    sql(
+        &env.db(),
+        "PRAGMA foreign_keys = OFF; DELETE FROM users WHERE id = 2",
+    );
+    let out = env.run(&["migrate"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(!stdout(&out).contains("unfinished"), "{}", stdout(&out));
+    let s = status_json(&env);
+    assert_eq!(s["backfill_users_left"], 0, "{s}");
+    assert_eq!(s["backfill_unfinished"], false, "{s}");
+    let out = env.run(&["remove-legacy-column", "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn the_previous_versions_flag_becomes_per_user_markers() {
+    // The previous version kept "the column wins" as one flag, set by a migrate from legacy that
+    // had not finished. Its column value is newer than the table's: after the upgrade the column
+    // still wins for that user; the flag itself is gone.
+    let env = Env::new();
+    let out = env.run(&["load-fixtures", &repo_fixture("conflict.json")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let old = "DELETE FROM refinery_schema_history WHERE version = 3;
+         DROP TABLE legacy_backfill; DROP INDEX api_keys_by_key_id; DROP INDEX users_by_key_id;";
+    sql(
+        &env.db(),
+        &format!(
+            "{old} INSERT INTO keyrack_meta(name, value) VALUES ('backfill_from_legacy', '1');"
+        ),
+    );
+    let s = status_json(&env);
+    assert_eq!(s["backfill_users_left"], 1, "{s}");
+    assert_eq!(s["conflicts"], 0, "{s}");
+    assert_eq!(
+        int(
+            &env.db(),
+            "SELECT COUNT(*) FROM keyrack_meta WHERE name = 'backfill_from_legacy'"
+        ),
+        0
+    );
+    let srv = env.serve();
+    let t = srv.login("cy@example.com");
+    assert_eq!(
+        srv.reveal(&t, "openai").as_deref(),
+        Some("sk-column-value-0123456789")
+    );
+    srv.terminate();
+    assert_eq!(status_json(&env)["backfill_users_left"], 0);
+
+    // Without the flag the same database shows a conflict, reported and not resolved.
+    let env = Env::new();
+    env.run(&["load-fixtures", &repo_fixture("conflict.json")]);
+    sql(&env.db(), old);
+    let s = status_json(&env);
+    assert_eq!(s["backfill_users_left"], 0, "{s}");
+    assert_eq!(s["conflicts"], 1, "{s}");
+}
+
+#[test]
+fn dry_runs_read_a_database_a_server_is_writing() {
+    // With a server running the WAL file exists: the plan reads the database through a
+    // read-only connection and sees what the server committed.
+    let env = legacy_env(3);
+    assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
+    let s = env.serve();
+    let t = s.user("new@example.com");
+    assert_eq!(
+        s.set_key(&t, "openai", "sk-set-while-serving-01").status,
+        200
+    );
+    let out = env.run(&["revert", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("4 keys in the legacy column"),
+        "{}",
+        stdout(&out)
+    );
+    let out = env.run(&["migrate", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("already migrated 4"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        s.set_key(&t, "openai", "sk-set-while-serving-02").status,
+        200
+    );
+    s.terminate();
 }
