@@ -391,15 +391,7 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:8080".parse().unwrap());
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         assert_eq!(s.workers, (cores * 2).clamp(4, 64));
-        let ten = std::time::Duration::from_secs(10);
-        assert_eq!(
-            s.timeouts,
-            HttpTimeouts {
-                socket: ten,
-                head: ten,
-                idle: ten
-            }
-        );
+        // The HTTP timeouts' default: `http_timeouts_are_seconds_with_a_default_of_ten`.
     }
 
     #[test]

@@ -260,20 +260,28 @@ mod tests {
         threads.into_iter().map(|t| t.join()).collect()
     }
 
+    /// A writer that adds one user, then fails with `then` (`None`: succeeds).
+    fn adds(
+        email: &'static str,
+        then: Option<fn() -> StoreError>,
+    ) -> Writer<crate::store::Result<()>> {
+        Box::new(move |s: &mut Store| {
+            s.write(move |tx, _| {
+                insert_user(tx, email)?;
+                then.map_or(Ok(()), |e| Err(e()))
+            })
+        })
+    }
+
     #[test]
     fn a_failing_write_is_undone_alone_and_the_group_commits() -> TestResult {
         let f = Fresh::new()?;
         let results = as_one_group(
             &f,
             vec![
-                Box::new(|s: &mut Store| s.write(|tx, _| insert_user(tx, "a@example.com"))),
-                Box::new(|s: &mut Store| {
-                    s.write(|tx, _| {
-                        insert_user(tx, "b@example.com")?;
-                        Err(StoreError::NotFound)
-                    })
-                }),
-                Box::new(|s: &mut Store| s.write(|tx, _| insert_user(tx, "c@example.com"))),
+                adds("a@example.com", None),
+                adds("b@example.com", Some(|| StoreError::NotFound)),
+                adds("c@example.com", None),
             ],
         );
         let results: Vec<_> = results.into_iter().map(|r| r.expect("no panic")).collect();
@@ -338,13 +346,8 @@ mod tests {
         let results = as_one_group(
             &f,
             vec![
-                Box::new(|s: &mut Store| s.write(|tx, _| insert_user(tx, "a@example.com"))),
-                Box::new(|s: &mut Store| {
-                    s.write(|tx, _| {
-                        insert_user(tx, "b@example.com")?;
-                        panic!("a bug in a write")
-                    })
-                }),
+                adds("a@example.com", None),
+                adds("b@example.com", Some(|| panic!("a bug in a write"))),
             ],
         );
         // Whichever thread led the group panicked; the other was told its write was lost.
