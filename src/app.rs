@@ -57,6 +57,7 @@ impl App {
             ))
         };
         phases::ensure_column_index(&conn).map_err(sql)?;
+        crate::store::evidence::ensure_triggers(&conn).map_err(sql)?;
         meta::upgrade_backfill_flag(&conn).map_err(sql)?;
         let ring = settle_key(&mut config, &conn)?;
         Ok(App {
@@ -198,7 +199,7 @@ fn settle_key(config: &mut Config, conn: &rusqlite::Connection) -> Result<KeyRin
     Ok(ring)
 }
 
-fn read_key_file(path: &Path) -> Result<EncryptionKey, Failure> {
+pub(crate) fn read_key_file(path: &Path) -> Result<EncryptionKey, Failure> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         Failure::Config(format!("cannot read the key file {}: {e}", path.display()))
     })?;

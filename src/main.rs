@@ -109,6 +109,9 @@ enum Cmd {
         /// Print the checks and what would be dropped, write nothing
         #[arg(long)]
         dry_run: bool,
+        /// Go on although something other than keyrack wrote the legacy column in the last 24 hours
+        #[arg(long)]
+        ignore_foreign_writes: bool,
         #[command(flatten)]
         settings: Settings,
     },
@@ -141,6 +144,30 @@ enum Cmd {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Write a consistent copy of the database to PATH (mode 0600) while servers keep serving
+    Backup {
+        /// Where to write the copy; must not exist
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Show every key of one user in every store: where it lives, the key that sealed it, whether it opens, what happens next
+    Inspect {
+        /// The user's email or id
+        #[arg(value_name = "USER")]
+        user: String,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Print the id of each configured encryption key, the current one first (uses no database)
+    KeyId {
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Create an account; the password is asked on the terminal, or read from stdin
     AddUser {
         /// The account's email address
@@ -161,7 +188,10 @@ impl Cmd {
             | Cmd::Revert { settings, .. }
             | Cmd::RotateEncryptionKey { settings }
             | Cmd::LoadFixtures { settings, .. }
-            | Cmd::AddUser { settings, .. } => settings.clone(),
+            | Cmd::AddUser { settings, .. }
+            | Cmd::Backup { settings, .. }
+            | Cmd::Inspect { settings, .. }
+            | Cmd::KeyId { settings } => settings.clone(),
             Cmd::GenKey => Settings::default(),
         }
     }
@@ -219,6 +249,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Config::resolve(settings.db.as_deref(), &lookup).map_err(|e| Failure::Config(e.0))?;
     keyrack::logging::init(&config.log_filter);
     let db_location = config.db.clone();
+    if let Cmd::KeyId { .. } = command {
+        return keyrack::operator::key_id(&config);
+    }
 
     // Serve settings are checked before the database is touched.
     let serve_config = match &command {
@@ -281,8 +314,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
             yes,
             backup,
             dry_run,
+            ignore_foreign_writes,
             ..
-        } => commands::remove_legacy_column(&app, &db_location, yes, backup.as_deref(), dry_run),
+        } => commands::remove_legacy_column(
+            &app,
+            &db_location,
+            yes,
+            backup.as_deref(),
+            dry_run,
+            ignore_foreign_writes,
+        ),
         Cmd::Revert {
             yes,
             backup,
@@ -295,7 +336,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::AddUser { email, .. } => keyrack::accounts::add_user(&app, &email),
-        Cmd::GenKey => Ok(()),
+        Cmd::Backup { path, .. } => keyrack::operator::backup(&app, &db_location, &path),
+        Cmd::Inspect { user, json, .. } => keyrack::operator::inspect(&app, &user, json),
+        Cmd::GenKey | Cmd::KeyId { .. } => Ok(()),
     }
 }
 

@@ -127,8 +127,12 @@ fn column_get(conn: &Connection, user_id: i64) -> Result<Option<String>> {
 }
 
 fn column_set(conn: &Connection, user_id: i64, sealed: Option<&str>) -> Result<()> {
-    conn.prepare_cached("UPDATE users SET openai_api_key = ?2 WHERE id = ?1")?
-        .execute(params![user_id, sealed])?;
+    // The marker tells the foreign-write triggers this write is keyrack's (`store::evidence`).
+    conn.prepare_cached(
+        "UPDATE users SET openai_api_key = ?2, keyrack_key_writes = keyrack_key_writes + 1
+         WHERE id = ?1",
+    )?
+    .execute(params![user_id, sealed])?;
     Ok(())
 }
 
@@ -385,6 +389,7 @@ fn lookup(
                 let (verdict, _) = settle(tx, ctx, user_id)?;
                 let found = from_table(tx)?;
                 if verdict.needs_move() {
+                    super::evidence::record_legacy_read(tx, now())?;
                     log::info!(
                         "user {user_id}: moved the OpenAI key from the legacy column into api_keys on read"
                     );
@@ -532,7 +537,10 @@ impl Store {
         }
         let moved = self.write(move |tx, ctx| {
             if meta::phase(tx)? == Phase::Dual {
-                settle(tx, ctx, user_id)?;
+                let (verdict, _) = settle(tx, ctx, user_id)?;
+                if verdict.needs_move() {
+                    super::evidence::record_legacy_read(tx, now())?;
+                }
             }
             Ok(())
         });
@@ -892,7 +900,8 @@ pub fn reseal_batch(
                         )?;
                         if column && provider == OPENAI {
                             out.resealed += tx.execute(
-                                "UPDATE users SET openai_api_key = ?2
+                                "UPDATE users SET openai_api_key = ?2,
+                                     keyrack_key_writes = keyrack_key_writes + 1
                                  WHERE id = ?1 AND openai_api_key = ?3",
                                 params![uid, new, sealed],
                             )? as u64;

@@ -64,6 +64,10 @@ fn phase_code(p: Phase) -> u8 {
 }
 
 pub fn set_phase(conn: &Connection, phase: Phase) -> Result<()> {
+    // The evidence of legacy use counts from the moment the phase becomes dual.
+    if phase == Phase::Dual && get(conn, PHASE)?.as_deref() != Some(Phase::Dual.as_str()) {
+        super::evidence::reset(conn)?;
+    }
     set(conn, PHASE, phase.as_str())
 }
 

@@ -5,6 +5,8 @@
 //! process takes effect at the next request.
 
 pub mod classify;
+pub mod evidence;
+pub mod inspect;
 pub mod keys;
 pub mod meta;
 pub mod phases;

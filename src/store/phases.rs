@@ -3,7 +3,7 @@
 //! the key ids in use. Every comparison of a user's column and table values goes through
 //! `classify`, the rule the per-request code uses too.
 
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use std::collections::BTreeSet;
 
 use super::classify::{classify, Verdict};
@@ -53,10 +53,12 @@ pub struct Survey {
     pub unmigrated_ids: Vec<i64>,
     pub conflict_ids: Vec<i64>,
     pub undecryptable_ids: Vec<i64>,
+    /// The emails of the users named above, so that an operator can tell who they are.
+    pub emails: std::collections::BTreeMap<i64, String>,
 }
 
 impl Survey {
-    /// One line per kind of problem found: `unmigrated: user ids 3, 7`.
+    /// One line per kind of problem found: `unmigrated: user ids 3 (ada@example.com), 7 (…)`.
     pub fn problem_lines(&self) -> Vec<String> {
         [
             ("unmigrated", &self.unmigrated_ids),
@@ -66,10 +68,36 @@ impl Survey {
         .into_iter()
         .filter(|(_, ids)| !ids.is_empty())
         .map(|(what, ids)| {
-            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            let ids: Vec<String> = ids
+                .iter()
+                .map(|id| match self.emails.get(id) {
+                    Some(e) => format!("{id} ({})", crate::logging::printable(e)),
+                    None => id.to_string(),
+                })
+                .collect();
             format!("{what}: user ids {}", ids.join(", "))
         })
         .collect()
+    }
+
+    /// Looks up the emails of the users the problem lists name.
+    fn name_users(&mut self, conn: &Connection) -> Result<()> {
+        let ids: BTreeSet<i64> = [
+            &self.unmigrated_ids,
+            &self.conflict_ids,
+            &self.undecryptable_ids,
+        ]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+        let mut stmt = conn.prepare_cached("SELECT email FROM users WHERE id = ?1")?;
+        for id in ids {
+            if let Some(email) = stmt.query_row([id], |r| r.get::<_, String>(0)).optional()? {
+                self.emails.insert(id, email);
+            }
+        }
+        Ok(())
     }
 
     /// Counts one user's column value as `classify` judged it (phase dual).
@@ -166,6 +194,7 @@ pub fn survey(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<Survey>
             );
         }
     }
+    s.name_users(conn)?;
     Ok(s)
 }
 
@@ -306,11 +335,15 @@ pub fn recheck_before_drop(tx: &Transaction<'_>, ring: &KeyRing) -> Result<Surve
         }
         s.count(uid, verdict);
     }
+    drop(rows);
+    drop(stmt);
+    s.name_users(tx)?;
     Ok(s)
 }
 
 /// Phase 3: drops the legacy column (and keyrack's index on it first, which SQLite requires).
 pub fn drop_column(tx: &Transaction<'_>) -> Result<()> {
+    super::evidence::drop_triggers(tx)?;
     tx.execute_batch(
         "DROP INDEX IF EXISTS users_by_key_id; ALTER TABLE users DROP COLUMN openai_api_key",
     )?;
@@ -379,6 +412,7 @@ pub fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<RevertPlan
     if apply && !column {
         tx.execute_batch("ALTER TABLE users ADD COLUMN openai_api_key TEXT")?;
         ensure_column_index(tx)?;
+        super::evidence::ensure_triggers(tx)?;
     }
     let defaults_sql = if column {
         "SELECT COUNT(*) FROM users u JOIN api_keys k ON k.user_id = u.id
@@ -422,13 +456,17 @@ pub fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<RevertPlan
     if apply {
         for (uid, column, table) in &conflicts {
             insert_extra_openai_row(tx, *uid, KEPT_AT_REVERT, column)?;
-            tx.prepare_cached("UPDATE users SET openai_api_key = ?2 WHERE id = ?1")?
-                .execute(params![uid, table])?;
+            tx.prepare_cached(
+                "UPDATE users SET openai_api_key = ?2, keyrack_key_writes = keyrack_key_writes + 1
+                 WHERE id = ?1",
+            )?
+            .execute(params![uid, table])?;
         }
         tx.execute(
             "UPDATE users SET openai_api_key = (
                  SELECT k.sealed_key FROM api_keys k
-                 WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1)
+                 WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1),
+                 keyrack_key_writes = keyrack_key_writes + 1
              WHERE openai_api_key IS NULL",
             [],
         )?;

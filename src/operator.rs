@@ -1,0 +1,226 @@
+//! The operator's instruments beside the phase commands: `backup`, `inspect` and `key-id`.
+//! They read (or copy) the database and print; none of them changes a key.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::config::{Config, DbLocation};
+use crate::logging::printable;
+use crate::store::inspect::{self, KeyReport, Report, UserRef};
+use crate::store::{now, rfc3339};
+use crate::Failure;
+
+fn db_err(e: impl std::fmt::Display) -> Failure {
+    Failure::Runtime(format!("database error: {e}"))
+}
+
+/// `keyrack backup PATH`: a consistent copy of the database (`VACUUM INTO`, a snapshot taken
+/// inside one read transaction, so servers go on serving and writing meanwhile), created new
+/// with mode 0600. An existing PATH is refused (exit 2) and left untouched.
+pub fn backup(app: &App, db: &DbLocation, path: &Path) -> Result<(), Failure> {
+    if matches!(db, DbLocation::Memory) {
+        return Err(Failure::Config(
+            "backup needs a database file, not :memory:".into(),
+        ));
+    }
+    let file = match crate::commands::create_backup_file(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(Failure::Config(format!(
+                "{} already exists (a backup never replaces a file or follows a symbolic link); \
+                 give a new path; nothing was written",
+                printable(&path.display().to_string())
+            )))
+        }
+        Err(e) => {
+            return Err(Failure::Config(format!(
+                "cannot create the backup file {}: {e}",
+                printable(&path.display().to_string())
+            )))
+        }
+    };
+    let conn = app.db.connect().map_err(db_err)?;
+    let written = crate::db::backup_to(&conn, path)
+        .map_err(|e| e.to_string())
+        .and_then(|()| file.sync_all().map_err(|e| e.to_string()))
+        .and_then(|()| backup_counts(path));
+    match written {
+        Ok((users, column, table)) => {
+            let line = format!(
+                "backup written to {}: {users} users, {} keys ({table} in api_keys, {column} in the legacy column)",
+                printable(&path.display().to_string()),
+                column + table
+            );
+            log::info!("{line}");
+            println!("{line}");
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(Failure::Runtime(format!(
+                "the backup to {} failed ({e}); it was removed",
+                printable(&path.display().to_string())
+            )))
+        }
+    }
+}
+
+/// The counts of the copy itself: (users, column keys, table keys).
+fn backup_counts(path: &Path) -> Result<(u64, u64, u64), String> {
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| e.to_string())?;
+    let users: u64 = conn
+        .query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    let (column, table) =
+        crate::store::meta::stored_key_counts(&conn).map_err(|e| e.to_string())?;
+    Ok((users, column, table))
+}
+
+/// `keyrack key-id`: the id of each configured key, the current one first. Uses no database:
+/// with no key configured, the key file beside the database is read when it exists.
+pub fn key_id(config: &Config) -> Result<(), Failure> {
+    let mut lines = Vec::new();
+    match &config.encryption_key {
+        Some(k) => lines.push(format!(
+            "{}  KEYRACK_ENCRYPTION_KEY (seals new values)",
+            k.id()
+        )),
+        None => {
+            match config.db.key_file().filter(|p| p.exists()) {
+                Some(path) => {
+                    let k = crate::app::read_key_file(&path)?;
+                    lines.push(format!(
+                        "{}  key file {} (seals new values)",
+                        k.id(),
+                        printable(&path.display().to_string())
+                    ));
+                }
+                None => return Err(Failure::Config(
+                    "no encryption key is configured: set KEYRACK_ENCRYPTION_KEY (or keep the key \
+                     file <database>.key beside the database)"
+                        .into(),
+                )),
+            }
+        }
+    }
+    for (i, k) in config.old_encryption_keys.iter().enumerate() {
+        lines.push(format!(
+            "{}  KEYRACK_OLD_ENCRYPTION_KEYS, key {} (opens only)",
+            k.id(),
+            i + 1
+        ));
+    }
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}
+
+/// `keyrack inspect USER [--json]`.
+pub fn inspect(app: &App, who: &str, as_json: bool) -> Result<(), Failure> {
+    let mut conn = app.db.connect().map_err(db_err)?;
+    let tx = conn.transaction().map_err(db_err)?;
+    let store_err = |e: crate::store::StoreError| Failure::Runtime(e.to_string());
+    let Some(user) = inspect::find_user(&tx, &UserRef::parse(who)).map_err(store_err)? else {
+        return Err(Failure::Runtime(format!(
+            "no user {} (give an email or a user id)",
+            printable(who.trim())
+        )));
+    };
+    let report = inspect::report(&tx, &app.ring, user).map_err(store_err)?;
+    drop(tx);
+    if as_json {
+        println!("{}", report_json(&report));
+    } else {
+        print!("{}", report_text(&report));
+    }
+    Ok(())
+}
+
+fn time_or_null(t: Option<i64>) -> Value {
+    t.map_or(Value::Null, |t| Value::String(rfc3339(t)))
+}
+
+fn key_json(k: &KeyReport) -> Value {
+    json!({
+        "id": k.id,
+        "provider": k.provider,
+        "name": k.name,
+        "is_default": k.is_default,
+        "store": k.store.as_str(),
+        "sealed_with": k.sealed_with,
+        "opens": k.opens,
+        "why_not": k.why_not,
+        "masked_key": k.masked_key,
+        "created_at": time_or_null(k.created_at),
+        "updated_at": time_or_null(k.updated_at),
+        "last_used_at": time_or_null(k.last_used_at),
+        "usage_count": k.usage_count,
+        "expires_at": time_or_null(k.expires_at),
+        "expired": k.expires_at.is_some_and(|t| t <= now()),
+        "next": k.next,
+    })
+}
+
+pub fn report_json(r: &Report) -> Value {
+    json!({
+        "user": {"id": r.user.id, "email": r.user.email},
+        "phase": r.phase.as_str(),
+        "backfill_pending": r.backfill_pending,
+        "keys": r.keys.iter().map(key_json).collect::<Vec<_>>(),
+    })
+}
+
+pub fn report_text(r: &Report) -> String {
+    let mut out = format!(
+        "user {} {}\nphase {}{}\n",
+        r.user.id,
+        printable(&r.user.email),
+        r.phase,
+        if r.backfill_pending {
+            " (this user is pending backfill from legacy: the column wins)"
+        } else {
+            ""
+        }
+    );
+    if r.keys.is_empty() {
+        out.push_str("no keys\n");
+    }
+    for k in &r.keys {
+        let id = k.id.map_or("column".to_owned(), |i| i.to_string());
+        out.push_str(&format!(
+            "\nkey {id}: {} {}{}\n  store        {}\n  sealed with  {}\n  opens        {}\n",
+            printable(&k.provider),
+            k.name.as_deref().map(printable).unwrap_or_default(),
+            if k.is_default { " (default)" } else { "" },
+            k.store.as_str(),
+            k.sealed_with
+                .as_deref()
+                .map(printable)
+                .unwrap_or_else(|| "(not keyrack's format)".into()),
+            match (&k.masked_key, &k.why_not) {
+                (Some(m), _) => format!("yes, {m}"),
+                (None, Some(w)) => format!("no: {w}"),
+                (None, None) => "no".to_owned(),
+            }
+        ));
+        if k.created_at.is_some() {
+            out.push_str(&format!(
+                "  created      {}\n  updated      {}\n  last used    {}\n  uses         {}\n  expires      {}\n",
+                time_or_null(k.created_at).as_str().unwrap_or("-"),
+                time_or_null(k.updated_at).as_str().unwrap_or("-"),
+                time_or_null(k.last_used_at).as_str().unwrap_or("never"),
+                k.usage_count,
+                time_or_null(k.expires_at).as_str().unwrap_or("never"),
+            ));
+        }
+        out.push_str(&format!("  next         {}\n", k.next));
+    }
+    out
+}

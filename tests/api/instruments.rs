@@ -1,0 +1,263 @@
+//! The operator's instruments: `backup`, `inspect`, `key-id`, the emails in `status`'s problem
+//! lists, and the evidence of legacy use before Phase 3.
+
+use serde_json::{json, Value};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::support::*;
+
+fn fixtures(env: &Env, name: &str, users: Value) -> String {
+    let p = env.path(name);
+    std::fs::write(&p, json!({ "users": users }).to_string()).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+// ---- backup ----------------------------------------------------------------------------------
+
+#[test]
+fn backup_copies_a_serving_writing_database_owner_only_and_never_over_a_file() {
+    let env = Env::new();
+    let server = env.serve();
+    let ada = server.user("ada@example.com");
+    assert_eq!(
+        server
+            .set_key(&ada, "openai", "sk-ada-0123456789abcd")
+            .status,
+        200
+    );
+    // A writer keeps writing while the backup is taken.
+    let bob = server.user("bob@example.com");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, base) = (stop.clone(), server.base.clone());
+        std::thread::spawn(move || {
+            let agent = ureq::agent();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = agent
+                    .post(&format!("{base}/user/api-keys"))
+                    .set("Authorization", &format!("Bearer {bob}"))
+                    .send_json(
+                        json!({"provider": format!("p{n}"), "api_key": format!("sk-bob-{n:012}")}),
+                    );
+                n += 1;
+            }
+            n
+        })
+    };
+    let copy = env.path("copy.db");
+    let out = env.run(&["backup", copy.to_str().unwrap()]);
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(said.contains(copy.to_str().unwrap()), "{said}");
+    assert!(said.contains("2 users"), "{said}");
+    assert!(writes > 0);
+    let mode = std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(integrity_ok(&copy));
+    // The counts printed are the copy's.
+    let keys_in_copy = sql_value(
+        &copy,
+        "SELECT (SELECT COUNT(*) FROM api_keys)
+              + (SELECT COUNT(*) FROM users WHERE openai_api_key IS NOT NULL)",
+    );
+    let rusqlite::types::Value::Integer(k) = keys_in_copy else {
+        panic!("count")
+    };
+    assert!(said.contains(&format!(", {k} keys")), "{said} / {k}");
+
+    // Never over an existing file: exit 2, the file untouched.
+    let before = std::fs::read(&copy).unwrap();
+    let again = env.run(&["backup", copy.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(std::fs::read(&copy).unwrap(), before);
+    drop(server);
+
+    // Restored (copied into place) and served with the same key, it answers as the original.
+    let restored = Env::new();
+    std::fs::copy(&copy, restored.db()).unwrap();
+    let server = restored.serve();
+    let ada = server.login("ada@example.com");
+    assert_eq!(
+        server.reveal(&ada, "openai").as_deref(),
+        Some("sk-ada-0123456789abcd")
+    );
+}
+
+// ---- inspect, key-id, status's emails -----------------------------------------------------------
+
+#[test]
+fn inspect_shows_where_each_key_lives_what_sealed_it_and_why_it_does_not_open() {
+    let env = Env::new();
+    let f = fixtures(
+        &env,
+        "f.json",
+        json!([
+            {"email": "cy@example.com", "password": "correct horse battery",
+             "openai_api_key": "sk-column-value-0123456789",
+             "api_keys": [{"provider": "openai", "api_key": "sk-table-value-0123456789"}]},
+            {"email": "dee@example.com", "password": "correct horse battery"}
+        ]),
+    );
+    let out = env.run(&["load-fixtures", &f]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // dee's column holds a value sealed with a key keyrack is not given.
+    let foreign = seal_like_keyrack(KEY_B, 2, "openai", "sk-other-key-0123456789");
+    sql(
+        &env.db(),
+        &format!("UPDATE users SET openai_api_key = '{foreign}' WHERE id = 2"),
+    );
+
+    let ids = env.run(&["key-id"]);
+    assert_eq!(ids.status.code(), Some(0), "{}", stderr(&ids));
+    let key_a_id = stdout(&ids).split_whitespace().next().unwrap().to_owned();
+    assert_eq!(key_a_id.len(), 16);
+    let key_b_id = foreign.split(':').nth(1).unwrap().to_owned();
+    let both = Env {
+        dir: tempfile::tempdir().unwrap(),
+        vars: vec![
+            ("KEYRACK_ENCRYPTION_KEY".into(), KEY_A.into()),
+            ("KEYRACK_OLD_ENCRYPTION_KEYS".into(), KEY_B.into()),
+        ],
+    };
+    let listed = stdout(&both.run(&["key-id"]));
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert!(
+        lines[0].starts_with(&key_a_id) && lines[1].starts_with(&key_b_id),
+        "{listed}"
+    );
+    assert!(!both.db().exists(), "key-id uses no database");
+
+    let out = env.run(&["inspect", "CY@example.com", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        !text.contains("sk-column-value-0123456789") && !text.contains("sk-table-value-0123456789")
+    );
+    let r: Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(r["user"], json!({"id": 1, "email": "cy@example.com"}));
+    assert_eq!(r["phase"], "dual");
+    let keys = r["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "{text}");
+    let table = keys.iter().find(|k| k["store"] == "api_keys").unwrap();
+    assert_eq!(table["sealed_with"], key_a_id.as_str());
+    assert_eq!(table["opens"], true);
+    assert_eq!(table["masked_key"], "sk-...6789");
+    assert_eq!(table["is_default"], true);
+    assert_eq!(table["expired"], false);
+    assert!(table["created_at"].is_string());
+    let column = keys.iter().find(|k| k["store"] == "users_column").unwrap();
+    assert_eq!(column["id"], Value::Null);
+    assert_eq!(column["opens"], true);
+    assert!(
+        column["next"].as_str().unwrap().starts_with("conflict"),
+        "{column}"
+    );
+
+    let out = env.run(&["inspect", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(said.contains("dee@example.com"), "{said}");
+    assert!(said.contains(&format!("sealed with  {key_b_id}")), "{said}");
+    assert!(
+        said.contains(&format!(
+            "no: sealed with key {key_b_id}, which is not configured"
+        )),
+        "{said}"
+    );
+    assert!(!said.contains("sk-other-key"), "{said}");
+
+    let out = env.run(&["inspect", "nobody@example.com"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+
+    // status names the users of its problem lists by email too.
+    let said = stdout(&env.run(&["status"]));
+    assert!(
+        said.contains("conflicts: user ids 1 (cy@example.com)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("undecryptable: user ids 2 (dee@example.com)"),
+        "{said}"
+    );
+}
+
+// ---- evidence of legacy use ---------------------------------------------------------------------
+
+#[test]
+fn foreign_column_writes_are_counted_and_hold_back_phase_3() {
+    let env = Env::new();
+    env.create_db();
+    let server = env.serve();
+    let ada = server.user("ada@example.com");
+    assert_eq!(
+        server
+            .set_key(&ada, "openai", "sk-ada-0123456789abcd")
+            .status,
+        200
+    );
+    // keyrack's own writes, a fixture load included, are not foreign writes.
+    let f = fixtures(
+        &env,
+        "f.json",
+        json!([{"email": "eve@example.com", "password": "correct horse battery",
+                "openai_api_key": "sk-eve-column-0123456789"}]),
+    );
+    let out = env.run(&["load-fixtures", &f]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let s = status_json(&env);
+    assert_eq!(s["foreign_column_writes"], 0, "{s}");
+    assert_eq!(s["last_foreign_column_write_at"], Value::Null);
+    assert_eq!(s["legacy_reads"], 0);
+
+    // A read that finds eve's key only in the column is a legacy read.
+    let eve = server.login("eve@example.com");
+    assert_eq!(
+        server.reveal(&eve, "openai").as_deref(),
+        Some("sk-eve-column-0123456789")
+    );
+    let s = status_json(&env);
+    assert_eq!(s["legacy_reads"], 1, "{s}");
+    assert!(s["last_legacy_read_at"].is_string(), "{s}");
+    assert_eq!(s["foreign_column_writes"], 0, "{s}");
+
+    // Another program empties ada's column: a foreign write.
+    sql(
+        &env.db(),
+        "UPDATE users SET openai_api_key = NULL WHERE email = 'ada@example.com'",
+    );
+    let s = status_json(&env);
+    assert_eq!(s["foreign_column_writes"], 1, "{s}");
+    assert!(s["last_foreign_column_write_at"].is_string(), "{s}");
+    let admin = stdout(&env.run(&["status"]));
+    assert!(admin.contains("foreign column writes     1"), "{admin}");
+    drop(server);
+
+    let out = env.run(&["remove-legacy-column", "--yes"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("legacy reads     1"),
+        "{}",
+        stdout(&out)
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("1 times") && err.contains("--ignore-foreign-writes"),
+        "{err}"
+    );
+    assert_eq!(status_json(&env)["phase"], "dual");
+
+    let out = env.run(&["remove-legacy-column", "--yes", "--ignore-foreign-writes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(status_json(&env)["phase"], "new_only");
+}
