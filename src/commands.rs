@@ -474,6 +474,12 @@ fn revert_lines(p: &RevertPlan, done: bool) -> Vec<String> {
             join_ids(&p.overwritten_ids)
         ));
     }
+    if p.expired > 0 {
+        lines.push(format!(
+            "{} expired default OpenAI keys {stays} in api_keys only: phase legacy has no expiry, so they are not {will}written into the legacy column",
+            p.expired
+        ));
+    }
     lines
 }
 

@@ -75,6 +75,7 @@ fn parse(path: &Path) -> Result<Vec<User>, Failure> {
                         key: ApiKey::parse(&k.api_key)?,
                         name: k.name.as_deref().map(KeyName::parse).transpose()?,
                         is_default: k.is_default,
+                        expires_at: None,
                     })
                 })
                 .collect::<Result<Vec<_>, Invalid>>()
@@ -155,6 +156,7 @@ pub fn load(app: &App, path: &Path) -> Result<usize, Failure> {
                             key: k.clone(),
                             name: None,
                             is_default: Some(true),
+                            expires_at: None,
                         };
                         keys::fixture_table_key(tx, ctx.ring, user.id, &as_row)?;
                     } else {

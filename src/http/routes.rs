@@ -7,9 +7,9 @@ use serde_json::json;
 use super::api::{ApiError, Incoming, Reply};
 use crate::app::App;
 use crate::auth;
-use crate::domain::{ApiKey, Email, Invalid, KeyName, Password, Provider};
+use crate::domain::{ApiKey, Email, ExpiresAt, Invalid, KeyName, Password, Provider};
 use crate::status::Status;
-use crate::store::keys::{KeyList, KeyView, NewKey};
+use crate::store::keys::{DefaultKey, KeyList, KeyView, NewKey};
 use crate::store::users::User;
 use crate::store::{meta, now, rfc3339, Store};
 
@@ -253,19 +253,21 @@ fn get_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
     };
     let found = store.get_default_key(user.id, &provider, reveal)?;
     let body = match &found {
-        None => KeyState {
+        DefaultKey::Missing | DefaultKey::Expired => KeyState {
             has_key: false,
             provider: provider.as_str(),
             masked_key: None,
             source: None,
             api_key: None,
+            expired: matches!(found, DefaultKey::Expired),
         },
-        Some(f) => KeyState {
+        DefaultKey::Found(f) => KeyState {
             has_key: true,
             provider: provider.as_str(),
             masked_key: Some(f.key.masked()),
             source: Some(f.source.as_str()),
             api_key: reveal.then(|| f.key.expose()),
+            expired: false,
         },
     };
     Ok(Reply::of(200, &body))
@@ -280,6 +282,17 @@ struct KeyState<'a> {
     source: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     api_key: Option<&'a str>,
+    /// Present (true) only when the default key has expired.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    expired: bool,
+}
+
+/// The optional `expires_at` of a key being set: a future RFC 3339 time, or null for never.
+fn expires_at_field(body: &super::api::Fields) -> Result<Option<ExpiresAt>, ApiError> {
+    Ok(body
+        .optional_str("expires_at")?
+        .map(|raw| ExpiresAt::parse(raw, now()))
+        .transpose()?)
 }
 
 fn set_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
@@ -287,7 +300,8 @@ fn set_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
     let body = req.json()?;
     let key = ApiKey::parse(body.required_str("api_key")?)?;
     let provider = Provider::parse_or_default(body.optional_str("provider")?)?;
-    let source = store.set_default_key(user.id, &provider, &key)?;
+    let expires_at = expires_at_field(&body)?;
+    let source = store.set_default_key(user.id, &provider, &key, expires_at)?;
     Ok(Reply::of(
         200,
         &KeyState {
@@ -296,6 +310,7 @@ fn set_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
             masked_key: Some(key.masked()),
             source: Some(source.as_str()),
             api_key: None,
+            expired: false,
         },
     ))
 }
@@ -325,6 +340,8 @@ struct KeyJson<'a> {
     updated_at: Option<String>,
     last_used_at: Option<String>,
     usage_count: i64,
+    expires_at: Option<String>,
+    expired: bool,
 }
 
 impl<'a> From<&'a KeyView> for KeyJson<'a> {
@@ -340,6 +357,8 @@ impl<'a> From<&'a KeyView> for KeyJson<'a> {
             updated_at: k.updated_at.map(rfc3339),
             last_used_at: k.last_used_at.map(rfc3339),
             usage_count: k.usage_count,
+            expires_at: k.expires_at.map(rfc3339),
+            expired: k.expired,
         }
     }
 }
@@ -381,6 +400,7 @@ fn add_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
         key: ApiKey::parse(body.required_str("api_key")?)?,
         name: body.optional_str("name")?.map(KeyName::parse).transpose()?,
         is_default: body.optional_bool("is_default")?,
+        expires_at: expires_at_field(&body)?,
     };
     let view = store.add_key(user.id, &new)?;
     #[derive(Serialize)]

@@ -19,7 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use super::classify::{classify, Verdict};
 use super::{meta, now, Ctx, Result, Source, Store, StoreError};
 use crate::crypto::{Binding, KeyId, KeyRing, OpenError};
-use crate::domain::{ApiKey, KeyName, Provider};
+use crate::domain::{ApiKey, ExpiresAt, KeyName, Provider};
 use crate::phase::Phase;
 
 const OPENAI: &str = Provider::OPENAI;
@@ -36,13 +36,20 @@ struct Row {
     updated_at: i64,
     last_used_at: Option<i64>,
     usage_count: i64,
+    expires_at: Option<i64>,
+}
+
+impl Row {
+    fn expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
 }
 
 /// The columns `row` reads, in its order; a macro so that statements are built at compile time
 /// (these run on every key read).
 macro_rules! row_columns {
     () => {
-        "id, provider, name, sealed_key, is_default, created_at, updated_at, last_used_at, usage_count"
+        "id, provider, name, sealed_key, is_default, created_at, updated_at, last_used_at, usage_count, expires_at"
     };
 }
 
@@ -57,6 +64,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         updated_at: r.get(6)?,
         last_used_at: r.get(7)?,
         usage_count: r.get(8)?,
+        expires_at: r.get(9)?,
     })
 }
 
@@ -75,6 +83,9 @@ pub struct KeyView {
     pub updated_at: Option<i64>,
     pub last_used_at: Option<i64>,
     pub usage_count: i64,
+    /// When the key expires (`None`: never), and whether it has.
+    pub expires_at: Option<i64>,
+    pub expired: bool,
 }
 
 #[derive(Debug)]
@@ -92,6 +103,15 @@ pub struct FoundKey {
     pub source: Source,
 }
 
+/// What GET /user/api-key finds for one provider.
+#[derive(Debug)]
+pub enum DefaultKey {
+    Found(FoundKey),
+    Missing,
+    /// The default key has expired: it is neither revealed nor counted as a use.
+    Expired,
+}
+
 /// The outcome of moving one user's column key into the table.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Moved {
@@ -107,6 +127,7 @@ pub struct NewKey {
     pub key: ApiKey,
     pub name: Option<KeyName>,
     pub is_default: Option<bool>,
+    pub expires_at: Option<ExpiresAt>,
 }
 
 fn conflict_in_legacy(what: &str) -> StoreError {
@@ -154,14 +175,15 @@ fn insert_row(
     name: Option<&str>,
     sealed: &str,
     is_default: bool,
+    expires_at: Option<i64>,
 ) -> Result<i64> {
     let t = now();
     Ok(conn
         .prepare_cached(
-            "INSERT INTO api_keys(user_id, provider, name, sealed_key, is_default, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+            "INSERT INTO api_keys(user_id, provider, name, sealed_key, is_default, created_at, updated_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
         )?
-        .insert(params![user_id, provider, name, sealed, is_default, t])?)
+        .insert(params![user_id, provider, name, sealed, is_default, t, expires_at])?)
 }
 
 /// Refuses a new `api_keys` row past the per-user limit (`KEYRACK_MAX_KEYS_PER_USER`). Only the
@@ -237,7 +259,7 @@ fn settle(tx: &Connection, ctx: &Ctx<'_>, user_id: i64) -> Result<(Verdict, Move
             if t.is_some() {
                 clear_default(tx, user_id, OPENAI)?;
             }
-            insert_row(tx, user_id, OPENAI, None, c, true)?;
+            insert_row(tx, user_id, OPENAI, None, c, true, None)?;
             out.migrated = 1;
         }
         (Verdict::Conflict, _, _) => out.conflicts = 1,
@@ -338,6 +360,7 @@ static KEY_CHANGE_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::Ato
 enum Lookup {
     Found(FoundKey, Option<i64>),
     Missing,
+    Expired,
     /// Dual phase, a key only in the column: read again in a write transaction to move it.
     MustMove,
 }
@@ -353,6 +376,8 @@ fn lookup(
     let p = provider.as_str();
     let from_table = |tx: &Transaction<'_>| -> Result<Option<Lookup>> {
         Ok(match default_row(tx, user_id, p)? {
+            // Not opened, not served, and (dual) not replaced by the column's mirror of it.
+            Some(r) if r.expired(now()) => Some(Lookup::Expired),
             Some(r) => Some(Lookup::Found(
                 FoundKey {
                     key: open(ctx, user_id, p, &r.sealed, (Source::Table, Some(r.id)))?,
@@ -427,7 +452,7 @@ impl Store {
         user_id: i64,
         provider: &Provider,
         count_use: bool,
-    ) -> Result<Option<FoundKey>> {
+    ) -> Result<DefaultKey> {
         let mut found = self.read(|tx, ctx| lookup(tx, ctx, user_id, provider, false))?;
         if let Lookup::MustMove = found {
             let provider = provider.clone();
@@ -438,9 +463,10 @@ impl Store {
                 if let (true, Some(id)) = (count_use, row_id) {
                     self.usage.record(id, now());
                 }
-                Ok(Some(key))
+                Ok(DefaultKey::Found(key))
             }
-            Lookup::Missing | Lookup::MustMove => Ok(None),
+            Lookup::Expired => Ok(DefaultKey::Expired),
+            Lookup::Missing | Lookup::MustMove => Ok(DefaultKey::Missing),
         }
     }
 
@@ -450,7 +476,9 @@ impl Store {
         user_id: i64,
         provider: &Provider,
         key: &ApiKey,
+        expires_at: Option<ExpiresAt>,
     ) -> Result<Source> {
+        let expires_at = expires_at.map(ExpiresAt::secs);
         sealing_again(|| {
             // Sealing needs no transaction: done before, so the group's transaction stays short.
             let sealed = self.ring.seal(
@@ -473,6 +501,9 @@ impl Store {
                                 "a key for a provider other than openai",
                             ));
                         }
+                        if expires_at.is_some() {
+                            return Err(conflict_in_legacy("an expiry (expires_at)"));
+                        }
                         column_set(tx, user_id, Some(&sealed))?;
                         Ok(Source::Column)
                     }
@@ -482,10 +513,12 @@ impl Store {
                         }
                         match default_row(tx, user_id, p)? {
                             Some(r) => {
+                                // The new key replaces the old one, expiry included.
                                 tx.prepare_cached(
-                                    "UPDATE api_keys SET sealed_key = ?2, updated_at = ?3 WHERE id = ?1",
+                                    "UPDATE api_keys SET sealed_key = ?2, updated_at = ?3, expires_at = ?4
+                                     WHERE id = ?1",
                                 )?
-                                .execute(params![r.id, sealed, now()])?;
+                                .execute(params![r.id, sealed, now(), expires_at])?;
                             }
                             None => {
                                 // A column key being replaced is not a new key for the limit.
@@ -495,7 +528,7 @@ impl Store {
                                 if !replaces_column {
                                     check_key_limit(tx, user_id, limit)?;
                                 }
-                                insert_row(tx, user_id, p, None, &sealed, true)?;
+                                insert_row(tx, user_id, p, None, &sealed, true, expires_at)?;
                             }
                         }
                         if phase == Phase::Dual && provider.is_openai() {
@@ -572,6 +605,7 @@ impl Store {
         let name = new.name.as_ref().map(|n| n.as_str().to_owned());
         let masked_key = new.key.masked();
         let wants_default = new.is_default;
+        let expires_at = new.expires_at.map(ExpiresAt::secs);
         let limit = self.key_limit;
         self.write(move |tx, ctx| {
             check_sealing_key(tx, ctx, &sealed)?;
@@ -589,7 +623,15 @@ impl Store {
             if make_default && has_default {
                 clear_default(tx, user_id, p)?;
             }
-            let id = insert_row(tx, user_id, p, name.as_deref(), &sealed, make_default)?;
+            let id = insert_row(
+                tx,
+                user_id,
+                p,
+                name.as_deref(),
+                &sealed,
+                make_default,
+                expires_at,
+            )?;
             if phase == Phase::Dual && provider.is_openai() && make_default {
                 column_set(tx, user_id, Some(&sealed))?;
             }
@@ -605,6 +647,8 @@ impl Store {
                 updated_at: Some(t),
                 last_used_at: None,
                 usage_count: 0,
+                expires_at,
+                expired: false,
             })
         })
     }
@@ -703,9 +747,12 @@ fn list_in(
                 updated_at: None,
                 last_used_at: None,
                 usage_count: 0,
+                expires_at: None,
+                expired: false,
             });
         }
     } else {
+        let t = now();
         let mut stmt = tx.prepare_cached(concat!(
             "SELECT ",
             row_columns!(),
@@ -715,6 +762,7 @@ fn list_in(
         for r in rows {
             let r = r?;
             let (pending, last) = ctx.usage.pending(r.id);
+            let expired = r.expired(t);
             keys.push(KeyView {
                 id: Some(r.id),
                 masked_key: masked(
@@ -732,6 +780,8 @@ fn list_in(
                 updated_at: Some(r.updated_at),
                 last_used_at: r.last_used_at.max(last),
                 usage_count: r.usage_count + pending,
+                expires_at: r.expires_at,
+                expired,
             });
         }
     }
@@ -776,7 +826,7 @@ pub(super) fn insert_extra_openai_row(
     name: &str,
     sealed: &str,
 ) -> Result<i64> {
-    insert_row(tx, user_id, OPENAI, Some(name), sealed, false)
+    insert_row(tx, user_id, OPENAI, Some(name), sealed, false, None)
 }
 
 /// Fixtures: a legacy column value, as data written before the migration.
@@ -824,6 +874,7 @@ pub fn fixture_table_key(
         new.name.as_ref().map(KeyName::as_str),
         &sealed,
         make_default,
+        new.expires_at.map(ExpiresAt::secs),
     )?;
     Ok(())
 }

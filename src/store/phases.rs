@@ -383,8 +383,11 @@ pub struct RevertPlan {
     pub kept_ids: Vec<i64>,
     pub overwritten_ids: Vec<i64>,
     /// Table keys that stay in `api_keys`, unreachable in phase legacy (other providers, extra
-    /// keys), the extra keys `revert` adds included.
+    /// keys, expired default keys), the extra keys `revert` adds included.
     pub table_stay: u64,
+    /// Expired default OpenAI keys: not written into the column (phase legacy knows no expiry),
+    /// and a column mirror of one is emptied; `api_keys` keeps them.
+    pub expired: u64,
 }
 
 impl RevertPlan {
@@ -414,19 +417,25 @@ pub fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<RevertPlan
         ensure_column_index(tx)?;
         super::evidence::ensure_triggers(tx)?;
     }
+    // An expired key is not written into the column (the table keeps it).
+    let t = super::now();
     let defaults_sql = if column {
         "SELECT COUNT(*) FROM users u JOIN api_keys k ON k.user_id = u.id
-         AND k.provider = 'openai' AND k.is_default = 1 WHERE u.openai_api_key IS NULL"
+         AND k.provider = 'openai' AND k.is_default = 1
+         AND (k.expires_at IS NULL OR k.expires_at > ?1) WHERE u.openai_api_key IS NULL"
     } else {
-        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1"
+        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1
+         AND (expires_at IS NULL OR expires_at > ?1)"
     };
-    plan.written = tx.query_row(defaults_sql, [], |r| r.get(0))?;
+    plan.written = tx.query_row(defaults_sql, [t], |r| r.get(0))?;
     let mut conflicts: Vec<(i64, String, String)> = Vec::new();
     if column {
         plan.in_step = tx.query_row(
             "SELECT COUNT(*) FROM users u JOIN api_keys k ON k.user_id = u.id
-             AND k.provider = 'openai' AND k.is_default = 1 WHERE u.openai_api_key = k.sealed_key",
-            [],
+             AND k.provider = 'openai' AND k.is_default = 1
+             AND (k.expires_at IS NULL OR k.expires_at > ?1)
+             WHERE u.openai_api_key = k.sealed_key",
+            [t],
             |r| r.get(0),
         )?;
         let mut stmt = tx.prepare(column_rows_sql(true))?;
@@ -453,7 +462,22 @@ pub fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<RevertPlan
             sample(&mut plan.kept_ids, uid);
         }
     }
+    plan.expired = tx.query_row(
+        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1
+         AND expires_at <= ?1",
+        [t],
+        |r| r.get(0),
+    )?;
     if apply {
+        if column {
+            tx.execute(
+                "UPDATE users SET openai_api_key = NULL, keyrack_key_writes = keyrack_key_writes + 1
+                 WHERE openai_api_key = (SELECT k.sealed_key FROM api_keys k
+                     WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1
+                       AND k.expires_at <= ?1)",
+                [t],
+            )?;
+        }
         for (uid, column, table) in &conflicts {
             insert_extra_openai_row(tx, *uid, KEPT_AT_REVERT, column)?;
             tx.prepare_cached(
@@ -465,17 +489,19 @@ pub fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<RevertPlan
         tx.execute(
             "UPDATE users SET openai_api_key = (
                  SELECT k.sealed_key FROM api_keys k
-                 WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1),
+                 WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1
+                   AND (k.expires_at IS NULL OR k.expires_at > ?1)),
                  keyrack_key_writes = keyrack_key_writes + 1
              WHERE openai_api_key IS NULL",
-            [],
+            [t],
         )?;
         meta::backfill_clear(tx, false)?;
     }
     let total: u64 = tx.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
     let defaults: u64 = tx.query_row(
-        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1",
-        [],
+        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1
+         AND (expires_at IS NULL OR expires_at > ?1)",
+        [t],
         |r| r.get(0),
     )?;
     plan.table_stay = total - defaults + if apply { 0 } else { plan.overwritten };
@@ -627,6 +653,7 @@ mod tests {
             kept_ids: vec![3, 4, 5, 7],
             overwritten_ids: vec![6],
             table_stay: 1,
+            expired: 0,
         };
         assert_eq!(plan, want);
         assert_eq!(column(&conn, 1), None, "a plan writes nothing");

@@ -261,3 +261,161 @@ fn foreign_column_writes_are_counted_and_hold_back_phase_3() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(status_json(&env)["phase"], "new_only");
 }
+
+// ---- key expiry -----------------------------------------------------------------------------------
+
+fn in_hours(h: i64) -> String {
+    (time::OffsetDateTime::now_utc() + time::Duration::hours(h))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+#[test]
+fn an_expired_key_is_neither_revealed_nor_counted_and_a_new_key_replaces_it() {
+    let mut env = Env::new();
+    env.create_db();
+    let server = env.serve();
+    let ada = server.user("ada@example.com");
+    let bob = server.user("bob@example.com");
+    // A time in the past, or not a time: 422 naming the field.
+    for bad in ["2001-01-01T00:00:00Z", "next week"] {
+        let r = server.post(
+            "/user/api-key",
+            Some(&ada),
+            json!({"api_key": "sk-ada-0123456789abcd", "expires_at": bad}),
+        );
+        assert_eq!(r.status, 422, "{}", r.raw);
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("expires_at"),
+            "{}",
+            r.raw
+        );
+    }
+    let soon = in_hours(1);
+    for (token, key) in [
+        (&ada, "sk-ada-0123456789abcd"),
+        (&bob, "sk-bob-0123456789abcd"),
+    ] {
+        let r = server.post(
+            "/user/api-key",
+            Some(token),
+            json!({"api_key": key, "expires_at": soon}),
+        );
+        assert_eq!(r.status, 200, "{}", r.raw);
+    }
+    let r = server.post(
+        "/user/api-keys",
+        Some(&ada),
+        json!({"provider": "anthropic", "api_key": "sk-ant-0123456789abcd", "expires_at": soon}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
+    assert_eq!(r.body["key"]["expired"], false);
+    assert!(r.body["key"]["expires_at"].is_string(), "{}", r.raw);
+    assert_eq!(
+        server.reveal(&ada, "openai").as_deref(),
+        Some("sk-ada-0123456789abcd")
+    );
+    let listed = server.get("/user/api-keys", Some(&ada));
+    assert!(
+        listed.body["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["expired"] == false && k["expires_at"].is_string()),
+        "{}",
+        listed.raw
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+
+    // Two hours later (keyrack's clock moved for the test).
+    env.vars
+        .push(("KEYRACK_TEST_CLOCK_OFFSET".into(), "7200".into()));
+    let server = env.serve();
+    let uses = |s: &Server| -> Vec<Value> {
+        s.get("/user/api-keys", Some(&ada)).body["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["usage_count"].clone())
+            .collect()
+    };
+    let before = uses(&server);
+    for provider in ["openai", "anthropic"] {
+        let r = server.get(
+            &format!("/user/api-key?provider={provider}&reveal=true"),
+            Some(&ada),
+        );
+        assert_eq!(r.status, 200, "{}", r.raw);
+        assert_eq!(
+            r.body,
+            json!({"has_key": false, "provider": provider, "masked_key": null, "source": null, "expired": true}),
+            "in phase dual the column's mirror is not served either"
+        );
+    }
+    assert_eq!(
+        uses(&server),
+        before,
+        "an expired key is not counted as a use"
+    );
+    let listed = server.get("/user/api-keys", Some(&ada));
+    assert!(
+        listed.body["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["expired"] == true),
+        "{}",
+        listed.raw
+    );
+    let inspected: Value =
+        serde_json::from_str(stdout(&env.run(&["inspect", "ada@example.com", "--json"])).trim())
+            .unwrap();
+    assert!(
+        inspected["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["store"] == "api_keys" && k["expired"] == true),
+        "{inspected}"
+    );
+
+    // Setting a new key replaces the expired one.
+    assert_eq!(
+        server
+            .set_key(&ada, "openai", "sk-ada-new-0123456789")
+            .status,
+        200
+    );
+    assert_eq!(
+        server.reveal(&ada, "openai").as_deref(),
+        Some("sk-ada-new-0123456789")
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+
+    // revert does not write bob's expired key into the column (the table keeps it).
+    let out = env.run(&["revert", "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        sql_value(
+            &env.db(),
+            "SELECT openai_api_key IS NULL FROM users WHERE email = 'bob@example.com'"
+        ),
+        rusqlite::types::Value::Integer(1)
+    );
+    assert_eq!(
+        sql_value(&env.db(), "SELECT COUNT(*) FROM api_keys WHERE user_id = 2"),
+        rusqlite::types::Value::Integer(1)
+    );
+    // In phase legacy there is no expiry.
+    let server = env.serve();
+    let r = server.post(
+        "/user/api-key",
+        Some(&ada),
+        json!({"api_key": "sk-ada-0123456789abcd", "expires_at": in_hours(24)}),
+    );
+    assert_eq!(r.status, 409, "{}", r.raw);
+    assert_eq!(r.code(), "phase_conflict");
+}
