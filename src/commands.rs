@@ -186,7 +186,7 @@ pub fn status(app: &App, json: bool) -> Result<(), Failure> {
 }
 
 /// Asks for `word` on the terminal unless `--yes`. No terminal and no `--yes`: exit 2.
-fn confirm(yes: bool, word: &str, what: &str, command: &str) -> Result<(), Failure> {
+pub(crate) fn confirm(yes: bool, word: &str, what: &str, command: &str) -> Result<(), Failure> {
     if yes {
         return Ok(());
     }

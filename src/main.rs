@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use keyrack::config::{Config, DbLocation, Lookup, ServeConfig};
+use keyrack::store::repair::{Keep, Stores};
 use keyrack::{app, commands, fixtures, http, Failure};
 
 /// The settings and exit codes, shown by `keyrack --help`.
@@ -163,6 +164,37 @@ enum Cmd {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Settle a conflict of one user's OpenAI key, keeping the column's or the table's value
+    Resolve {
+        /// The user's email or id
+        #[arg(value_name = "USER")]
+        user: String,
+        /// Which value becomes the user's OpenAI key; the other is kept as an extra key
+        #[arg(long, value_enum)]
+        keep: KeepArg,
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Remove one user's stored values that do not open with the configured keys
+    ClearKey {
+        /// The user's email or id
+        #[arg(value_name = "USER")]
+        user: String,
+        /// The provider [default: openai]
+        #[arg(long, value_name = "P")]
+        provider: Option<String>,
+        /// Where to look
+        #[arg(long, value_enum, default_value = "all")]
+        store: StoreArg,
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Print the id of each configured encryption key, the current one first (uses no database)
     KeyId {
         #[command(flatten)]
@@ -191,7 +223,9 @@ impl Cmd {
             | Cmd::AddUser { settings, .. }
             | Cmd::Backup { settings, .. }
             | Cmd::Inspect { settings, .. }
-            | Cmd::KeyId { settings } => settings.clone(),
+            | Cmd::KeyId { settings }
+            | Cmd::Resolve { settings, .. }
+            | Cmd::ClearKey { settings, .. } => settings.clone(),
             Cmd::GenKey => Settings::default(),
         }
     }
@@ -201,6 +235,19 @@ impl Cmd {
     fn creates_database(&self) -> bool {
         matches!(self, Cmd::Serve(_) | Cmd::LoadFixtures { .. })
     }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum KeepArg {
+    Column,
+    Table,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum StoreArg {
+    Column,
+    Table,
+    All,
 }
 
 #[derive(clap::Args, Default)]
@@ -338,6 +385,34 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::AddUser { email, .. } => keyrack::accounts::add_user(&app, &email),
         Cmd::Backup { path, .. } => keyrack::operator::backup(&app, &db_location, &path),
         Cmd::Inspect { user, json, .. } => keyrack::operator::inspect(&app, &user, json),
+        Cmd::Resolve {
+            user, keep, yes, ..
+        } => keyrack::operator::resolve(
+            &app,
+            &user,
+            match keep {
+                KeepArg::Column => Keep::Column,
+                KeepArg::Table => Keep::Table,
+            },
+            yes,
+        ),
+        Cmd::ClearKey {
+            user,
+            provider,
+            store,
+            yes,
+            ..
+        } => keyrack::operator::clear_key(
+            &app,
+            &user,
+            provider.as_deref(),
+            match store {
+                StoreArg::Column => Stores::Column,
+                StoreArg::Table => Stores::Table,
+                StoreArg::All => Stores::All,
+            },
+            yes,
+        ),
         Cmd::GenKey | Cmd::KeyId { .. } => Ok(()),
     }
 }

@@ -1,5 +1,6 @@
-//! The operator's instruments beside the phase commands: `backup`, `inspect` and `key-id`.
-//! They read (or copy) the database and print; none of them changes a key.
+//! The operator's instruments beside the phase commands: `backup`, `inspect` and `key-id`,
+//! which read (or copy) the database and print, and the repairs `resolve` and `clear-key`,
+//! which change one user's keys after a confirmation.
 
 use std::path::Path;
 
@@ -7,8 +8,10 @@ use serde_json::{json, Value};
 
 use crate::app::App;
 use crate::config::{Config, DbLocation};
+use crate::domain::Provider;
 use crate::logging::printable;
 use crate::store::inspect::{self, KeyReport, Report, UserRef};
+use crate::store::repair::{self, Keep, Stores};
 use crate::store::{now, rfc3339};
 use crate::Failure;
 
@@ -223,4 +226,113 @@ pub fn report_text(r: &Report) -> String {
         out.push_str(&format!("  next         {}\n", k.next));
     }
     out
+}
+
+fn find(conn: &rusqlite::Connection, who: &str) -> Result<crate::store::users::User, Failure> {
+    inspect::find_user(conn, &UserRef::parse(who))
+        .map_err(|e| Failure::Runtime(e.to_string()))?
+        .ok_or_else(|| {
+            Failure::Runtime(format!(
+                "no user {} (give an email or a user id)",
+                printable(who.trim())
+            ))
+        })
+}
+
+/// `keyrack resolve USER --keep column|table`: settles the user's conflict, keeping the other
+/// value as an extra OpenAI key.
+pub fn resolve(app: &App, who: &str, keep: Keep, yes: bool) -> Result<(), Failure> {
+    let store_err = |e: crate::store::StoreError| Failure::Runtime(e.to_string());
+    let mut conn = app.db.connect().map_err(db_err)?;
+    let user = find(&conn, who)?;
+    let label = format!("user {} ({})", user.id, printable(&user.email));
+    if !repair::has_conflict(&conn, &app.ring, user.id).map_err(store_err)? {
+        println!("{label} has no conflict to resolve (see `keyrack inspect`); nothing was changed");
+        return Ok(());
+    }
+    let (kept, other) = match keep {
+        Keep::Column => ("the legacy column's value", "the api_keys value"),
+        Keep::Table => ("the api_keys value", "the legacy column's value"),
+    };
+    crate::commands::confirm(
+        yes,
+        "resolve",
+        &format!(
+            "This makes {kept} the OpenAI key of {label} in both stores; {other} is kept as an extra OpenAI key named \"{}\"",
+            repair::KEPT_AT_RESOLVE
+        ),
+        "resolve",
+    )?;
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(db_err)?;
+    let done = repair::resolve(&tx, &app.ring, user.id, keep).map_err(store_err)?;
+    tx.commit().map_err(db_err)?;
+    let line = if done {
+        format!(
+            "resolved the conflict of {label}: kept {kept}; {other} is kept as an extra OpenAI key"
+        )
+    } else {
+        format!("{label} has no conflict any more; nothing was changed")
+    };
+    log::info!("{line}");
+    println!("{line}");
+    Ok(())
+}
+
+/// `keyrack clear-key USER [--provider P] [--store column|table|all]`: removes the values of
+/// the user that do not open with the configured keys; a value that opens is never touched.
+pub fn clear_key(
+    app: &App,
+    who: &str,
+    provider: Option<&str>,
+    stores: Stores,
+    yes: bool,
+) -> Result<(), Failure> {
+    let store_err = |e: crate::store::StoreError| Failure::Runtime(e.to_string());
+    let provider = Provider::parse_or_default(provider)
+        .map_err(|e| Failure::Config(format!("--provider: {}", e.message)))?;
+    let mut conn = app.db.connect().map_err(db_err)?;
+    let user = find(&conn, who)?;
+    let label = format!("user {} ({})", user.id, printable(&user.email));
+    let plan = repair::clear_unopenable(&conn, &app.ring, user.id, &provider, stores, false)
+        .map_err(store_err)?;
+    if plan.is_empty() {
+        println!(
+            "{label} has no {} value that fails to open in the chosen stores; nothing was changed",
+            provider.as_str()
+        );
+        return Ok(());
+    }
+    let what: Vec<String> = plan
+        .iter()
+        .map(|u| format!("{} ({})", crate::store::place(u.store, u.id), u.reason))
+        .collect();
+    crate::commands::confirm(
+        yes,
+        "clear",
+        &format!(
+            "This removes {} value(s) of {label} that do not open: {}",
+            plan.len(),
+            what.join("; ")
+        ),
+        "clear-key",
+    )?;
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(db_err)?;
+    let done = repair::clear_unopenable(&tx, &app.ring, user.id, &provider, stores, true)
+        .map_err(store_err)?;
+    tx.commit().map_err(db_err)?;
+    let line = format!(
+        "cleared {} value(s) of {label} that do not open: {}",
+        done.len(),
+        done.iter()
+            .map(|u| crate::store::place(u.store, u.id))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    log::info!("{line}");
+    println!("{line}");
+    Ok(())
 }

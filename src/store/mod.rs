@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod keys;
 pub mod meta;
 pub mod phases;
+pub mod repair;
 pub mod users;
 
 use rusqlite::{Connection, ErrorCode, Transaction, TransactionBehavior};

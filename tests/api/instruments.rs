@@ -419,3 +419,100 @@ fn an_expired_key_is_neither_revealed_nor_counted_and_a_new_key_replaces_it() {
     assert_eq!(r.status, 409, "{}", r.raw);
     assert_eq!(r.code(), "phase_conflict");
 }
+
+// ---- resolve and clear-key ------------------------------------------------------------------------
+
+#[test]
+fn resolve_and_clear_key_repair_one_user_after_a_confirmation() {
+    let env = Env::new();
+    let f = fixtures(
+        &env,
+        "f.json",
+        json!([
+            {"email": "cy@example.com", "password": "correct horse battery",
+             "openai_api_key": "sk-column-value-0123456789",
+             "api_keys": [{"provider": "openai", "api_key": "sk-table-value-0123456789"}]},
+            {"email": "dee@example.com", "password": "correct horse battery",
+             "api_keys": [{"provider": "anthropic", "api_key": "sk-ant-dee-0123456789"}]},
+            {"email": "fay@example.com", "password": "correct horse battery",
+             "openai_api_key": "sk-fay-column-0123456789",
+             "api_keys": [{"provider": "openai", "api_key": "sk-fay-table-0123456789"}]}
+        ]),
+    );
+    assert_eq!(env.run(&["load-fixtures", &f]).status.code(), Some(0));
+    let foreign = seal_like_keyrack(KEY_B, 2, "openai", "sk-other-key-0123456789");
+    sql(
+        &env.db(),
+        &format!("UPDATE users SET openai_api_key = '{foreign}' WHERE id = 2"),
+    );
+    let s = status_json(&env);
+    assert_eq!(
+        (s["conflicts"].clone(), s["undecryptable"].clone()),
+        (json!(2), json!(1))
+    );
+
+    // No terminal and no --yes: exit 2, nothing changed.
+    let out = env.run(&["resolve", "cy@example.com", "--keep", "column"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(status_json(&env)["conflicts"], 2);
+
+    let out = env.run(&["resolve", "cy@example.com", "--keep", "column", "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        status_json(&env)["conflicts"],
+        1,
+        "fay's conflict is not touched"
+    );
+    let again = env.run(&["resolve", "1", "--keep", "table", "--yes"]);
+    assert_eq!(again.status.code(), Some(0));
+    assert!(stdout(&again).contains("no conflict"), "{}", stdout(&again));
+
+    let out = env.run(&["resolve", "fay@example.com", "--keep", "table", "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(status_json(&env)["conflicts"], 0);
+
+    // A value that opens is never cleared; one that does not is, after confirmation.
+    let out = env.run(&["clear-key", "cy@example.com", "--yes"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout(&out).contains("nothing was changed"),
+        "{}",
+        stdout(&out)
+    );
+    let out = env.run(&["clear-key", "dee@example.com"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = env.run(&["clear-key", "dee@example.com", "--store", "column", "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("cleared 1 value"), "{}", stdout(&out));
+    assert_eq!(status_json(&env)["undecryptable"], 0);
+
+    let server = env.serve();
+    let cy = server.login("cy@example.com");
+    assert_eq!(
+        server.reveal(&cy, "openai").as_deref(),
+        Some("sk-column-value-0123456789")
+    );
+    let listed = server.get("/user/api-keys", Some(&cy));
+    let names: Vec<&Value> = listed.body["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| &k["name"])
+        .collect();
+    assert!(
+        names.contains(&&json!("value kept at resolve")),
+        "{}",
+        listed.raw
+    );
+    let fay = server.login("fay@example.com");
+    assert_eq!(
+        server.reveal(&fay, "openai").as_deref(),
+        Some("sk-fay-table-0123456789")
+    );
+    let dee = server.login("dee@example.com");
+    assert_eq!(server.reveal(&dee, "openai"), None);
+    assert_eq!(
+        server.reveal(&dee, "anthropic").as_deref(),
+        Some("sk-ant-dee-0123456789")
+    );
+}
