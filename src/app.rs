@@ -27,6 +27,8 @@ pub struct App {
     /// `KEYRACK_SIGNUPS=open`: POST /auth/register creates accounts.
     pub signups_open: bool,
     pub max_keys_per_user: i64,
+    /// `KEYRACK_AUDIT_DAYS`: how long events are kept.
+    pub audit_days: i64,
 }
 
 impl App {
@@ -69,6 +71,7 @@ impl App {
             admin_token: config.admin_token,
             signups_open: config.signups_open,
             max_keys_per_user: config.max_keys_per_user,
+            audit_days: config.audit_days,
         })
     }
 

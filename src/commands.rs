@@ -99,7 +99,7 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
                         log::info!("{undefaulted} default OpenAI table keys of users whose column is empty are kept as extra keys");
                     }
                 }
-                meta::set_phase(&tx, target).map_err(store_err)?;
+                meta::set_phase(&tx, target, "migrate").map_err(store_err)?;
             }
         }
         tx.commit().map_err(db_err)?;
@@ -428,7 +428,7 @@ pub fn remove_legacy_column(
             let evidence = crate::store::evidence::read(&tx).map_err(store_err)?;
             refuse_on_foreign_writes(&evidence, ignore_foreign_writes)?;
             phases::drop_column(&tx).map_err(store_err)?;
-            meta::set_phase(&tx, target).map_err(store_err)?;
+            meta::set_phase(&tx, target, "remove-legacy-column").map_err(store_err)?;
         }
     }
     tx.commit().map_err(db_err)?;
@@ -545,7 +545,7 @@ pub fn revert(
         Step::WrongPhase(m) => return Err(Failure::Refused(m)),
         Step::Run { target } => {
             let done = phases::revert(&tx, &app.ring, true).map_err(store_err)?;
-            meta::set_phase(&tx, target).map_err(store_err)?;
+            meta::set_phase(&tx, target, "revert").map_err(store_err)?;
             done
         }
     };

@@ -24,11 +24,12 @@ else ./.env when it exists), the file over the default. An empty variable counts
   KEYRACK_ENCRYPTION_KEY       32 random bytes in standard base64, as `keyrack gen-key` prints;
                                unset: the key file <database>.key, created 0600 for a new database
   KEYRACK_OLD_ENCRYPTION_KEYS  comma-separated older keys, used only to decrypt (rotation)
-  KEYRACK_ADMIN_TOKEN          enables GET /admin/status; unset: /admin/* answers 404
+  KEYRACK_ADMIN_TOKEN          enables GET /admin/status and /admin/events; unset: /admin/* answers 404
   KEYRACK_SESSION_TTL          session lifetime in seconds (default 2592000, 30 days)
   KEYRACK_SIGNUPS              open (default) or closed: POST /auth/register answers 403
                                and accounts are made with `keyrack add-user`
   KEYRACK_MAX_KEYS_PER_USER    most keys one user may add (default 1000; past it 409)
+  KEYRACK_AUDIT_DAYS           days events are kept (default 365); pruned at start and hourly
   KEYRACK_HEAD_TIMEOUT         serve: seconds a request head (and a small body) may take (10)
   KEYRACK_IDLE_TIMEOUT         serve: seconds a keep-alive connection may sit idle (10)
   KEYRACK_SOCKET_TIMEOUT       serve: seconds each socket read or write may take (10)
@@ -38,7 +39,7 @@ Exit codes:
   0  success
   1  failure at run time (also: an email already taken by add-user)
   2  usage or configuration error, or a --db file that does not exist (only serve and
-     load-fixtures create a database)
+     load-fixtures create a database), or a backup PATH that already exists
   3  refused by a safety check
 
 Every file keyrack creates (database, -wal, -shm, key file, backups) is readable by its owner only.";
@@ -195,6 +196,23 @@ enum Cmd {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Print the recorded events (the audit trail), oldest first
+    Audit {
+        /// Only this user's events (an email or a user id)
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        /// Only events at or after this RFC 3339 time
+        #[arg(long, value_name = "RFC3339")]
+        since: Option<String>,
+        /// Only the N most recent events
+        #[arg(long, value_name = "N")]
+        limit: Option<i64>,
+        /// Print one JSON object per line
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Print the id of each configured encryption key, the current one first (uses no database)
     KeyId {
         #[command(flatten)]
@@ -225,6 +243,7 @@ impl Cmd {
             | Cmd::Inspect { settings, .. }
             | Cmd::KeyId { settings }
             | Cmd::Resolve { settings, .. }
+            | Cmd::Audit { settings, .. }
             | Cmd::ClearKey { settings, .. } => settings.clone(),
             Cmd::GenKey => Settings::default(),
         }
@@ -413,6 +432,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             },
             yes,
         ),
+        Cmd::Audit {
+            user,
+            since,
+            limit,
+            json,
+            ..
+        } => keyrack::operator::audit(&app, user.as_deref(), since.as_deref(), limit, json),
         Cmd::GenKey | Cmd::KeyId { .. } => Ok(()),
     }
 }

@@ -10,9 +10,10 @@ use crate::app::App;
 use crate::config::{Config, DbLocation};
 use crate::domain::Provider;
 use crate::logging::printable;
+use crate::store::events::{self, Event};
 use crate::store::inspect::{self, KeyReport, Report, UserRef};
 use crate::store::repair::{self, Keep, Stores};
-use crate::store::{now, rfc3339};
+use crate::store::{now, rfc3339, Source};
 use crate::Failure;
 
 fn db_err(e: impl std::fmt::Display) -> Failure {
@@ -267,6 +268,23 @@ pub fn resolve(app: &App, who: &str, keep: Keep, yes: bool) -> Result<(), Failur
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(db_err)?;
     let done = repair::resolve(&tx, &app.ring, user.id, keep).map_err(store_err)?;
+    if done {
+        // The store whose value was replaced.
+        let (id, source) = match keep {
+            Keep::Column => (
+                repair::default_openai_id(&tx, user.id).map_err(store_err)?,
+                Source::Table,
+            ),
+            Keep::Table => (None, Source::Column),
+        };
+        events::record(
+            &tx,
+            &Event::new(events::KEY_REPLACED, events::command_actor("resolve"))
+                .user(user.id)
+                .key(id, Provider::OPENAI, source),
+        )
+        .map_err(store_err)?;
+    }
     tx.commit().map_err(db_err)?;
     let line = if done {
         format!(
@@ -323,6 +341,15 @@ pub fn clear_key(
         .map_err(db_err)?;
     let done = repair::clear_unopenable(&tx, &app.ring, user.id, &provider, stores, true)
         .map_err(store_err)?;
+    for u in &done {
+        events::record(
+            &tx,
+            &Event::new(events::KEY_DELETED, events::command_actor("clear-key"))
+                .user(user.id)
+                .key(u.id, provider.as_str(), u.store),
+        )
+        .map_err(store_err)?;
+    }
     tx.commit().map_err(db_err)?;
     let line = format!(
         "cleared {} value(s) of {label} that do not open: {}",
@@ -334,5 +361,53 @@ pub fn clear_key(
     );
     log::info!("{line}");
     println!("{line}");
+    Ok(())
+}
+
+/// `keyrack audit`: the recorded events, oldest first; `limit`: only the most recent ones.
+pub fn audit(
+    app: &App,
+    who: Option<&str>,
+    since: Option<&str>,
+    limit: Option<i64>,
+    as_json: bool,
+) -> Result<(), Failure> {
+    let since = since
+        .map(|s| {
+            crate::clock::parse_rfc3339(s).ok_or_else(|| {
+                Failure::Config(
+                    "--since must be an RFC 3339 time such as 2026-11-26T09:00:00Z".into(),
+                )
+            })
+        })
+        .transpose()?;
+    if limit.is_some_and(|n| n < 1) {
+        return Err(Failure::Config("--limit must be at least 1".into()));
+    }
+    let conn = app.db.connect().map_err(db_err)?;
+    let user_id = match who {
+        Some(w) => Some(find(&conn, w)?.id),
+        None => None,
+    };
+    let mut list = events::newest_first(
+        &conn,
+        &events::Query {
+            user_id,
+            since,
+            limit: limit.unwrap_or(i64::MAX),
+        },
+    )
+    .map_err(|e| Failure::Runtime(e.to_string()))?;
+    list.reverse();
+    let mut out = std::io::stdout().lock();
+    for e in &list {
+        let line = if as_json {
+            e.to_json().to_string()
+        } else {
+            e.to_text()
+        };
+        use std::io::Write;
+        writeln!(out, "{line}").map_err(|e| Failure::Runtime(format!("cannot write: {e}")))?;
+    }
     Ok(())
 }

@@ -9,6 +9,7 @@ use crate::app::App;
 use crate::auth;
 use crate::domain::{ApiKey, Email, ExpiresAt, Invalid, KeyName, Password, Provider};
 use crate::status::Status;
+use crate::store::events::{self, Event};
 use crate::store::keys::{DefaultKey, KeyList, KeyView, NewKey};
 use crate::store::users::User;
 use crate::store::{meta, now, rfc3339, Store};
@@ -34,7 +35,9 @@ const ROUTES: &[(&str, &[(&str, Handler)])] = &[
     ("/user/api-keys", &[("GET", list_keys), ("POST", add_key)]),
     ("/user/api-keys/{id}", &[("DELETE", delete_key)]),
     ("/user/migrate-api-keys", &[("POST", migrate_keys)]),
+    ("/user/events", &[("GET", user_events)]),
     ("/admin/status", &[("GET", admin_status)]),
+    ("/admin/events", &[("GET", admin_events)]),
 ];
 
 fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
@@ -188,21 +191,29 @@ fn login(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
         )
         .with_header("Retry-After", wait.to_string()));
     }
+    // Err: the id of the existing account whose password was wrong (None: no such account).
     let verified = match store.credentials(&email)? {
-        Some(c) if auth::verify_password(password.expose(), &c.password_hash) => Some(c.user),
-        Some(_) => None,
+        Some(c) if auth::verify_password(password.expose(), &c.password_hash) => Ok(c.user),
+        Some(c) => Err(Some(c.user.id)),
         None => {
             auth::verify_against_dummy(password.expose());
-            None
+            Err(None)
         }
     };
-    let Some(user) = verified else {
-        app.throttle.record_failure(&email, t);
-        return Err(ApiError::new(
-            401,
-            "invalid_credentials",
-            "the email or the password is wrong",
-        ));
+    let user = match verified {
+        Ok(user) => user,
+        Err(account) => {
+            app.throttle.record_failure(&email, t);
+            // Only for an existing account, by id: an email typed at a failed login is never kept.
+            if let Some(id) = account {
+                store.record_event(Event::by_user(events::LOGIN_FAILED, id))?;
+            }
+            return Err(ApiError::new(
+                401,
+                "invalid_credentials",
+                "the email or the password is wrong",
+            ));
+        }
     };
     app.throttle.record_success(&email);
     let token = auth::new_token();
@@ -451,6 +462,13 @@ fn admin_status(
     req: &Incoming,
     _: &[&str],
 ) -> Result<Reply, ApiError> {
+    check_admin(app, req)?;
+    let status = Status::collect(store.conn_mut(), &app.ring)?;
+    Ok(Reply::json(200, status.to_json()))
+}
+
+/// The admin routes' check: 404 without an admin token configured, 401 for a wrong one.
+fn check_admin(app: &App, req: &Incoming) -> Result<(), ApiError> {
     let expected = app.admin_token.as_ref().ok_or_else(ApiError::not_found)?;
     let given = req
         .authorization
@@ -462,8 +480,57 @@ fn admin_status(
             "the admin token is missing or wrong",
         ));
     }
-    let status = Status::collect(store.conn_mut(), &app.ring)?;
-    Ok(Reply::json(200, status.to_json()))
+    Ok(())
+}
+
+/// `?limit=N`: 1 to 500, default 100.
+fn events_limit(req: &Incoming) -> Result<i64, ApiError> {
+    match req.query_param("limit") {
+        None => Ok(100),
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=events::MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::new(
+                    422,
+                    "validation_failed",
+                    "limit must be a whole number from 1 to 500",
+                )
+            }),
+    }
+}
+
+fn events_reply(list: &[events::Recorded]) -> Reply {
+    Reply::json(
+        200,
+        json!({"events": list.iter().map(events::Recorded::to_json).collect::<Vec<_>>()}),
+    )
+}
+
+fn user_events(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let user = authenticate(store, req)?;
+    let list = store.events(&events::Query {
+        user_id: Some(user.id),
+        since: None,
+        limit: events_limit(req)?,
+    })?;
+    Ok(events_reply(&list))
+}
+
+fn admin_events(
+    app: &App,
+    store: &mut Store,
+    req: &Incoming,
+    _: &[&str],
+) -> Result<Reply, ApiError> {
+    check_admin(app, req)?;
+    let list = store.events(&events::Query {
+        user_id: None,
+        since: None,
+        limit: events_limit(req)?,
+    })?;
+    Ok(events_reply(&list))
 }
 
 #[cfg(test)]

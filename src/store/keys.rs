@@ -17,6 +17,7 @@
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::classify::{classify, Verdict};
+use super::events::{self as ev, Event};
 use super::{meta, now, Ctx, Result, Source, Store, StoreError};
 use crate::crypto::{Binding, KeyId, KeyRing, OpenError};
 use crate::domain::{ApiKey, ExpiresAt, KeyName, Provider};
@@ -259,7 +260,13 @@ fn settle(tx: &Connection, ctx: &Ctx<'_>, user_id: i64) -> Result<(Verdict, Move
             if t.is_some() {
                 clear_default(tx, user_id, OPENAI)?;
             }
-            insert_row(tx, user_id, OPENAI, None, c, true, None)?;
+            let id = insert_row(tx, user_id, OPENAI, None, c, true, None)?;
+            ev::record(
+                tx,
+                &Event::new(ev::KEY_MIGRATED, ctx.actor_for(user_id))
+                    .user(user_id)
+                    .key(Some(id), OPENAI, Source::Column),
+            )?;
             out.migrated = 1;
         }
         (Verdict::Conflict, _, _) => out.conflicts = 1,
@@ -360,7 +367,8 @@ static KEY_CHANGE_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::Ato
 enum Lookup {
     Found(FoundKey, Option<i64>),
     Missing,
-    Expired,
+    /// The default key (this `api_keys` id) has expired.
+    Expired(i64),
     /// Dual phase, a key only in the column: read again in a write transaction to move it.
     MustMove,
 }
@@ -377,7 +385,7 @@ fn lookup(
     let from_table = |tx: &Transaction<'_>| -> Result<Option<Lookup>> {
         Ok(match default_row(tx, user_id, p)? {
             // Not opened, not served, and (dual) not replaced by the column's mirror of it.
-            Some(r) if r.expired(now()) => Some(Lookup::Expired),
+            Some(r) if r.expired(now()) => Some(Lookup::Expired(r.id)),
             Some(r) => Some(Lookup::Found(
                 FoundKey {
                     key: open(ctx, user_id, p, &r.sealed, (Source::Table, Some(r.id)))?,
@@ -460,12 +468,29 @@ impl Store {
         }
         match found {
             Lookup::Found(key, row_id) => {
-                if let (true, Some(id)) = (count_use, row_id) {
-                    self.usage.record(id, now());
+                if count_use {
+                    // Queued with the usage counters: a reveal costs no transaction of its own.
+                    if let Some(id) = row_id {
+                        self.usage.record(id, now());
+                    }
+                    self.usage
+                        .record_event(Event::by_user(ev::KEY_REVEALED, user_id).key(
+                            row_id,
+                            provider.as_str(),
+                            key.source,
+                        ));
                 }
                 Ok(DefaultKey::Found(key))
             }
-            Lookup::Expired => Ok(DefaultKey::Expired),
+            Lookup::Expired(id) => {
+                self.usage
+                    .record_event(Event::by_user(ev::KEY_EXPIRED, user_id).key(
+                        Some(id),
+                        provider.as_str(),
+                        Source::Table,
+                    ));
+                Ok(DefaultKey::Expired)
+            }
             Lookup::Missing | Lookup::MustMove => Ok(DefaultKey::Missing),
         }
     }
@@ -504,14 +529,22 @@ impl Store {
                         if expires_at.is_some() {
                             return Err(conflict_in_legacy("an expiry (expires_at)"));
                         }
+                        let action = match column_get(tx, user_id)? {
+                            Some(_) => ev::KEY_REPLACED,
+                            None => ev::KEY_CREATED,
+                        };
                         column_set(tx, user_id, Some(&sealed))?;
+                        ev::record(
+                            tx,
+                            &Event::by_user(action, user_id).key(None, p, Source::Column),
+                        )?;
                         Ok(Source::Column)
                     }
                     Phase::Dual | Phase::NewOnly => {
                         if phase == Phase::Dual && provider.is_openai() {
                             settle_before_write(tx, ctx, user_id, true)?;
                         }
-                        match default_row(tx, user_id, p)? {
+                        let event = match default_row(tx, user_id, p)? {
                             Some(r) => {
                                 // The new key replaces the old one, expiry included.
                                 tx.prepare_cached(
@@ -519,6 +552,11 @@ impl Store {
                                      WHERE id = ?1",
                                 )?
                                 .execute(params![r.id, sealed, now(), expires_at])?;
+                                Event::by_user(ev::KEY_REPLACED, user_id).key(
+                                    Some(r.id),
+                                    p,
+                                    Source::Table,
+                                )
                             }
                             None => {
                                 // A column key being replaced is not a new key for the limit.
@@ -528,9 +566,16 @@ impl Store {
                                 if !replaces_column {
                                     check_key_limit(tx, user_id, limit)?;
                                 }
-                                insert_row(tx, user_id, p, None, &sealed, true, expires_at)?;
+                                let id =
+                                    insert_row(tx, user_id, p, None, &sealed, true, expires_at)?;
+                                Event::by_user(ev::KEY_CREATED, user_id).key(
+                                    Some(id),
+                                    p,
+                                    Source::Table,
+                                )
                             }
-                        }
+                        };
+                        ev::record(tx, &event)?;
                         if phase == Phase::Dual && provider.is_openai() {
                             column_set(tx, user_id, Some(&sealed))?;
                         }
@@ -550,14 +595,26 @@ impl Store {
                 // The key the user sees goes; an older default the column had replaced stays.
                 settle_before_write(tx, ctx, user_id, true)?;
             }
+            let p = provider.as_str();
+            let mut deleted = None;
             if phase.uses_table() {
-                tx.prepare_cached(
-                    "DELETE FROM api_keys WHERE user_id = ?1 AND provider = ?2 AND is_default = 1",
-                )?
-                .execute(params![user_id, provider.as_str()])?;
+                if let Some(r) = default_row(tx, user_id, p)? {
+                    tx.prepare_cached("DELETE FROM api_keys WHERE id = ?1")?
+                        .execute([r.id])?;
+                    deleted = Some((Some(r.id), Source::Table));
+                }
             }
             if phase.has_column() && provider.is_openai() {
+                if deleted.is_none() && column_get(tx, user_id)?.is_some() {
+                    deleted = Some((None, Source::Column));
+                }
                 column_set(tx, user_id, None)?;
+            }
+            if let Some((id, source)) = deleted {
+                ev::record(
+                    tx,
+                    &Event::by_user(ev::KEY_DELETED, user_id).key(id, p, source),
+                )?;
             }
             Ok(())
         })
@@ -632,6 +689,10 @@ impl Store {
                 make_default,
                 expires_at,
             )?;
+            ev::record(
+                tx,
+                &Event::by_user(ev::KEY_CREATED, user_id).key(Some(id), p, Source::Table),
+            )?;
             if phase == Phase::Dual && provider.is_openai() && make_default {
                 column_set(tx, user_id, Some(&sealed))?;
             }
@@ -669,6 +730,8 @@ impl Store {
             let Some((provider, is_default)) = found else {
                 return Err(StoreError::NotFound);
             };
+            let deleted =
+                Event::by_user(ev::KEY_DELETED, user_id).key(Some(id), &provider, Source::Table);
             if phase == Phase::Dual && provider == OPENAI && is_default {
                 // A column key that replaced this row wins first: deleting the row then
                 // deletes the stale key, not the user's newer one.
@@ -676,11 +739,13 @@ impl Store {
                 if default_row(tx, user_id, OPENAI)?.map(|r| r.id) != Some(id) {
                     tx.prepare_cached("DELETE FROM api_keys WHERE id = ?1 AND user_id = ?2")?
                         .execute(params![id, user_id])?;
+                    ev::record(tx, &deleted)?;
                     return Ok(());
                 }
             }
             tx.prepare_cached("DELETE FROM api_keys WHERE id = ?1 AND user_id = ?2")?
                 .execute(params![id, user_id])?;
+            ev::record(tx, &deleted)?;
             if phase == Phase::Dual && provider == OPENAI && is_default {
                 column_set(tx, user_id, None)?;
             }
@@ -960,6 +1025,19 @@ pub fn reseal_batch(
                     }
                     Sealed::Column => column_set(tx, uid, Some(&new))?,
                 }
+                let (event_id, source) = match which {
+                    Sealed::Table => (Some(id), Source::Table),
+                    Sealed::Column => (None, Source::Column),
+                };
+                ev::record(
+                    tx,
+                    &Event::new(
+                        ev::KEY_REENCRYPTED,
+                        ev::command_actor("rotate-encryption-key"),
+                    )
+                    .user(uid)
+                    .key(event_id, &provider, source),
+                )?;
                 out.resealed += 1;
             }
             Err(reason) => {

@@ -269,7 +269,11 @@ pub fn backfill_batch(
     after: i64,
     limit: i64,
 ) -> Result<Backfill> {
-    let ctx = Ctx { ring, usage };
+    let ctx = Ctx {
+        ring,
+        usage,
+        actor: Some("command:migrate"),
+    };
     let mut b = Backfill::default();
     let batch: Vec<i64> = tx
         .prepare_cached(

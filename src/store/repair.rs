@@ -46,6 +46,11 @@ fn openai_values(conn: &Connection, user_id: i64) -> Result<(Option<String>, Opt
     Ok((column, table))
 }
 
+/// The id of the user's default OpenAI row of `api_keys`, if any.
+pub fn default_openai_id(conn: &Connection, user_id: i64) -> Result<Option<i64>> {
+    Ok(openai_values(conn, user_id)?.1.map(|(id, _)| id))
+}
+
 /// Whether the user has a conflict now (phase dual, both values open and differ, not pending).
 pub fn has_conflict(conn: &Connection, ring: &KeyRing, user_id: i64) -> Result<bool> {
     if meta::phase(conn)? != Phase::Dual {

@@ -516,3 +516,181 @@ fn resolve_and_clear_key_repair_one_user_after_a_confirmation() {
         Some("sk-ant-dee-0123456789")
     );
 }
+
+// ---- events -----------------------------------------------------------------------------------------
+
+fn actions(r: &Resp) -> Vec<String> {
+    r.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn events_record_who_did_what_to_which_key_and_never_a_secret() {
+    let env = Env::new().var("KEYRACK_ADMIN_TOKEN", "admin-secret-token");
+    env.create_db();
+    let server = env.serve();
+    let ada = server.user("ada@example.com");
+    let bob = server.user("bob@example.com");
+    assert_eq!(
+        server
+            .set_key(&ada, "openai", "sk-ada-first-0123456789")
+            .status,
+        200
+    );
+    assert_eq!(
+        server
+            .set_key(&ada, "openai", "sk-ada-second-0123456789")
+            .status,
+        200
+    );
+    assert_eq!(
+        server.reveal(&ada, "openai").as_deref(),
+        Some("sk-ada-second-0123456789")
+    );
+    let added = server.post(
+        "/user/api-keys",
+        Some(&ada),
+        json!({"provider": "anthropic", "api_key": "sk-ant-ada-0123456789"}),
+    );
+    let id = added.body["key"]["id"].as_i64().unwrap();
+    assert_eq!(
+        server
+            .delete(&format!("/user/api-keys/{id}"), Some(&ada))
+            .status,
+        204
+    );
+    for (email, password) in [
+        ("ada@example.com", "wrong password ada"),
+        ("ghost@example.com", "wrong password ghost"),
+    ] {
+        let r = server.post(
+            "/auth/login",
+            None,
+            json!({"email": email, "password": password}),
+        );
+        assert_eq!(r.status, 401);
+    }
+
+    // The reveal is batched with the usage counters: it shows within a flush.
+    let start = std::time::Instant::now();
+    let mine = loop {
+        let r = server.get("/user/events", Some(&ada));
+        assert_eq!(r.status, 200, "{}", r.raw);
+        if actions(&r).contains(&"key.revealed".to_owned()) || start.elapsed().as_secs() > 20 {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(
+        actions(&mine),
+        [
+            "key.revealed",
+            "login.failed",
+            "key.deleted",
+            "key.created",
+            "key.replaced",
+            "key.created",
+            "login.succeeded"
+        ],
+        "{}",
+        mine.raw
+    );
+    let events = mine.body["events"].as_array().unwrap();
+    assert!(
+        events
+            .iter()
+            .all(|e| e["user_id"] == 1 && e["at"].is_string()),
+        "{}",
+        mine.raw
+    );
+    let deleted = &events[2];
+    assert_eq!(deleted["api_key_id"], id);
+    assert_eq!(deleted["provider"], "anthropic");
+    assert_eq!(deleted["source"], "api_keys");
+    assert_eq!(deleted["actor"], "user:1");
+    // A user never sees another user's events.
+    let theirs = server.get("/user/events", Some(&bob));
+    assert_eq!(actions(&theirs), ["login.succeeded"], "{}", theirs.raw);
+    assert_eq!(
+        actions(&server.get("/user/events?limit=2", Some(&ada))).len(),
+        2
+    );
+    assert_eq!(server.get("/user/events?limit=0", Some(&ada)).status, 422);
+    assert_eq!(server.get("/user/events?limit=501", Some(&ada)).status, 422);
+    assert_eq!(server.get("/user/events", None).status, 401);
+    let all = server.get("/admin/events", Some("admin-secret-token"));
+    assert_eq!(all.status, 200, "{}", all.raw);
+    assert_eq!(actions(&all).len(), 8, "{}", all.raw);
+    assert_eq!(server.get("/admin/events", Some("wrong")).status, 401);
+    assert_eq!(server.get("/admin/events", Some(&ada)).status, 401);
+    assert_eq!(server.terminate().code(), Some(0));
+
+    let out = env.run(&["revert", "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let last = env.run(&["audit", "--limit", "1", "--json"]);
+    assert_eq!(last.status.code(), Some(0), "{}", stderr(&last));
+    let e: Value = serde_json::from_str(stdout(&last).trim()).unwrap();
+    assert_eq!(
+        (
+            e["action"].clone(),
+            e["actor"].clone(),
+            e["from"].clone(),
+            e["to"].clone()
+        ),
+        (
+            json!("phase.changed"),
+            json!("command:revert"),
+            json!("dual"),
+            json!("legacy")
+        )
+    );
+    let text = stdout(&env.run(&["audit", "--user", "ada@example.com"]));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 7, "{text}");
+    assert!(lines[0].contains("login.succeeded user:1"), "{text}");
+
+    // Never a key, a masked key, a password, a token or a failed login's email.
+    let every = stdout(&env.run(&["audit", "--json"])) + &all.raw + &mine.raw;
+    for secret in [
+        "sk-ada-first-0123456789",
+        "sk-ada-second-0123456789",
+        "sk-...6789",
+        "sk-ant-ada-0123456789",
+        "correct horse battery",
+        "wrong password",
+        "ghost@example.com",
+        "ada@example.com",
+        ada.as_str(),
+        bob.as_str(),
+        "admin-secret-token",
+    ] {
+        assert!(!every.contains(secret), "{secret} in {every}");
+    }
+}
+
+#[test]
+fn events_older_than_the_audit_days_are_pruned_at_start() {
+    let env = Env::new().var("KEYRACK_AUDIT_DAYS", "2");
+    env.create_db();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    sql(
+        &env.db(),
+        &format!(
+            "INSERT INTO events(at, action, actor) VALUES ({}, 'login.failed', 'user:1');
+             INSERT INTO events(at, action, actor) VALUES ({}, 'login.failed', 'user:1');",
+            now - 3 * 86_400,
+            now - 86_400
+        ),
+    );
+    let _server = env.serve();
+    let start = std::time::Instant::now();
+    let count = || sql_value(&env.db(), "SELECT COUNT(*) FROM events");
+    while count() != rusqlite::types::Value::Integer(1) && start.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(count(), rusqlite::types::Value::Integer(1));
+}

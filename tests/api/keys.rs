@@ -551,7 +551,7 @@ fn admin_status_needs_the_admin_token() {
     }
     assert_eq!(r.body["users"], 1);
     assert_eq!(r.body["table_keys"], 1);
-    assert_eq!(r.body["schema_version"], 4);
+    assert_eq!(r.body["schema_version"], 5);
     assert_eq!(s.get("/admin/status", Some("wrong")).status, 401);
     assert_eq!(s.get("/admin/status", Some(&t)).status, 401);
     assert_eq!(s.get("/admin/status", None).status, 401);
