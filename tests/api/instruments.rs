@@ -694,3 +694,95 @@ fn events_older_than_the_audit_days_are_pruned_at_start() {
     }
     assert_eq!(count(), rusqlite::types::Value::Integer(1));
 }
+
+// ---- fixtures for harnesses --------------------------------------------------------------------
+
+#[test]
+fn fixtures_take_ready_argon2id_hashes_and_can_build_a_legacy_system() {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    let hash = argon2::Argon2::default()
+        .hash_password(b"correct horse battery", &salt)
+        .unwrap()
+        .to_string();
+    assert!(hash.starts_with("$argon2id$"));
+    let users: Vec<Value> = (0..1000)
+        .map(|i| {
+            json!({"email": format!("u{i}@example.com"), "password_hash": hash,
+                   "openai_api_key": format!("sk-legacy-{i:08}-abcdefgh")})
+        })
+        .collect();
+    let env = Env::new();
+    let p = env.path("many.json");
+    std::fs::write(&p, json!({"phase": "legacy", "users": users}).to_string()).unwrap();
+    let start = std::time::Instant::now();
+    let out = env.run(&["load-fixtures", p.to_str().unwrap()]);
+    let took = start.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    eprintln!("1000 users with ready hashes loaded in {took:?}");
+    assert!(took.as_secs() < 60, "{took:?}");
+    let s = status_json(&env);
+    assert_eq!(
+        (
+            s["phase"].clone(),
+            s["users"].clone(),
+            s["column_keys"].clone()
+        ),
+        (json!("legacy"), json!(1000), json!(1000))
+    );
+
+    let server = env.serve();
+    let t = server.login("u7@example.com");
+    let r = server.get("/user/api-key?reveal=true", Some(&t));
+    assert_eq!(
+        r.body["api_key"], "sk-legacy-00000007-abcdefgh",
+        "{}",
+        r.raw
+    );
+    assert_eq!(r.body["source"], "users_column");
+    drop(server);
+    // The rehearsal: migrate moves every key.
+    let out = env.run(&["migrate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("migrated 1000"), "{}", stdout(&out));
+
+    // A bad or doubled password field names the user and the field, never the value.
+    for (user, field) in [
+        (
+            json!({"email": "a@example.com", "password_hash": "$2b$12$abcdefghijklmnopqrstuvCsecretsecretsecretsecretsec"}),
+            "users[0].password_hash",
+        ),
+        (
+            json!({"email": "a@example.com", "password": "correct horse battery", "password_hash": hash}),
+            "users[0].password",
+        ),
+    ] {
+        let bad = Env::new();
+        let f = fixtures(&bad, "bad.json", json!([user]));
+        let out = bad.run(&["load-fixtures", &f]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(field), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("secretsecret"), "{}", stderr(&out));
+        assert!(!bad.db().exists());
+    }
+    // "phase": "legacy" is for a new database.
+    let p = env.path("late.json");
+    std::fs::write(
+        &p,
+        json!({"phase": "legacy", "users": [{"email": "late@example.com", "password_hash": hash}]})
+            .to_string(),
+    )
+    .unwrap();
+    let dual = Env::new();
+    dual.create_db();
+    let f = fixtures(
+        &dual,
+        "one.json",
+        json!([{"email": "b@example.com", "password_hash": hash}]),
+    );
+    assert_eq!(dual.run(&["load-fixtures", &f]).status.code(), Some(0));
+    let out = dual.run(&["load-fixtures", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(status_json(&dual)["users"], 1);
+    assert_eq!(status_json(&dual)["phase"], "dual");
+}
