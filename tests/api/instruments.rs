@@ -228,6 +228,19 @@ fn foreign_column_writes_are_counted_and_hold_back_phase_3() {
     );
     let s = status_json(&env);
     assert_eq!(s["legacy_reads"], 1, "{s}");
+    // The move is an event of the user who read.
+    let moved = stdout(&env.run(&["audit", "--user", "eve@example.com", "--json"]));
+    let moved: Vec<Value> = moved
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        moved.iter().any(|e| e["action"] == "key.migrated"
+            && e["actor"] == "user:2"
+            && e["source"] == "users_column"
+            && e["api_key_id"].is_i64()),
+        "{moved:?}"
+    );
     assert!(s["last_legacy_read_at"].is_string(), "{s}");
     assert_eq!(s["foreign_column_writes"], 0, "{s}");
 
@@ -745,6 +758,21 @@ fn fixtures_take_ready_argon2id_hashes_and_can_build_a_legacy_system() {
     let out = env.run(&["migrate"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("migrated 1000"), "{}", stdout(&out));
+    let last: Value =
+        serde_json::from_str(stdout(&env.run(&["audit", "--limit", "1", "--json"])).trim())
+            .unwrap();
+    assert_eq!(
+        (
+            last["action"].clone(),
+            last["actor"].clone(),
+            last["source"].clone()
+        ),
+        (
+            json!("key.migrated"),
+            json!("command:migrate"),
+            json!("users_column")
+        )
+    );
 
     // A bad or doubled password field names the user and the field, never the value.
     for (user, field) in [
