@@ -27,6 +27,8 @@ pub struct App {
     /// `KEYRACK_SIGNUPS=open`: POST /auth/register creates accounts.
     pub signups_open: bool,
     pub max_keys_per_user: i64,
+    /// `KEYRACK_AUDIT_DAYS`: how long events are kept.
+    pub audit_days: i64,
 }
 
 impl App {
@@ -84,6 +86,7 @@ impl App {
             ))
         };
         phases::ensure_column_index(&conn).map_err(sql)?;
+        crate::store::evidence::ensure_triggers(&conn).map_err(sql)?;
         meta::upgrade_backfill_flag(&conn).map_err(sql)?;
         let ring = settle_key(&mut config, &conn, may_create_files)?;
         Ok(App {
@@ -95,6 +98,7 @@ impl App {
             admin_token: config.admin_token,
             signups_open: config.signups_open,
             max_keys_per_user: config.max_keys_per_user,
+            audit_days: config.audit_days,
         })
     }
 
@@ -233,7 +237,7 @@ fn settle_key(
     Ok(ring)
 }
 
-fn read_key_file(path: &Path) -> Result<EncryptionKey, Failure> {
+pub(crate) fn read_key_file(path: &Path) -> Result<EncryptionKey, Failure> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         Failure::Config(format!("cannot read the key file {}: {e}", path.display()))
     })?;

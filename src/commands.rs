@@ -99,7 +99,7 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
                         log::info!("{undefaulted} default OpenAI table keys of users whose column is empty are kept as extra keys");
                     }
                 }
-                meta::set_phase(&tx, target).map_err(store_err)?;
+                meta::set_phase(&tx, target, "migrate").map_err(store_err)?;
             }
         }
         tx.commit().map_err(db_err)?;
@@ -186,7 +186,7 @@ pub fn status(app: &App, json: bool) -> Result<(), Failure> {
 }
 
 /// Asks for `word` on the terminal unless `--yes`. No terminal and no `--yes`: exit 2.
-fn confirm(yes: bool, word: &str, what: &str, command: &str) -> Result<(), Failure> {
+pub(crate) fn confirm(yes: bool, word: &str, what: &str, command: &str) -> Result<(), Failure> {
     if yes {
         return Ok(());
     }
@@ -390,7 +390,7 @@ fn cannot_create(p: &Path, e: &std::io::Error) -> Failure {
 
 /// A new, empty file, mode 0600; an existing file or a symbolic link at `path` is refused
 /// (O_EXCL never follows one). SQLite's `VACUUM INTO` then writes into the empty file.
-fn create_backup_file(path: &Path) -> std::io::Result<std::fs::File> {
+pub(crate) fn create_backup_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .write(true)
@@ -419,6 +419,25 @@ fn refuse_with(survey: &Survey) -> Failure {
     Failure::Refused(msg)
 }
 
+/// Phase 3 waits for a day without foreign writes of the column, unless the operator says
+/// otherwise (`--ignore-foreign-writes`).
+fn refuse_on_foreign_writes(
+    e: &crate::store::evidence::Evidence,
+    ignore: bool,
+) -> Result<(), Failure> {
+    match e.recent_foreign_write(crate::clock::now()) {
+        Some(at) if !ignore => Err(Failure::Refused(format!(
+            "refused: something other than keyrack wrote users.openai_api_key {} times since the \
+             phase became dual, the last at {} (within the last 24 hours); find and stop that \
+             writer first (`keyrack status` shows the counts), or pass --ignore-foreign-writes; \
+             nothing was changed",
+            e.foreign_column_writes,
+            crate::clock::rfc3339(at)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn blocks_removal(s: &Survey) -> bool {
     s.unmigrated > 0 || s.conflicts > 0 || s.undecryptable > 0 || s.backfill_left > 0
 }
@@ -430,6 +449,7 @@ pub fn remove_legacy_column(
     yes: bool,
     backup: Option<&Path>,
     dry_run: bool,
+    ignore_foreign_writes: bool,
 ) -> Result<(), Failure> {
     match phase::plan(Command::RemoveLegacyColumn, current_phase(app)?) {
         Step::AlreadyDone(m) => {
@@ -442,9 +462,11 @@ pub fn remove_legacy_column(
     let mut conn = app.db.connect().map_err(db_err)?;
     let status = Status::collect(&mut conn, &app.ring).map_err(store_err)?;
     let s = &status.survey;
+    print!("{}", status.evidence_text());
     if blocks_removal(s) {
         return Err(refuse_with(s));
     }
+    refuse_on_foreign_writes(&status.evidence, ignore_foreign_writes)?;
     let backup_to = BackupTo::new(db, backup, "remove-legacy-column")?;
     let DbLocation::File(db_path) = db else {
         unreachable!("BackupTo::new refuses :memory:")
@@ -491,8 +513,10 @@ pub fn remove_legacy_column(
             if blocks_removal(&late) {
                 return Err(refuse_with(&late));
             }
+            let evidence = crate::store::evidence::read(&tx).map_err(store_err)?;
+            refuse_on_foreign_writes(&evidence, ignore_foreign_writes)?;
             phases::drop_column(&tx).map_err(store_err)?;
-            meta::set_phase(&tx, target).map_err(store_err)?;
+            meta::set_phase(&tx, target, "remove-legacy-column").map_err(store_err)?;
         }
     }
     tx.commit().map_err(db_err)?;
@@ -536,6 +560,12 @@ fn revert_lines(p: &RevertPlan, done: bool) -> Vec<String> {
             "conflicting column values {will}replaced by the api_keys key, each {keeps} first in api_keys as an extra OpenAI key named \"{}\": user ids {}",
             phases::KEPT_AT_REVERT,
             join_ids(&p.overwritten_ids)
+        ));
+    }
+    if p.expired > 0 {
+        lines.push(format!(
+            "{} expired default OpenAI keys {stays} in api_keys only: phase legacy has no expiry, so they are not {will}written into the legacy column",
+            p.expired
         ));
     }
     lines
@@ -604,7 +634,7 @@ pub fn revert(
         Step::WrongPhase(m) => return Err(Failure::Refused(m)),
         Step::Run { target } => {
             let done = phases::revert(&tx, &app.ring, true).map_err(store_err)?;
-            meta::set_phase(&tx, target).map_err(store_err)?;
+            meta::set_phase(&tx, target, "revert").map_err(store_err)?;
             done
         }
     };

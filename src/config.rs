@@ -147,7 +147,12 @@ pub struct Config {
     pub signups_open: bool,
     /// `KEYRACK_MAX_KEYS_PER_USER`: most `api_keys` rows one user may create.
     pub max_keys_per_user: i64,
+    /// `KEYRACK_AUDIT_DAYS`: events older than this many days are pruned.
+    pub audit_days: i64,
 }
+
+/// Default of `KEYRACK_AUDIT_DAYS`.
+pub const DEFAULT_AUDIT_DAYS: i64 = 365;
 
 /// Default of `KEYRACK_MAX_KEYS_PER_USER`.
 pub const DEFAULT_MAX_KEYS_PER_USER: i64 = 1_000;
@@ -276,6 +281,21 @@ impl Config {
                 })?,
         };
 
+        let audit_days = match lookup.get("KEYRACK_AUDIT_DAYS") {
+            None => DEFAULT_AUDIT_DAYS,
+            Some(v) => v
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (1..=36_500).contains(n))
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "KEYRACK_AUDIT_DAYS={v:?} is not valid; give a whole number of days from 1 \
+                         to 36500"
+                    ))
+                })?,
+        };
+
         Ok(Config {
             db: DbLocation::parse(&db),
             encryption_key,
@@ -288,6 +308,7 @@ impl Config {
                 .unwrap_or_else(|| "info,refinery_core=warn".to_owned()),
             signups_open,
             max_keys_per_user,
+            audit_days,
         })
     }
 }

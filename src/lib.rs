@@ -13,6 +13,7 @@ pub mod domain;
 pub mod fixtures;
 pub mod http;
 pub mod logging;
+pub mod operator;
 pub mod phase;
 pub mod progress;
 pub mod status;

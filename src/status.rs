@@ -7,14 +7,17 @@ use serde_json::{json, Value};
 use crate::crypto::KeyRing;
 use crate::db;
 use crate::phase::Phase;
+use crate::store::evidence::{self, Evidence};
 use crate::store::phases::{self, Survey};
-use crate::store::{meta, StoreError};
+use crate::store::{meta, rfc3339, StoreError};
 
 #[derive(Debug)]
 pub struct Status {
     pub phase: Phase,
     pub schema_version: i64,
     pub survey: Survey,
+    /// Evidence of legacy use since the phase last became dual.
+    pub evidence: Evidence,
 }
 
 impl Status {
@@ -24,11 +27,13 @@ impl Status {
         let phase = meta::phase(&tx)?;
         let schema_version = db::schema_version(&tx)?;
         let survey = phases::survey(&tx, ring, phase)?;
+        let evidence = evidence::read(&tx)?;
         tx.commit()?;
         Ok(Status {
             phase,
             schema_version,
             survey,
+            evidence,
         })
     }
 
@@ -45,6 +50,10 @@ impl Status {
             "undecryptable": s.undecryptable,
             "backfill_unfinished": s.backfill_left > 0,
             "backfill_users_left": s.backfill_left,
+            "legacy_reads": self.evidence.legacy_reads,
+            "last_legacy_read_at": self.evidence.last_legacy_read_at.map(rfc3339),
+            "foreign_column_writes": self.evidence.foreign_column_writes,
+            "last_foreign_column_write_at": self.evidence.last_foreign_column_write_at.map(rfc3339),
         })
     }
 
@@ -62,6 +71,7 @@ impl Status {
             s.conflicts,
             s.undecryptable
         );
+        out.push_str(&self.evidence_text());
         if s.backfill_left > 0 {
             out.push_str(&format!(
                 "backfill from legacy unfinished: {} users left (their legacy column value wins until `keyrack migrate` reaches them)\n",
@@ -73,6 +83,21 @@ impl Status {
             out.push('\n');
         }
         out
+    }
+}
+
+impl Status {
+    /// The four lines of legacy-use evidence, as `status` and `remove-legacy-column` print them.
+    pub fn evidence_text(&self) -> String {
+        let e = &self.evidence;
+        let at = |t: Option<i64>| t.map_or("never".to_owned(), rfc3339);
+        format!(
+            "legacy reads     {}\nlast legacy read {}\nforeign column writes     {}\nlast foreign column write {}\n",
+            e.legacy_reads,
+            at(e.last_legacy_read_at),
+            e.foreign_column_writes,
+            at(e.last_foreign_column_write_at)
+        )
     }
 }
 

@@ -8,9 +8,13 @@ use std::sync::Mutex;
 
 use rusqlite::Connection;
 
+use crate::store::events::{self, Event};
+
 #[derive(Debug, Default)]
 pub struct UsageLog {
     pending: Mutex<HashMap<i64, (i64, i64)>>,
+    /// Events of reads (`key.revealed`, `key.expired`), written with the counters.
+    events: Mutex<Vec<Event>>,
 }
 
 impl UsageLog {
@@ -20,6 +24,14 @@ impl UsageLog {
         let e = p.entry(id).or_insert((0, at));
         e.0 += 1;
         e.1 = e.1.max(at);
+    }
+
+    /// Queues the event of a read; written at the next flush.
+    pub fn record_event(&self, e: Event) {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(e);
     }
 
     /// Uses of key `id` not yet written: (count, last time).
@@ -32,17 +44,32 @@ impl UsageLog {
     pub fn flush(&self, conn: &mut Connection) -> Result<usize, crate::store::StoreError> {
         let batch: Vec<(i64, (i64, i64))> = {
             let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            if p.is_empty() {
-                return Ok(0);
-            }
             p.iter().map(|(k, v)| (*k, *v)).collect()
         };
-        let _serial = crate::store::write_lock();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        for (id, (n, at)) in &batch {
-            crate::store::keys::add_usage(&tx, *id, *n, *at)?;
+        let queued: Vec<Event> =
+            std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()));
+        if batch.is_empty() && queued.is_empty() {
+            return Ok(0);
         }
-        tx.commit()?;
+        let written = (|| {
+            let _serial = crate::store::write_lock();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for (id, (n, at)) in &batch {
+                crate::store::keys::add_usage(&tx, *id, *n, *at)?;
+            }
+            for e in &queued {
+                events::record(&tx, e)?;
+            }
+            tx.commit()?;
+            Ok::<(), crate::store::StoreError>(())
+        })();
+        if let Err(e) = written {
+            // Kept for the next try, before the events queued meanwhile.
+            let mut q = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            let newer = std::mem::replace(&mut *q, queued);
+            q.extend(newer);
+            return Err(e);
+        }
         // Subtract what was written; uses recorded meanwhile stay pending.
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         for (id, (n, _)) in &batch {
@@ -53,7 +80,7 @@ impl UsageLog {
                 }
             }
         }
-        Ok(batch.len())
+        Ok(batch.len() + queued.len())
     }
 }
 

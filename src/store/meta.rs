@@ -63,7 +63,22 @@ fn phase_code(p: Phase) -> u8 {
     }
 }
 
-pub fn set_phase(conn: &Connection, phase: Phase) -> Result<()> {
+/// Sets the phase; a change is recorded as a `phase.changed` event of `command`.
+pub fn set_phase(conn: &Connection, phase: Phase, command: &str) -> Result<()> {
+    let before = get(conn, PHASE)?;
+    if before.as_deref() != Some(phase.as_str()) {
+        // The evidence of legacy use counts from the moment the phase becomes dual.
+        if phase == Phase::Dual {
+            super::evidence::reset(conn)?;
+        }
+        let mut e = super::events::Event::new(
+            super::events::PHASE_CHANGED,
+            super::events::command_actor(command),
+        );
+        e.from = before.as_deref().and_then(Phase::parse).map(Phase::as_str);
+        e.to = Some(phase.as_str());
+        super::events::record(conn, &e)?;
+    }
     set(conn, PHASE, phase.as_str())
 }
 

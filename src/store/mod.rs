@@ -5,9 +5,13 @@
 //! process takes effect at the next request.
 
 pub mod classify;
+pub mod events;
+pub mod evidence;
+pub mod inspect;
 pub mod keys;
 pub mod meta;
 pub mod phases;
+pub mod repair;
 pub mod users;
 
 use rusqlite::{Connection, ErrorCode, Transaction, TransactionBehavior};
@@ -185,6 +189,7 @@ impl Store {
         let ctx = Ctx {
             ring: &self.ring,
             usage: &self.usage,
+            actor: None,
         };
         let tx = match self
             .conn
@@ -268,6 +273,7 @@ impl Store {
         let ctx = Ctx {
             ring: &self.ring,
             usage: &self.usage,
+            actor: None,
         };
         let out = f(&tx, &ctx)?;
         tx.commit()?;
@@ -305,6 +311,19 @@ pub fn write_lock() -> MutexGuard<'static, ()> {
 pub struct Ctx<'a> {
     pub ring: &'a KeyRing,
     pub usage: &'a UsageLog,
+    /// Who acts, for the events: a command's name (`command:<name>`), or `None` for the user
+    /// whose keys a request touches (`user:<id>`).
+    pub actor: Option<&'a str>,
+}
+
+impl Ctx<'_> {
+    /// The actor of an event about `user_id`'s keys.
+    pub fn actor_for(&self, user_id: i64) -> String {
+        match self.actor {
+            Some(a) => a.to_owned(),
+            None => events::user_actor(user_id),
+        }
+    }
 }
 
 pub use crate::clock::{now, rfc3339};

@@ -58,6 +58,10 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![token_hash, user_id, t, expires_at])?;
+            super::events::record(
+                tx,
+                &super::events::Event::by_user(super::events::LOGIN_SUCCEEDED, user_id),
+            )?;
             Ok(())
         })
     }
