@@ -495,3 +495,18 @@ pub fn fixtures_file(env: &Env, name: &str, v: &Value) -> PathBuf {
 pub fn repo_fixture(name: &str) -> String {
     format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
+
+/// SQL that turns a database of the current schema back into schema version 2 (the version
+/// before the per-user backfill markers, legacy-use evidence, expiry and events), for tests of
+/// upgrades from it. A new migration adds its objects' removal here.
+pub const BACK_TO_SCHEMA_2: &str = "
+    DROP TRIGGER IF EXISTS keyrack_foreign_column_update;
+    DROP TRIGGER IF EXISTS keyrack_foreign_column_insert;
+    DROP TABLE events;
+    DROP TABLE legacy_use;
+    ALTER TABLE users DROP COLUMN keyrack_key_writes;
+    ALTER TABLE api_keys DROP COLUMN expires_at;
+    DROP TABLE legacy_backfill;
+    DROP INDEX api_keys_by_key_id;
+    DROP INDEX users_by_key_id;
+    DELETE FROM refinery_schema_history WHERE version >= 3;";
