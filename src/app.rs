@@ -138,7 +138,7 @@ fn settle_key(config: &mut Config, conn: &rusqlite::Connection) -> Result<KeyRin
     Ok(ring)
 }
 
-fn read_key_file(path: &Path) -> Result<EncryptionKey, Failure> {
+pub(crate) fn read_key_file(path: &Path) -> Result<EncryptionKey, Failure> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         Failure::Config(format!("cannot read the key file {}: {e}", path.display()))
     })?;
@@ -151,7 +151,7 @@ fn read_key_file(path: &Path) -> Result<EncryptionKey, Failure> {
     })
 }
 
-fn write_key_file(path: &Path, key: &EncryptionKey) -> Result<(), Failure> {
+pub(crate) fn write_key_file(path: &Path, key: &EncryptionKey) -> Result<(), Failure> {
     let fail = |e: std::io::Error| {
         Failure::Runtime(format!(
             "cannot create the key file {}: {e}",

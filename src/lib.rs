@@ -11,6 +11,7 @@ pub mod db;
 pub mod domain;
 pub mod fixtures;
 pub mod http;
+pub mod import;
 pub mod logging;
 pub mod phase;
 pub mod status;

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use keyrack::config::{Config, Lookup, ServeConfig};
-use keyrack::{app, commands, fixtures, http, Failure};
+use keyrack::{app, commands, fixtures, http, import, Failure};
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +66,41 @@ enum Cmd {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Create the --db database (which must not exist) in phase legacy from another
+    /// application's users table; keys in plaintext or as Fernet tokens (KEYRACK_LEGACY_FERNET_KEY)
+    ImportLegacy(ImportArgs),
+    /// Set a user's password (from a terminal prompt, or the first line of stdin) and end their
+    /// sessions
+    ResetPassword {
+        /// The user's email
+        #[arg(value_name = "EMAIL")]
+        email: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The application's SQLite database, opened read-only
+    #[arg(long, value_name = "APP.db")]
+    from: PathBuf,
+    /// The application's users table
+    #[arg(long, value_name = "T", default_value = "users")]
+    users_table: String,
+    /// The column of user ids (integers; kept as keyrack's user ids)
+    #[arg(long, value_name = "C", default_value = "id")]
+    id_column: String,
+    /// The column of emails (trimmed and lowercased)
+    #[arg(long, value_name = "C", default_value = "email")]
+    email_column: String,
+    /// The column of OpenAI keys, plaintext or Fernet tokens
+    #[arg(long, value_name = "C", default_value = "openai_api_key")]
+    key_column: String,
+    /// A column of bcrypt or argon2 password hashes to carry over [default: none]
+    #[arg(long, value_name = "C")]
+    password_column: Option<String>,
+    /// Import users whose key does not decode without their key, instead of refusing (exit 3)
+    #[arg(long)]
+    skip_unreadable: bool,
 }
 
 #[derive(clap::Args, Default)]
@@ -113,6 +148,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
         _ => None,
     };
 
+    // import-legacy creates its database itself, from nothing: no App::open before it.
+    if let Cmd::ImportLegacy(a) = command {
+        let opts = import::Options {
+            from: a.from,
+            users_table: a.users_table,
+            id_column: a.id_column,
+            email_column: a.email_column,
+            key_column: a.key_column,
+            password_column: a.password_column,
+            skip_unreadable: a.skip_unreadable,
+        };
+        let fernet_keys = lookup.get(import::FERNET_VAR);
+        return import::run(config, fernet_keys.as_deref(), &opts);
+    }
+
     let app = app::App::open(config)?;
     match command {
         Cmd::Serve(args) => {
@@ -134,7 +184,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("loaded {n} users");
             Ok(())
         }
-        Cmd::GenKey => Ok(()),
+        Cmd::ResetPassword { email } => commands::reset_password(&app, &email),
+        Cmd::GenKey | Cmd::ImportLegacy(_) => Ok(()),
     }
 }
 

@@ -4,6 +4,7 @@
 //! reads the phase inside its own transaction (`store::keys`), so a phase command run by another
 //! process takes effect at the next request.
 
+pub mod import;
 pub mod keys;
 pub mod meta;
 pub mod users;
