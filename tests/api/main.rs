@@ -3,6 +3,7 @@
 
 mod foundation;
 mod hostile;
+mod import_legacy;
 mod keys;
 mod phases;
 mod support;
