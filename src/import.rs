@@ -12,10 +12,13 @@
 
 use fernet::Fernet;
 use rusqlite::types::Value;
+use signal_hook::consts::{SIGINT, SIGTERM};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use crate::app;
@@ -430,6 +433,23 @@ impl Importer<'_> {
     }
 }
 
+/// Why reading the rows stopped early.
+enum Stop {
+    Store(StoreError),
+    /// SIGINT or SIGTERM arrived.
+    Interrupted,
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Stop {
+        Stop::Store(e)
+    }
+}
+
+fn interrupted() -> Failure {
+    Failure::Runtime("import-legacy: interrupted; nothing was created".into())
+}
+
 /// Removes the temporary database unless the import got as far as moving it into place.
 struct TempFile {
     path: PathBuf,
@@ -590,6 +610,13 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
         .open(&temp_path)
         .map_err(io_fail("cannot create the temporary database", &temp_path))?;
 
+    // SIGINT and SIGTERM stop the import between rows, so that the temporary file goes too.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Failure::Runtime(format!("cannot handle signals: {e}")))?;
+    }
+
     let started = std::time::Instant::now();
     let total = source::count_rows(&src, &cols).map_err(|e| Failure::Runtime(e.to_string()))?;
     log::info!(
@@ -618,7 +645,16 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
         emails: HashMap::new(),
         ids: HashSet::new(),
     };
-    source::each_row(&src, &cols, |row| importer.row(&tx, row)).map_err(db_fail)?;
+    source::each_row(&src, &cols, |row| {
+        if stop.load(Ordering::Relaxed) {
+            return Err(Stop::Interrupted);
+        }
+        importer.row(&tx, row).map_err(Stop::Store)
+    })
+    .map_err(|e| match e {
+        Stop::Store(e) => db_fail(e),
+        Stop::Interrupted => interrupted(),
+    })?;
     let report = importer.report;
 
     for line in report.problem_lines() {
@@ -653,6 +689,12 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
 
     if let Some((key_file, key)) = &new_key_file {
         app::write_key_file(key_file, key)?;
+    }
+    if stop.load(Ordering::Relaxed) {
+        if let Some((key_file, _)) = &new_key_file {
+            let _ = std::fs::remove_file(key_file);
+        }
+        return Err(interrupted());
     }
     // Into place without ever replacing a file that appeared meanwhile: a hard link fails when
     // the target exists.

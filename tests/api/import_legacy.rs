@@ -692,3 +692,125 @@ fn an_existing_database_is_never_a_target() {
     assert!(stderr(&out).contains("is already a keyrack database"));
     assert!(!fresh.db().exists());
 }
+
+#[test]
+fn sigint_during_an_import_leaves_nothing_behind() {
+    // A large table written here with rusqlite (no Python needed): the import takes seconds in
+    // a debug build, and the signal comes as soon as its temporary file exists.
+    let env = Env::without_key();
+    let app = env.path("app.db");
+    {
+        let mut c = rusqlite::Connection::open(&app).unwrap();
+        c.execute_batch(
+            "CREATE TABLE users (id INTEGER NOT NULL, email VARCHAR(255), openai_api_key TEXT,
+             PRIMARY KEY (id))",
+        )
+        .unwrap();
+        let tx = c.transaction().unwrap();
+        {
+            let mut ins = tx.prepare("INSERT INTO users VALUES (?1, ?2, ?3)").unwrap();
+            for i in 1..=150_000i64 {
+                ins.execute(rusqlite::params![
+                    i,
+                    format!("user{i}@example.com"),
+                    format!("sk-plain-{i:010}")
+                ])
+                .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let mut child = Command::new(BIN)
+        .current_dir(env.dir.path())
+        .env_clear()
+        .arg("--db")
+        .arg(env.db())
+        .args(["import-legacy", "--from"])
+        .arg(&app)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !files_beside(&env).iter().any(|n| n.ends_with(".tmp")) {
+        assert!(std::time::Instant::now() < deadline, "no temporary file");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    signal(&child, libc::SIGINT);
+    let status = wait_timeout(&mut child, std::time::Duration::from_secs(30)).expect("exit");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted; nothing was created"), "{err}");
+    assert!(files_beside(&env).is_empty(), "{:?}", files_beside(&env));
+}
+
+#[test]
+fn reset_password_from_stdin_or_a_terminal_ends_sessions() {
+    let env = Env::new();
+    let server = env.serve();
+    let old = server.user("ada@example.com");
+    let out = reset_password(&env, "Ada@Example.com", "a brand new password\n");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("password set for ada@example.com"));
+    assert_eq!(
+        server.get("/user/me", Some(&old)).status,
+        401,
+        "sessions ended"
+    );
+    assert_eq!(
+        login_with(&server, "ada@example.com", "correct horse battery").status,
+        401
+    );
+    token(&login_with(
+        &server,
+        "ada@example.com",
+        "a brand new password",
+    ));
+
+    // Unknown user: exit 1; a password keyrack does not accept: exit 2; nothing changes.
+    let out = reset_password(&env, "bob@example.com", "a brand new password\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no user has the email bob@example.com"));
+    let out = reset_password(&env, "ada@example.com", "short\n");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!stderr(&out).contains("short"), "{}", stderr(&out));
+
+    // On a terminal (util-linux `script`): asked twice. (Whether it echoes cannot be seen here:
+    // the text is typed ahead, before the prompt turns echo off.)
+    let on_terminal = |typed: &str| {
+        let cmd = format!(
+            "{BIN} --db {} reset-password ada@example.com",
+            env.db().display()
+        );
+        let mut child = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .current_dir(env.dir.path())
+            .env("KEYRACK_ENCRYPTION_KEY", KEY_A)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("script(1) from util-linux");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(typed.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = on_terminal("typed password one\ntyped password two\n");
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(stdout(&out).contains("the two passwords differ"));
+    let out = on_terminal("typed password one\ntyped password one\n");
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).contains("New password for ada@example.com"));
+    token(&login_with(
+        &server,
+        "ada@example.com",
+        "typed password one",
+    ));
+    server.terminate();
+}

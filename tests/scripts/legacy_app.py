@@ -19,8 +19,8 @@ with K one of null, {"plain": "sk-…"}, {"fernet": "sk-…", "with": 0, "blob":
 {"raw": "any text"} and P one of null, {"bcrypt": "pw", "prefix": "$2b$"}, {"argon2": "pw"},
 {"pbkdf2": "pw"}, {"raw": "text"}. `with` is the index of the Fernet key in --fernet-keys.
 
-`bulk` writes N users with a mix of every format and a manifest (JSON) of what each user's
-password and key are, for the test to check against.
+`bulk` writes N users with a mix of every format (`--all-fernet`: every key a Fernet token) and
+a manifest (JSON) of what each user's password and key are, for the test to check against.
 """
 
 import argparse
@@ -192,7 +192,9 @@ def cmd_bulk(args, fernets):
             prefix = ["$2a$", "$2b$", "$2y$"][i % 3]
             pspec, form = {"bcrypt": pw, "prefix": prefix}, "bcrypt"
         plain = f"sk-proj-{i:08d}-{hashlib.sha256(str(i).encode()).hexdigest()[:24]}"
-        if i % 10 == 0:
+        if args.all_fernet:
+            kspec = {"fernet": plain, "with": i % len(fernets)}
+        elif i % 10 == 0:
             kspec, plain = None, None
         elif i % 10 in (1, 2, 3):
             kspec = {"plain": plain}
@@ -223,6 +225,7 @@ def main():
     b.add_argument("--users", type=int, required=True)
     b.add_argument("--fernet-keys", default="")
     b.add_argument("--manifest", required=True)
+    b.add_argument("--all-fernet", action="store_true", help="every user's key as a Fernet token")
     args = p.parse_args()
 
     if not in_venv(args.venv):
