@@ -697,8 +697,14 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
         return Err(interrupted());
     }
     // Into place without ever replacing a file that appeared meanwhile: a hard link fails when
-    // the target exists.
-    if let Err(e) = std::fs::hard_link(&temp_path, &target) {
+    // the target exists. (A file system without hard links gets a rename after one more check.)
+    let placed = match std::fs::hard_link(&temp_path, &target) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !target.exists() => {
+            std::fs::rename(&temp_path, &target)
+        }
+        other => other,
+    };
+    if let Err(e) = placed {
         if let Some((key_file, _)) = &new_key_file {
             let _ = std::fs::remove_file(key_file);
         }
