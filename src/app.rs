@@ -250,7 +250,7 @@ pub(crate) fn read_key_file(path: &Path) -> Result<EncryptionKey, Failure> {
     })
 }
 
-fn write_key_file(path: &Path, key: &EncryptionKey) -> Result<(), Failure> {
+pub(crate) fn write_key_file(path: &Path, key: &EncryptionKey) -> Result<(), Failure> {
     let fail = |e: std::io::Error| {
         Failure::Runtime(format!(
             "cannot create the key file {}: {e}",

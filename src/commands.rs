@@ -708,3 +708,60 @@ pub fn gen_key() {
     let key = EncryptionKey::generate();
     println!("{}", key.to_base64().as_str());
 }
+
+/// `keyrack reset-password EMAIL`: gives an account a new password (an imported account with no
+/// usable hash, or a forgotten one) and ends its sessions. The password comes from a terminal
+/// prompt (asked twice, not echoed) or, without a terminal, from the first line of stdin.
+pub fn reset_password(app: &App, email: &str) -> Result<(), Failure> {
+    let email = crate::domain::Email::parse(email)
+        .map_err(|e| Failure::Config(format!("EMAIL: {}", e.message)))?;
+    let password = read_new_password(email.as_str())?;
+    let hash = crate::auth::hash_password(&password)
+        .map_err(|e| Failure::Runtime(format!("password hashing failed: {e}")))?;
+    let mut store = app.store()?;
+    match store.reset_password(&email, &hash).map_err(store_err)? {
+        Some(user) => {
+            log::info!("user {}: password reset by reset-password", user.id);
+            println!(
+                "password set for {} (user {}); their sessions were ended",
+                user.email, user.id
+            );
+            Ok(())
+        }
+        None => Err(Failure::Runtime(format!(
+            "no user has the email {}; nothing was changed",
+            email.as_str()
+        ))),
+    }
+}
+
+fn read_new_password(email: &str) -> Result<crate::domain::Password, Failure> {
+    use crate::domain::{Password, Secret};
+    let read_fail = |e: std::io::Error| Failure::Runtime(format!("cannot read the password: {e}"));
+    let raw = if std::io::stdin().is_terminal() {
+        let first = Secret::new(
+            rpassword::prompt_password(format!("New password for {email}: ")).map_err(read_fail)?,
+        );
+        let again = Secret::new(rpassword::prompt_password("Again: ").map_err(read_fail)?);
+        if first != again {
+            return Err(Failure::Config(
+                "the two passwords differ; nothing was changed".into(),
+            ));
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(read_fail)?;
+        let line = Secret::new(line);
+        Secret::new(line.expose().trim_end_matches(['\n', '\r']).to_owned())
+    };
+    Password::parse(raw.expose()).map_err(|e| {
+        Failure::Config(format!(
+            "{} (stdin: the password on its first line); nothing was changed",
+            e.message
+        ))
+    })
+}

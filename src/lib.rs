@@ -12,6 +12,7 @@ pub mod db;
 pub mod domain;
 pub mod fixtures;
 pub mod http;
+pub mod import;
 pub mod logging;
 pub mod operator;
 pub mod phase;

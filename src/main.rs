@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use keyrack::config::{Config, DbLocation, Lookup, ServeConfig};
 use keyrack::store::repair::{Keep, Stores};
-use keyrack::{app, commands, fixtures, http, Failure};
+use keyrack::{app, commands, fixtures, http, import, Failure};
 
 /// The settings and exit codes, shown by `keyrack --help`.
 const AFTER_HELP: &str = "\
@@ -226,6 +226,18 @@ enum Cmd {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Create the --db database (which must not exist) in phase legacy from another
+    /// application's users table; keys in plaintext or as Fernet tokens (KEYRACK_LEGACY_FERNET_KEY)
+    ImportLegacy(ImportArgs),
+    /// Set a user's password (from a terminal prompt, or the first line of stdin) and end their
+    /// sessions
+    ResetPassword {
+        /// The user's email
+        #[arg(value_name = "EMAIL")]
+        email: String,
+        #[command(flatten)]
+        settings: Settings,
+    },
 }
 
 impl Cmd {
@@ -244,7 +256,9 @@ impl Cmd {
             | Cmd::KeyId { settings }
             | Cmd::Resolve { settings, .. }
             | Cmd::Audit { settings, .. }
-            | Cmd::ClearKey { settings, .. } => settings.clone(),
+            | Cmd::ClearKey { settings, .. }
+            | Cmd::ResetPassword { settings, .. } => settings.clone(),
+            Cmd::ImportLegacy(a) => a.settings.clone(),
             Cmd::GenKey => Settings::default(),
         }
     }
@@ -252,7 +266,10 @@ impl Cmd {
     /// Whether the command may create its database. Every other command refuses a `--db` path
     /// that does not exist: a typo must not leave an empty database (and key file) behind.
     fn creates_database(&self) -> bool {
-        matches!(self, Cmd::Serve(_) | Cmd::LoadFixtures { .. })
+        matches!(
+            self,
+            Cmd::Serve(_) | Cmd::LoadFixtures { .. } | Cmd::ImportLegacy(_)
+        )
     }
 }
 
@@ -267,6 +284,33 @@ enum StoreArg {
     Column,
     Table,
     All,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The application's SQLite database, opened read-only
+    #[arg(long, value_name = "APP.db")]
+    from: PathBuf,
+    /// The application's users table
+    #[arg(long, value_name = "T", default_value = "users")]
+    users_table: String,
+    /// The column of user ids (integers; kept as keyrack's user ids)
+    #[arg(long, value_name = "C", default_value = "id")]
+    id_column: String,
+    /// The column of emails (trimmed and lowercased)
+    #[arg(long, value_name = "C", default_value = "email")]
+    email_column: String,
+    /// The column of OpenAI keys, plaintext or Fernet tokens
+    #[arg(long, value_name = "C", default_value = "openai_api_key")]
+    key_column: String,
+    /// A column of bcrypt or argon2 password hashes to carry over [default: none]
+    #[arg(long, value_name = "C")]
+    password_column: Option<String>,
+    /// Import users whose key does not decode without their key, instead of refusing (exit 3)
+    #[arg(long)]
+    skip_unreadable: bool,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 #[derive(clap::Args, Default)]
@@ -327,6 +371,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
         ),
         _ => None,
     };
+
+    // import-legacy creates its database itself, from nothing: no App::open before it.
+    if let Cmd::ImportLegacy(a) = command {
+        let opts = import::Options {
+            from: a.from,
+            users_table: a.users_table,
+            id_column: a.id_column,
+            email_column: a.email_column,
+            key_column: a.key_column,
+            password_column: a.password_column,
+            skip_unreadable: a.skip_unreadable,
+        };
+        let fernet_keys = lookup.get(import::FERNET_VAR);
+        return import::run(config, fernet_keys.as_deref(), &opts);
+    }
 
     let new_files = if command.creates_database() {
         NewFiles::before_opening(&db_location)
@@ -452,7 +511,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             json,
             ..
         } => keyrack::operator::audit(&app, user.as_deref(), since.as_deref(), limit, json),
-        Cmd::GenKey | Cmd::KeyId { .. } => Ok(()),
+        Cmd::ResetPassword { email, .. } => commands::reset_password(&app, &email),
+        Cmd::GenKey | Cmd::KeyId { .. } | Cmd::ImportLegacy(_) => Ok(()),
     }
 }
 

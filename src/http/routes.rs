@@ -11,7 +11,7 @@ use crate::domain::{ApiKey, Email, ExpiresAt, Invalid, KeyName, Password, Provid
 use crate::status::Status;
 use crate::store::events::{self, Event};
 use crate::store::keys::{DefaultKey, KeyList, KeyView, NewKey};
-use crate::store::users::User;
+use crate::store::users::{Credentials, User};
 use crate::store::{meta, now, rfc3339, Store};
 
 type Handler = fn(&App, &mut Store, &Incoming, &[&str]) -> Result<Reply, ApiError>;
@@ -193,7 +193,10 @@ fn login(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
     }
     // Err: the id of the existing account whose password was wrong (None: no such account).
     let verified = match store.credentials(&email)? {
-        Some(c) if auth::verify_password(password.expose(), &c.password_hash) => Ok(c.user),
+        Some(c) if auth::verify_password(password.expose(), &c.password_hash) => {
+            upgrade_hash(store, &c, &password);
+            Ok(c.user)
+        }
         Some(c) => Err(Some(c.user.id)),
         None => {
             auth::verify_against_dummy(password.expose());
@@ -223,6 +226,30 @@ fn login(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
         200,
         json!({"token": token.expose(), "token_type": "Bearer", "expires_at": rfc3339(expires_at)}),
     ))
+}
+
+/// An imported hash (bcrypt, other argon2 settings) that just verified is replaced by keyrack's
+/// own argon2id. A failure here is logged and does not fail the login: the old hash still works.
+fn upgrade_hash(store: &mut Store, c: &Credentials, password: &crate::domain::Secret) {
+    if !auth::needs_rehash(&c.password_hash) {
+        return;
+    }
+    let Ok(p) = Password::parse(password.expose()) else {
+        // Shorter or longer than keyrack allows: keep the old hash rather than refuse a login.
+        return;
+    };
+    let result = auth::hash_password(&p)
+        .map_err(|e| e.to_string())
+        .and_then(|new| {
+            store
+                .upgrade_password_hash(c.user.id, &c.password_hash, &new)
+                .map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(true) => log::info!("user {}: password re-hashed with argon2id", c.user.id),
+        Ok(false) => {}
+        Err(e) => log::warn!("user {}: re-hashing the password failed: {e}", c.user.id),
+    }
 }
 
 fn logout(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {

@@ -7,6 +7,7 @@
 pub mod classify;
 pub mod events;
 pub mod evidence;
+pub mod import;
 pub mod inspect;
 pub mod keys;
 pub mod meta;
