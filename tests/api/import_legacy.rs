@@ -1,8 +1,9 @@
 //! `keyrack import-legacy` on databases keyrack did not write: a Python script
 //! (`tests/scripts/legacy_app.py`) builds a SQLAlchemy-style `users` table with plaintext keys,
 //! Fernet tokens made by Python's `cryptography` and bcrypt hashes made by Python's `bcrypt`.
-//! Without python3 and its `venv` module these tests pass after one line on stderr; CI sets
-//! `KEYRACK_TEST_REQUIRE_PYTHON=1`, which turns a missing Python into a failure.
+//! Without python3 and its `venv` module these tests pass after one line on stderr; under CI
+//! (`CI=true`, as `.ci/run` is run) or with `KEYRACK_TEST_REQUIRE_PYTHON=1`, a missing Python is a
+//! failure.
 
 use serde_json::{json, Value};
 use std::io::Write;
@@ -43,7 +44,7 @@ fn python_ready() -> bool {
             Ok(_) => Ok(()),
         };
         if let Err(why) = &ready {
-            if std::env::var_os("KEYRACK_TEST_REQUIRE_PYTHON").is_none() {
+            if !python_required() {
                 let _ = writeln!(
                     std::io::stderr(),
                     "import_legacy tests skipped: they need python3 with venv: {why}"
@@ -56,8 +57,8 @@ fn python_ready() -> bool {
         Ok(()) => true,
         Err(why) => {
             assert!(
-                std::env::var_os("KEYRACK_TEST_REQUIRE_PYTHON").is_none(),
-                "KEYRACK_TEST_REQUIRE_PYTHON is set but {why}"
+                !python_required(),
+                "CI or KEYRACK_TEST_REQUIRE_PYTHON is set but {why}"
             );
             false
         }
@@ -813,4 +814,10 @@ fn reset_password_from_stdin_or_a_terminal_ends_sessions() {
         "typed password one",
     ));
     server.terminate();
+}
+
+/// Whether a missing Python fails these tests instead of skipping them: under CI, or when asked.
+fn python_required() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+        || std::env::var_os("KEYRACK_TEST_REQUIRE_PYTHON").is_some()
 }
