@@ -27,6 +27,8 @@ pub struct App {
     /// `KEYRACK_SIGNUPS=open`: POST /auth/register creates accounts.
     pub(crate) signups_open: bool,
     pub(crate) max_keys_per_user: i64,
+    /// `KEYRACK_AUDIT_DAYS`: how long events are kept.
+    pub(crate) audit_days: i64,
 }
 
 impl App {
@@ -85,6 +87,7 @@ impl App {
             )
         };
         phases::ensure_column_index(&conn).map_err(sql)?;
+        crate::store::evidence::ensure_triggers(&conn).map_err(sql)?;
         meta::upgrade_backfill_flag(&conn).map_err(sql)?;
         let ring = settle_key(&mut config, &conn, may_create_files)?;
         Ok(App {
@@ -96,6 +99,7 @@ impl App {
             admin_token: config.admin_token,
             signups_open: config.signups_open,
             max_keys_per_user: config.max_keys_per_user,
+            audit_days: config.audit_days,
         })
     }
 
@@ -231,7 +235,7 @@ fn settle_key(
     Ok(ring)
 }
 
-fn read_key_file(path: &Path) -> Result<EncryptionKey, Failure> {
+pub(crate) fn read_key_file(path: &Path) -> Result<EncryptionKey, Failure> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         Failure::Config(format!("cannot read the key file {}: {e}", path.display()))
     })?;
@@ -244,7 +248,7 @@ fn read_key_file(path: &Path) -> Result<EncryptionKey, Failure> {
     })
 }
 
-fn write_key_file(path: &Path, key: &EncryptionKey) -> Result<(), Failure> {
+pub(crate) fn write_key_file(path: &Path, key: &EncryptionKey) -> Result<(), Failure> {
     let fail = |e: std::io::Error| {
         Failure::Runtime(format!(
             "cannot create the key file {}: {e}",

@@ -60,8 +60,19 @@ pub fn hash_password(password: &Password) -> Result<String, argon2::password_has
 }
 
 /// Checks a password against a stored hash (with the parameters the hash names). A malformed
-/// hash never matches.
+/// hash never matches. Besides keyrack's own argon2id, the forms `import-legacy` carries over
+/// from another application are verified: bcrypt (`$2a$`, `$2b$`, `$2y$`) and any argon2 PHC
+/// string (`$argon2i$`, `$argon2d$`, other parameters).
 pub fn verify_password(password: &str, hash: &str) -> bool {
+    if is_bcrypt(hash) {
+        // Truncates at 72 bytes, as the application that wrote the hash did when it checked it.
+        return with_hash_slot(|| bcrypt::verify(password.as_bytes(), hash).unwrap_or(false));
+    }
+    if hash == NO_PASSWORD {
+        // An account with no usable password: never matches, in the time a check takes.
+        verify_against_dummy(password);
+        return false;
+    }
     match PasswordHash::new(hash) {
         Ok(parsed) => with_hash_slot(|| {
             hasher()
@@ -70,6 +81,57 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         }),
         Err(_) => false,
     }
+}
+
+/// The password hash of an imported account that brought no usable one: matches no password
+/// (not a PHC string, not bcrypt). `keyrack reset-password` gives such an account a password.
+pub const NO_PASSWORD: &str = "!no-password";
+
+/// A password hash in a form keyrack verifies, as `import-legacy` sorts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashForm {
+    Bcrypt,
+    Argon2,
+}
+
+fn is_bcrypt(hash: &str) -> bool {
+    ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p))
+}
+
+/// The form of a stored hash keyrack can verify, or `None` (then it is not usable). A bcrypt
+/// hash must be well formed (`$2b$NN$` and 53 characters of salt and digest); an argon2 one
+/// must parse as a PHC string with its parameters.
+pub fn hash_form(hash: &str) -> Option<HashForm> {
+    if is_bcrypt(hash) {
+        let b = hash.as_bytes();
+        let well_formed = b.len() == 60
+            && b[4].is_ascii_digit()
+            && b[5].is_ascii_digit()
+            && b[6] == b'$'
+            && b[7..]
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'/');
+        return well_formed.then_some(HashForm::Bcrypt);
+    }
+    let parsed = PasswordHash::new(hash).ok()?;
+    let argon2 = ["argon2id", "argon2i", "argon2d"].contains(&parsed.algorithm.as_str());
+    (argon2 && parsed.hash.is_some() && Params::try_from(&parsed).is_ok())
+        .then_some(HashForm::Argon2)
+}
+
+/// True when a hash that just verified should be replaced by keyrack's own: anything but
+/// argon2id with keyrack's current parameters (an imported bcrypt or argon2 hash).
+pub fn needs_rehash(hash: &str) -> bool {
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return true;
+    };
+    let ours = hasher();
+    parsed.algorithm.as_str() != "argon2id"
+        || parsed.version != Some(Version::V0x13.into())
+        || Params::try_from(&parsed).map_or(true, |p| {
+            let o = ours.params();
+            (p.m_cost(), p.t_cost(), p.p_cost()) != (o.m_cost(), o.t_cost(), o.p_cost())
+        })
 }
 
 /// Spends the time of one verification, for an unknown email, so that the answer's timing does
@@ -217,6 +279,58 @@ mod tests {
         assert!(verify_password("correct horse battery", &h));
         assert!(!verify_password("wrong horse battery", &h));
         assert!(!verify_password("x", "not a hash"));
+    }
+
+    /// Made with Python's `bcrypt` (`bcrypt.hashpw(b"correct horse battery", bcrypt.gensalt(4))`).
+    const PY_BCRYPT: &str = "$2b$04$Ki1V8GbvdZpt7I9ABRlVeuLlXByJ02FuJ0vDVpofBaKapyqbthP4W";
+
+    #[test]
+    fn imported_bcrypt_hashes_verify_in_every_prefix() {
+        for prefix in ["$2a$", "$2b$", "$2y$"] {
+            let h = format!("{prefix}{}", &PY_BCRYPT[4..]);
+            assert_eq!(hash_form(&h), Some(HashForm::Bcrypt), "{h}");
+            assert!(verify_password("correct horse battery", &h), "{h}");
+            assert!(!verify_password("correct horse batterY", &h), "{h}");
+            assert!(needs_rehash(&h));
+        }
+        // Cut short or with a foreign character: not usable, never matches.
+        let short = &PY_BCRYPT[..59];
+        assert_eq!(hash_form(short), None);
+        assert!(!verify_password("correct horse battery", short));
+    }
+
+    #[test]
+    fn other_argon2_forms_verify_and_are_rehashed() {
+        let salt = SaltString::generate(&mut OsRng);
+        for alg in [Algorithm::Argon2i, Algorithm::Argon2d, Algorithm::Argon2id] {
+            let params = Params::new(1024, 1, 1, None).unwrap();
+            let h = Argon2::new(alg, Version::V0x13, params)
+                .hash_password(b"correct horse battery", &salt)
+                .unwrap()
+                .to_string();
+            assert_eq!(hash_form(&h), Some(HashForm::Argon2), "{h}");
+            assert!(verify_password("correct horse battery", &h), "{h}");
+            assert!(!verify_password("wrong horse battery", &h), "{h}");
+            assert!(needs_rehash(&h), "{h}");
+        }
+        let ours = hash_password(&Password::parse("correct horse battery").unwrap()).unwrap();
+        assert_eq!(hash_form(&ours), Some(HashForm::Argon2));
+        assert!(!needs_rehash(&ours));
+    }
+
+    #[test]
+    fn unusable_hashes_never_match() {
+        for h in [
+            NO_PASSWORD,
+            "",
+            "pbkdf2_sha256$260000$salt$hash",
+            "$pbkdf2-sha256$29000$N2YuDQGUfW3pvj3z.q/pQA$9p5Bq0cJ8oDeY4BsyxNbE9QSB3oiGJHylq9KqDM5SEs",
+            "$6$rounds=5000$salt$hash",
+        ] {
+            assert_eq!(hash_form(h), None, "{h}");
+            assert!(!verify_password("", h), "{h}");
+            assert!(!verify_password("correct horse battery", h), "{h}");
+        }
     }
 
     #[test]

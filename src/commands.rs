@@ -27,11 +27,11 @@ use crate::Failure;
 /// milliseconds for the lock, large enough that syncs do not dominate.
 const BATCH: i64 = 2_000;
 
-fn db_err(e: rusqlite::Error) -> Failure {
+pub(crate) fn db_err(e: rusqlite::Error) -> Failure {
     store_err(StoreError::from(e))
 }
 
-fn store_err(e: StoreError) -> Failure {
+pub(crate) fn store_err(e: StoreError) -> Failure {
     Failure::store("", e)
 }
 
@@ -42,7 +42,7 @@ fn current_phase(app: &App) -> Result<Phase, Failure> {
 
 /// An IMMEDIATE transaction: the one kind a command writes in (a read-then-write never meets a
 /// BUSY that no timeout cures).
-fn immediate(conn: &mut Connection) -> Result<Transaction<'_>, Failure> {
+pub(crate) fn immediate(conn: &mut Connection) -> Result<Transaction<'_>, Failure> {
     conn.transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_err)
 }
@@ -104,7 +104,7 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
                 log::info!("{undefaulted} default OpenAI table keys of users whose column is empty are kept as extra keys");
             }
         }
-        meta::set_phase(&tx, target).map_err(store_err)?;
+        meta::set_phase(&tx, target, "migrate").map_err(store_err)?;
         tx.commit().map_err(db_err)?;
     }
 
@@ -186,7 +186,7 @@ pub fn status(app: &App, json: bool) -> Result<(), Failure> {
 }
 
 /// Asks for `word` on the terminal unless `--yes`. No terminal and no `--yes`: exit 2.
-fn confirm(yes: bool, word: &str, what: &str, command: &str) -> Result<(), Failure> {
+pub(crate) fn confirm(yes: bool, word: &str, what: &str, command: &str) -> Result<(), Failure> {
     if yes {
         return Ok(());
     }
@@ -390,7 +390,7 @@ fn cannot_create(p: &Path, e: &std::io::Error) -> Failure {
 
 /// A new, empty file, mode 0600; an existing file or a symbolic link at `path` is refused
 /// (O_EXCL never follows one). SQLite's `VACUUM INTO` then writes into the empty file.
-fn create_backup_file(path: &Path) -> std::io::Result<std::fs::File> {
+pub(crate) fn create_backup_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .write(true)
@@ -419,6 +419,25 @@ fn refuse_with(survey: &Survey) -> Failure {
     Failure::Refused(msg)
 }
 
+/// Phase 3 waits for a day without foreign writes of the column, unless the operator says
+/// otherwise (`--ignore-foreign-writes`).
+fn refuse_on_foreign_writes(
+    e: &crate::store::evidence::Evidence,
+    ignore: bool,
+) -> Result<(), Failure> {
+    match e.recent_foreign_write(crate::clock::now()) {
+        Some(at) if !ignore => Err(Failure::Refused(format!(
+            "refused: something other than keyrack wrote users.openai_api_key {} times since the \
+             phase became dual, the last at {} (within the last 24 hours); find and stop that \
+             writer first (`keyrack status` shows the counts), or pass --ignore-foreign-writes; \
+             nothing was changed",
+            e.foreign_column_writes,
+            crate::clock::rfc3339(at)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn blocks_removal(s: &Survey) -> bool {
     s.unmigrated.count > 0
         || s.conflicts.count > 0
@@ -433,6 +452,7 @@ pub fn remove_legacy_column(
     yes: bool,
     backup: Option<&Path>,
     dry_run: bool,
+    ignore_foreign_writes: bool,
 ) -> Result<(), Failure> {
     if plan(Command::RemoveLegacyColumn, current_phase(app)?)?.is_none() {
         return Ok(());
@@ -440,9 +460,11 @@ pub fn remove_legacy_column(
     let status = Status::collect(&mut app.store()?).map_err(store_err)?;
     let mut conn = app.db.connect().map_err(db_err)?;
     let s = &status.survey;
+    print!("{}", status.evidence_text());
     if blocks_removal(s) {
         return Err(refuse_with(s));
     }
+    refuse_on_foreign_writes(&status.evidence, ignore_foreign_writes)?;
     let backup_to = BackupTo::new(db, backup, "remove-legacy-column")?;
     let DbLocation::File(db_path) = db else {
         unreachable!("BackupTo::new refuses :memory:")
@@ -484,8 +506,10 @@ pub fn remove_legacy_column(
     if blocks_removal(&late) {
         return Err(refuse_with(&late));
     }
+    let evidence = crate::store::evidence::read(&tx).map_err(store_err)?;
+    refuse_on_foreign_writes(&evidence, ignore_foreign_writes)?;
     phases::drop_column(&tx).map_err(store_err)?;
-    meta::set_phase(&tx, target).map_err(store_err)?;
+    meta::set_phase(&tx, target, "remove-legacy-column").map_err(store_err)?;
     tx.commit().map_err(db_err)?;
     let line = format!(
         "removed the legacy column; phase is now new_only ({:.1}s); the backup is {}",
@@ -527,6 +551,12 @@ fn revert_lines(p: &RevertPlan, done: bool) -> Vec<String> {
             "conflicting column values {will}replaced by the api_keys key, each {keeps} first in api_keys as an extra OpenAI key named \"{}\": user ids {}",
             phases::KEPT_AT_REVERT,
             join_ids(&p.overwritten.ids)
+        ));
+    }
+    if p.expired > 0 {
+        lines.push(format!(
+            "{} expired default OpenAI keys {stays} in api_keys only: phase legacy has no expiry, so they are not {will}written into the legacy column",
+            p.expired
         ));
     }
     lines
@@ -584,7 +614,7 @@ pub fn revert(
         return Ok(());
     };
     let done = phases::revert(&tx, &app.ring, true).map_err(store_err)?;
-    meta::set_phase(&tx, target).map_err(store_err)?;
+    meta::set_phase(&tx, target, "revert").map_err(store_err)?;
     tx.commit().map_err(db_err)?;
     let mut lines = revert_lines(&done, true);
     lines[0] = format!("reverted to phase legacy: {}", lines[0]);
@@ -649,4 +679,61 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
 pub fn gen_key() {
     let key = EncryptionKey::generate();
     println!("{}", key.to_base64().as_str());
+}
+
+/// `keyrack reset-password EMAIL`: gives an account a new password (an imported account with no
+/// usable hash, or a forgotten one) and ends its sessions. The password comes from a terminal
+/// prompt (asked twice, not echoed) or, without a terminal, from the first line of stdin.
+pub fn reset_password(app: &App, email: &str) -> Result<(), Failure> {
+    let email = crate::domain::Email::parse(email)
+        .map_err(|e| Failure::Config(format!("EMAIL: {}", e.message)))?;
+    let password = read_new_password(email.as_str())?;
+    let hash = crate::auth::hash_password(&password)
+        .map_err(|e| Failure::Runtime(format!("password hashing failed: {e}")))?;
+    let mut store = app.store()?;
+    match store.reset_password(&email, &hash).map_err(store_err)? {
+        Some(user) => {
+            log::info!("user {}: password reset by reset-password", user.id);
+            println!(
+                "password set for {} (user {}); their sessions were ended",
+                user.email, user.id
+            );
+            Ok(())
+        }
+        None => Err(Failure::Runtime(format!(
+            "no user has the email {}; nothing was changed",
+            email.as_str()
+        ))),
+    }
+}
+
+fn read_new_password(email: &str) -> Result<crate::domain::Password, Failure> {
+    use crate::domain::{Password, Secret};
+    let read_fail = |e: std::io::Error| Failure::Runtime(format!("cannot read the password: {e}"));
+    let raw = if std::io::stdin().is_terminal() {
+        let first = Secret::new(
+            rpassword::prompt_password(format!("New password for {email}: ")).map_err(read_fail)?,
+        );
+        let again = Secret::new(rpassword::prompt_password("Again: ").map_err(read_fail)?);
+        if first != again {
+            return Err(Failure::Config(
+                "the two passwords differ; nothing was changed".into(),
+            ));
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(read_fail)?;
+        let line = Secret::new(line);
+        Secret::new(line.expose().trim_end_matches(['\n', '\r']).to_owned())
+    };
+    Password::parse(raw.expose()).map_err(|e| {
+        Failure::Config(format!(
+            "{} (stdin: the password on its first line); nothing was changed",
+            e.message
+        ))
+    })
 }

@@ -149,7 +149,12 @@ pub struct Config {
     pub max_keys_per_user: i64,
     /// `KEYRACK_BUSY_TIMEOUT`: how long a statement waits for a lock another process holds.
     pub busy_timeout: std::time::Duration,
+    /// `KEYRACK_AUDIT_DAYS`: events older than this many days are pruned.
+    pub audit_days: i64,
 }
+
+/// Default of `KEYRACK_AUDIT_DAYS`.
+pub const DEFAULT_AUDIT_DAYS: i64 = 365;
 
 /// Default of `KEYRACK_MAX_KEYS_PER_USER`.
 pub const DEFAULT_MAX_KEYS_PER_USER: i64 = 1_000;
@@ -285,6 +290,21 @@ impl Config {
                 })?,
         };
 
+        let audit_days = match lookup.get("KEYRACK_AUDIT_DAYS") {
+            None => DEFAULT_AUDIT_DAYS,
+            Some(v) => v
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (1..=36_500).contains(n))
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "KEYRACK_AUDIT_DAYS={v:?} is not valid; give a whole number of days from 1 \
+                         to 36500"
+                    ))
+                })?,
+        };
+
         Ok(Config {
             db: DbLocation::parse(&db),
             encryption_key,
@@ -298,6 +318,7 @@ impl Config {
             signups_open,
             max_keys_per_user,
             busy_timeout: seconds(lookup, "KEYRACK_BUSY_TIMEOUT", crate::db::BUSY_TIMEOUT)?,
+            audit_days,
         })
     }
 }

@@ -306,3 +306,53 @@ mod tests {
         assert!(!format!("{p:?}").contains("hunter"));
     }
 }
+
+/// When a key expires: a time in the future (Unix seconds). `parse` takes the RFC 3339 text of
+/// the `expires_at` field and the current time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiresAt(i64);
+
+impl ExpiresAt {
+    pub fn parse(raw: &str, now: i64) -> Result<ExpiresAt, Invalid> {
+        let at = crate::clock::parse_rfc3339(raw).ok_or_else(|| {
+            Invalid::new(
+                "expires_at",
+                "expires_at must be an RFC 3339 time such as 2027-01-31T12:00:00Z, or null for never",
+            )
+        })?;
+        if at <= now {
+            return Err(Invalid::new(
+                "expires_at",
+                "expires_at must be a time in the future",
+            ));
+        }
+        Ok(ExpiresAt(at))
+    }
+
+    pub fn secs(self) -> i64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::*;
+
+    #[test]
+    fn expiry_is_a_future_rfc3339_time() {
+        let now = 951_782_400;
+        assert_eq!(
+            ExpiresAt::parse("2000-02-29T00:00:01Z", now).map(ExpiresAt::secs),
+            Ok(now + 1)
+        );
+        for bad in [
+            "2000-02-29T00:00:00Z",
+            "1999-01-01T00:00:00Z",
+            "tomorrow",
+            "",
+        ] {
+            let e = ExpiresAt::parse(bad, now).unwrap_err();
+            assert_eq!(e.field, "expires_at", "{bad}");
+        }
+    }
+}

@@ -11,7 +11,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use keyrack::config::{Config, DbLocation, Lookup, ServeConfig};
-use keyrack::{app, commands, fixtures, http, Failure};
+use keyrack::operator::{Keep, Stores};
+use keyrack::{app, commands, fixtures, http, import, Failure};
 
 /// The settings and exit codes, shown by `keyrack --help`.
 const AFTER_HELP: &str = "\
@@ -23,11 +24,12 @@ else ./.env when it exists), the file over the default. An empty variable counts
   KEYRACK_ENCRYPTION_KEY       32 random bytes in standard base64, as `keyrack gen-key` prints;
                                unset: the key file <database>.key, created 0600 for a new database
   KEYRACK_OLD_ENCRYPTION_KEYS  comma-separated older keys, used only to decrypt (rotation)
-  KEYRACK_ADMIN_TOKEN          enables GET /admin/status; unset: /admin/* answers 404
+  KEYRACK_ADMIN_TOKEN          enables GET /admin/status and /admin/events; unset: /admin/* answers 404
   KEYRACK_SESSION_TTL          session lifetime in seconds (default 2592000, 30 days)
   KEYRACK_SIGNUPS              open (default) or closed: POST /auth/register answers 403
                                and accounts are made with `keyrack add-user`
   KEYRACK_MAX_KEYS_PER_USER    most keys one user may add (default 1000; past it 409)
+  KEYRACK_AUDIT_DAYS           days events are kept (default 365); pruned at start and hourly
   KEYRACK_HEAD_TIMEOUT         serve: seconds a request head (and a small body) may take (10)
   KEYRACK_IDLE_TIMEOUT         serve: seconds a keep-alive connection may sit idle (10)
   KEYRACK_SOCKET_TIMEOUT       serve: seconds each socket read or write may take (10)
@@ -39,7 +41,7 @@ Exit codes:
   0  success
   1  failure at run time (also: an email already taken by add-user)
   2  usage or configuration error, or a --db file that does not exist (only serve and
-     load-fixtures create a database)
+     load-fixtures create a database), or a backup PATH that already exists
   3  refused by a safety check
 
 Every file keyrack creates (database, -wal, -shm, key file, backups) is readable by its owner only.";
@@ -111,6 +113,9 @@ enum Cmd {
         /// Print the checks and what would be dropped, write nothing
         #[arg(long)]
         dry_run: bool,
+        /// Go on although something other than keyrack wrote the legacy column in the last 24 hours
+        #[arg(long)]
+        ignore_foreign_writes: bool,
         #[command(flatten)]
         settings: Settings,
     },
@@ -143,9 +148,93 @@ enum Cmd {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Write a consistent copy of the database to PATH (mode 0600) while servers keep serving
+    Backup {
+        /// Where to write the copy; must not exist
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Show every key of one user in every store: where it lives, the key that sealed it, whether it opens, what happens next
+    Inspect {
+        /// The user's email or id
+        #[arg(value_name = "USER")]
+        user: String,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Settle a conflict of one user's OpenAI key, keeping the column's or the table's value
+    Resolve {
+        /// The user's email or id
+        #[arg(value_name = "USER")]
+        user: String,
+        /// Which value becomes the user's OpenAI key; the other is kept as an extra key
+        #[arg(long, value_enum)]
+        keep: KeepArg,
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Remove one user's stored values that do not open with the configured keys
+    ClearKey {
+        /// The user's email or id
+        #[arg(value_name = "USER")]
+        user: String,
+        /// The provider [default: openai]
+        #[arg(long, value_name = "P")]
+        provider: Option<String>,
+        /// Where to look
+        #[arg(long, value_enum, default_value = "all")]
+        store: StoreArg,
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Print the recorded events (the audit trail), oldest first
+    Audit {
+        /// Only this user's events (an email or a user id)
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        /// Only events at or after this RFC 3339 time
+        #[arg(long, value_name = "RFC3339")]
+        since: Option<String>,
+        /// Only the N most recent events
+        #[arg(long, value_name = "N")]
+        limit: Option<i64>,
+        /// Print one JSON object per line
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Print the id of each configured encryption key, the current one first (uses no database)
+    KeyId {
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Create an account; the password is asked on the terminal, or read from stdin
     AddUser {
         /// The account's email address
+        #[arg(value_name = "EMAIL")]
+        email: String,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Create the --db database (which must not exist) in phase legacy from another
+    /// application's users table; keys in plaintext or as Fernet tokens (KEYRACK_LEGACY_FERNET_KEY)
+    ImportLegacy(ImportArgs),
+    /// Set a user's password (from a terminal prompt, or the first line of stdin) and end their
+    /// sessions
+    ResetPassword {
+        /// The user's email
         #[arg(value_name = "EMAIL")]
         email: String,
         #[command(flatten)]
@@ -163,7 +252,15 @@ impl Cmd {
             | Cmd::Revert { settings, .. }
             | Cmd::RotateEncryptionKey { settings }
             | Cmd::LoadFixtures { settings, .. }
-            | Cmd::AddUser { settings, .. } => settings.clone(),
+            | Cmd::AddUser { settings, .. }
+            | Cmd::Backup { settings, .. }
+            | Cmd::Inspect { settings, .. }
+            | Cmd::KeyId { settings }
+            | Cmd::Resolve { settings, .. }
+            | Cmd::Audit { settings, .. }
+            | Cmd::ClearKey { settings, .. }
+            | Cmd::ResetPassword { settings, .. } => settings.clone(),
+            Cmd::ImportLegacy(a) => a.settings.clone(),
             Cmd::GenKey => Settings::default(),
         }
     }
@@ -171,8 +268,51 @@ impl Cmd {
     /// Whether the command may create its database. Every other command refuses a `--db` path
     /// that does not exist: a typo must not leave an empty database (and key file) behind.
     fn creates_database(&self) -> bool {
-        matches!(self, Cmd::Serve(_) | Cmd::LoadFixtures { .. })
+        matches!(
+            self,
+            Cmd::Serve(_) | Cmd::LoadFixtures { .. } | Cmd::ImportLegacy(_)
+        )
     }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum KeepArg {
+    Column,
+    Table,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum StoreArg {
+    Column,
+    Table,
+    All,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The application's SQLite database, opened read-only
+    #[arg(long, value_name = "APP.db")]
+    from: PathBuf,
+    /// The application's users table
+    #[arg(long, value_name = "T", default_value = "users")]
+    users_table: String,
+    /// The column of user ids (integers; kept as keyrack's user ids)
+    #[arg(long, value_name = "C", default_value = "id")]
+    id_column: String,
+    /// The column of emails (trimmed and lowercased)
+    #[arg(long, value_name = "C", default_value = "email")]
+    email_column: String,
+    /// The column of OpenAI keys, plaintext or Fernet tokens
+    #[arg(long, value_name = "C", default_value = "openai_api_key")]
+    key_column: String,
+    /// A column of bcrypt or argon2 password hashes to carry over [default: none]
+    #[arg(long, value_name = "C")]
+    password_column: Option<String>,
+    /// Import users whose key does not decode without their key, instead of refusing (exit 3)
+    #[arg(long)]
+    skip_unreadable: bool,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 #[derive(clap::Args, Default)]
@@ -221,6 +361,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Config::resolve(settings.db.as_deref(), &lookup).map_err(|e| Failure::Config(e.0))?;
     keyrack::logging::init(&config.log_filter);
     let db_location = config.db.clone();
+    if let Cmd::KeyId { .. } = command {
+        return keyrack::operator::key_id(&config);
+    }
 
     // Serve settings are checked before the database is touched.
     let serve_config = match &command {
@@ -230,6 +373,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
         ),
         _ => None,
     };
+
+    // import-legacy creates its database itself, from nothing: no App::open before it.
+    if let Cmd::ImportLegacy(a) = command {
+        let opts = import::Options {
+            from: a.from,
+            users_table: a.users_table,
+            id_column: a.id_column,
+            email_column: a.email_column,
+            key_column: a.key_column,
+            password_column: a.password_column,
+            skip_unreadable: a.skip_unreadable,
+        };
+        let fernet_keys = lookup.get(import::FERNET_VAR);
+        return import::run(config, fernet_keys.as_deref(), &opts);
+    }
 
     let new_files = if command.creates_database() {
         NewFiles::before_opening(&db_location)
@@ -296,8 +454,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
             yes,
             backup,
             dry_run,
+            ignore_foreign_writes,
             ..
-        } => commands::remove_legacy_column(&app, &db_location, yes, backup.as_deref(), dry_run),
+        } => commands::remove_legacy_column(
+            &app,
+            &db_location,
+            yes,
+            backup.as_deref(),
+            dry_run,
+            ignore_foreign_writes,
+        ),
         Cmd::Revert {
             yes,
             backup,
@@ -310,7 +476,45 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::AddUser { email, .. } => keyrack::accounts::add_user(&app, &email),
-        Cmd::GenKey => Ok(()),
+        Cmd::Backup { path, .. } => keyrack::operator::backup(&app, &db_location, &path),
+        Cmd::Inspect { user, json, .. } => keyrack::operator::inspect(&app, &user, json),
+        Cmd::Resolve {
+            user, keep, yes, ..
+        } => keyrack::operator::resolve(
+            &app,
+            &user,
+            match keep {
+                KeepArg::Column => Keep::Column,
+                KeepArg::Table => Keep::Table,
+            },
+            yes,
+        ),
+        Cmd::ClearKey {
+            user,
+            provider,
+            store,
+            yes,
+            ..
+        } => keyrack::operator::clear_key(
+            &app,
+            &user,
+            provider.as_deref(),
+            match store {
+                StoreArg::Column => Stores::Column,
+                StoreArg::Table => Stores::Table,
+                StoreArg::All => Stores::All,
+            },
+            yes,
+        ),
+        Cmd::Audit {
+            user,
+            since,
+            limit,
+            json,
+            ..
+        } => keyrack::operator::audit(&app, user.as_deref(), since.as_deref(), limit, json),
+        Cmd::ResetPassword { email, .. } => commands::reset_password(&app, &email),
+        Cmd::GenKey | Cmd::KeyId { .. } | Cmd::ImportLegacy(_) => Ok(()),
     }
 }
 

@@ -4,24 +4,28 @@
 use serde_json::{json, Value};
 
 use crate::phase::Phase;
+use crate::store::evidence::Evidence;
 use crate::store::phases::Survey;
-use crate::store::{Store, StoreError};
+use crate::store::{rfc3339, Store, StoreError};
 
 #[derive(Debug)]
 pub(crate) struct Status {
     pub(crate) phase: Phase,
     pub(crate) schema_version: i64,
     pub(crate) survey: Survey,
+    /// Evidence of legacy use since the phase last became dual.
+    pub(crate) evidence: Evidence,
 }
 
 impl Status {
     /// Reads everything in one read transaction, so the counts agree with each other.
     pub(crate) fn collect(store: &mut Store) -> Result<Status, StoreError> {
-        let (phase, schema_version, survey) = store.survey()?;
+        let (phase, schema_version, survey, evidence) = store.survey()?;
         Ok(Status {
             phase,
             schema_version,
             survey,
+            evidence,
         })
     }
 
@@ -38,6 +42,10 @@ impl Status {
             "undecryptable": s.undecryptable.count,
             "backfill_unfinished": s.backfill_left > 0,
             "backfill_users_left": s.backfill_left,
+            "legacy_reads": self.evidence.legacy_reads,
+            "last_legacy_read_at": self.evidence.last_legacy_read_at.map(rfc3339),
+            "foreign_column_writes": self.evidence.foreign_column_writes,
+            "last_foreign_column_write_at": self.evidence.last_foreign_column_write_at.map(rfc3339),
         })
     }
 
@@ -55,6 +63,7 @@ impl Status {
             s.conflicts.count,
             s.undecryptable.count
         );
+        out.push_str(&self.evidence_text());
         if s.backfill_left > 0 {
             out.push_str(&format!(
                 "backfill from legacy unfinished: {} users left (their legacy column value wins until `keyrack migrate` reaches them)\n",
@@ -66,6 +75,21 @@ impl Status {
             out.push('\n');
         }
         out
+    }
+}
+
+impl Status {
+    /// The four lines of legacy-use evidence, as `status` and `remove-legacy-column` print them.
+    pub(crate) fn evidence_text(&self) -> String {
+        let e = &self.evidence;
+        let at = |t: Option<i64>| t.map_or("never".to_owned(), rfc3339);
+        format!(
+            "legacy reads     {}\nlast legacy read {}\nforeign column writes     {}\nlast foreign column write {}\n",
+            e.legacy_reads,
+            at(e.last_legacy_read_at),
+            e.foreign_column_writes,
+            at(e.last_foreign_column_write_at)
+        )
     }
 }
 

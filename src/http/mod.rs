@@ -80,7 +80,9 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
 
     let (stop_flusher, flusher_stop) = mpsc::channel::<()>();
     let flusher = {
-        // Expired sessions are pruned at start and then every hour, on the flusher's thread.
+        let audit_days = app.audit_days;
+        // Expired sessions and events older than KEYRACK_AUDIT_DAYS are pruned at start and
+        // then every hour, on the flusher's thread.
         let mut pruned_at: Option<Instant> = None;
         thread::spawn(move || loop {
             if pruned_at.is_none_or(|t| t.elapsed() >= SESSION_PRUNE_EVERY) {
@@ -90,6 +92,14 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                     Ok(n) => log::info!("removed {n} expired sessions"),
                     Err(e) => log::warn!(
                         "could not remove expired sessions yet: {}",
+                        crate::error_chain(&e)
+                    ),
+                }
+                match flusher_store.prune_events(audit_days) {
+                    Ok(0) => {}
+                    Ok(n) => log::info!("removed {n} events older than {audit_days} days"),
+                    Err(e) => log::warn!(
+                        "could not remove old events yet: {}",
                         crate::error_chain(&e)
                     ),
                 }

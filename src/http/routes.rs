@@ -7,10 +7,11 @@ use serde_json::json;
 use super::api::{ApiError, Incoming, Reply};
 use crate::app::App;
 use crate::auth;
-use crate::domain::{ApiKey, Email, Invalid, KeyName, Password, Provider};
+use crate::domain::{ApiKey, Email, ExpiresAt, Invalid, KeyName, Password, Provider};
 use crate::status::Status;
-use crate::store::keys::{KeyList, KeyView, NewKey};
-use crate::store::users::User;
+use crate::store::events::{self, Event};
+use crate::store::keys::{DefaultKey, KeyList, KeyView, NewKey};
+use crate::store::users::{Credentials, User};
 use crate::store::{now, rfc3339, Store};
 
 type Handler = fn(&App, &mut Store, &Incoming, &[&str]) -> Result<Reply, ApiError>;
@@ -34,7 +35,9 @@ const ROUTES: &[(&str, &[(&str, Handler)])] = &[
     ("/user/api-keys", &[("GET", list_keys), ("POST", add_key)]),
     ("/user/api-keys/{id}", &[("DELETE", delete_key)]),
     ("/user/migrate-api-keys", &[("POST", migrate_keys)]),
+    ("/user/events", &[("GET", user_events)]),
     ("/admin/status", &[("GET", admin_status)]),
+    ("/admin/events", &[("GET", admin_events)]),
 ];
 
 fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
@@ -188,21 +191,32 @@ fn login(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
         )
         .with_header("Retry-After", wait.to_string()));
     }
+    // Err: the id of the existing account whose password was wrong (None: no such account).
     let verified = match store.credentials(&email)? {
-        Some(c) if auth::verify_password(password.expose(), &c.password_hash) => Some(c.user),
-        Some(_) => None,
+        Some(c) if auth::verify_password(password.expose(), &c.password_hash) => {
+            upgrade_hash(store, &c, &password);
+            Ok(c.user)
+        }
+        Some(c) => Err(Some(c.user.id)),
         None => {
             auth::verify_against_dummy(password.expose());
-            None
+            Err(None)
         }
     };
-    let Some(user) = verified else {
-        app.throttle.record_failure(&email, t);
-        return Err(ApiError::new(
-            401,
-            "invalid_credentials",
-            "the email or the password is wrong",
-        ));
+    let user = match verified {
+        Ok(user) => user,
+        Err(account) => {
+            app.throttle.record_failure(&email, t);
+            // Only for an existing account, by id: an email typed at a failed login is never kept.
+            if let Some(id) = account {
+                store.record_event(Event::by_user(events::LOGIN_FAILED, id))?;
+            }
+            return Err(ApiError::new(
+                401,
+                "invalid_credentials",
+                "the email or the password is wrong",
+            ));
+        }
     };
     app.throttle.record_success(&email);
     let token = auth::new_token();
@@ -212,6 +226,30 @@ fn login(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
         200,
         json!({"token": token.expose(), "token_type": "Bearer", "expires_at": rfc3339(expires_at)}),
     ))
+}
+
+/// An imported hash (bcrypt, other argon2 settings) that just verified is replaced by keyrack's
+/// own argon2id. A failure here is logged and does not fail the login: the old hash still works.
+fn upgrade_hash(store: &mut Store, c: &Credentials, password: &crate::domain::Secret) {
+    if !auth::needs_rehash(&c.password_hash) {
+        return;
+    }
+    let Ok(p) = Password::parse(password.expose()) else {
+        // Shorter or longer than keyrack allows: keep the old hash rather than refuse a login.
+        return;
+    };
+    let result = auth::hash_password(&p)
+        .map_err(|e| e.to_string())
+        .and_then(|new| {
+            store
+                .upgrade_password_hash(c.user.id, &c.password_hash, &new)
+                .map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(true) => log::info!("user {}: password re-hashed with argon2id", c.user.id),
+        Ok(false) => {}
+        Err(e) => log::warn!("user {}: re-hashing the password failed: {e}", c.user.id),
+    }
 }
 
 fn logout(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
@@ -253,19 +291,21 @@ fn get_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
     };
     let found = store.get_default_key(user.id, &provider, reveal)?;
     let body = match &found {
-        None => KeyState {
+        DefaultKey::Missing | DefaultKey::Expired => KeyState {
             has_key: false,
             provider: provider.as_str(),
             masked_key: None,
             source: None,
             api_key: None,
+            expired: matches!(found, DefaultKey::Expired),
         },
-        Some(f) => KeyState {
+        DefaultKey::Found(f) => KeyState {
             has_key: true,
             provider: provider.as_str(),
             masked_key: Some(f.key.masked()),
             source: Some(f.source.as_str()),
             api_key: reveal.then(|| f.key.expose()),
+            expired: false,
         },
     };
     Ok(Reply::of(200, &body))
@@ -280,6 +320,17 @@ struct KeyState<'a> {
     source: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     api_key: Option<&'a str>,
+    /// Present (true) only when the default key has expired.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    expired: bool,
+}
+
+/// The optional `expires_at` of a key being set: a future RFC 3339 time, or null for never.
+fn expires_at_field(body: &super::api::Fields) -> Result<Option<ExpiresAt>, ApiError> {
+    Ok(body
+        .optional_str("expires_at")?
+        .map(|raw| ExpiresAt::parse(raw, now()))
+        .transpose()?)
 }
 
 fn set_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
@@ -287,7 +338,8 @@ fn set_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
     let body = req.json()?;
     let key = ApiKey::parse(body.required_str("api_key")?)?;
     let provider = Provider::parse_or_default(body.optional_str("provider")?)?;
-    let source = store.set_default_key(user.id, &provider, &key)?;
+    let expires_at = expires_at_field(&body)?;
+    let source = store.set_default_key(user.id, &provider, &key, expires_at)?;
     Ok(Reply::of(
         200,
         &KeyState {
@@ -296,6 +348,7 @@ fn set_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
             masked_key: Some(key.masked()),
             source: Some(source.as_str()),
             api_key: None,
+            expired: false,
         },
     ))
 }
@@ -325,6 +378,8 @@ struct KeyJson<'a> {
     updated_at: Option<String>,
     last_used_at: Option<String>,
     usage_count: i64,
+    expires_at: Option<String>,
+    expired: bool,
 }
 
 impl<'a> From<&'a KeyView> for KeyJson<'a> {
@@ -340,6 +395,8 @@ impl<'a> From<&'a KeyView> for KeyJson<'a> {
             updated_at: k.updated_at.map(rfc3339),
             last_used_at: k.last_used_at.map(rfc3339),
             usage_count: k.usage_count,
+            expires_at: k.expires_at.map(rfc3339),
+            expired: k.expired,
         }
     }
 }
@@ -381,6 +438,7 @@ fn add_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
         key: ApiKey::parse(body.required_str("api_key")?)?,
         name: body.optional_str("name")?.map(KeyName::parse).transpose()?,
         is_default: body.optional_bool("is_default")?,
+        expires_at: expires_at_field(&body)?,
     };
     let view = store.add_key(user.id, &new)?;
     #[derive(Serialize)]
@@ -431,6 +489,13 @@ fn admin_status(
     req: &Incoming,
     _: &[&str],
 ) -> Result<Reply, ApiError> {
+    check_admin(app, req)?;
+    let status = Status::collect(store)?;
+    Ok(Reply::json(200, status.to_json()))
+}
+
+/// The admin routes' check: 404 without an admin token configured, 401 for a wrong one.
+fn check_admin(app: &App, req: &Incoming) -> Result<(), ApiError> {
     let expected = app.admin_token.as_ref().ok_or_else(ApiError::not_found)?;
     let given = req
         .authorization
@@ -442,8 +507,57 @@ fn admin_status(
             "the admin token is missing or wrong",
         ));
     }
-    let status = Status::collect(store)?;
-    Ok(Reply::json(200, status.to_json()))
+    Ok(())
+}
+
+/// `?limit=N`: 1 to 500, default 100.
+fn events_limit(req: &Incoming) -> Result<i64, ApiError> {
+    match req.query_param("limit") {
+        None => Ok(100),
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=events::MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::new(
+                    422,
+                    "validation_failed",
+                    "limit must be a whole number from 1 to 500",
+                )
+            }),
+    }
+}
+
+fn events_reply(list: &[events::Recorded]) -> Reply {
+    Reply::json(
+        200,
+        json!({"events": list.iter().map(events::Recorded::to_json).collect::<Vec<_>>()}),
+    )
+}
+
+fn user_events(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let user = authenticate(store, req)?;
+    let list = store.events(&events::Query {
+        user_id: Some(user.id),
+        since: None,
+        limit: events_limit(req)?,
+    })?;
+    Ok(events_reply(&list))
+}
+
+fn admin_events(
+    app: &App,
+    store: &mut Store,
+    req: &Incoming,
+    _: &[&str],
+) -> Result<Reply, ApiError> {
+    check_admin(app, req)?;
+    let list = store.events(&events::Query {
+        user_id: None,
+        since: None,
+        limit: events_limit(req)?,
+    })?;
+    Ok(events_reply(&list))
 }
 
 #[cfg(test)]

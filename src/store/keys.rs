@@ -18,9 +18,10 @@
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::classify::{classify, Verdict};
+use super::events::{self as ev, Event};
 use super::{meta, now, Ctx, Result, Source, Store, StoreError};
 use crate::crypto::{Binding, KeyId, KeyRing, OpenError};
-use crate::domain::{ApiKey, KeyName, Provider};
+use crate::domain::{ApiKey, ExpiresAt, KeyName, Provider};
 use crate::phase::Phase;
 
 const OPENAI: &str = Provider::OPENAI;
@@ -37,13 +38,20 @@ pub(super) struct Row {
     updated_at: i64,
     last_used_at: Option<i64>,
     usage_count: i64,
+    expires_at: Option<i64>,
+}
+
+impl Row {
+    fn expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
 }
 
 /// The columns `row` reads, in its order; a macro so that statements are built at compile time
 /// (these run on every key read).
 macro_rules! row_columns {
     () => {
-        "id, provider, name, sealed_key, is_default, created_at, updated_at, last_used_at, usage_count"
+        "id, provider, name, sealed_key, is_default, created_at, updated_at, last_used_at, usage_count, expires_at"
     };
 }
 
@@ -58,6 +66,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         updated_at: r.get(6)?,
         last_used_at: r.get(7)?,
         usage_count: r.get(8)?,
+        expires_at: r.get(9)?,
     })
 }
 
@@ -76,6 +85,9 @@ pub(crate) struct KeyView {
     pub(crate) updated_at: Option<i64>,
     pub(crate) last_used_at: Option<i64>,
     pub(crate) usage_count: i64,
+    /// When the key expires (`None`: never), and whether it has.
+    pub(crate) expires_at: Option<i64>,
+    pub(crate) expired: bool,
 }
 
 #[derive(Debug)]
@@ -93,6 +105,15 @@ pub(crate) struct FoundKey {
     pub(crate) source: Source,
 }
 
+/// What GET /user/api-key finds for one provider.
+#[derive(Debug)]
+pub(crate) enum DefaultKey {
+    Found(FoundKey),
+    Missing,
+    /// The default key has expired: it is neither revealed nor counted as a use.
+    Expired,
+}
+
 /// The outcome of moving one user's column key into the table.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Moved {
@@ -108,6 +129,7 @@ pub(crate) struct NewKey {
     pub(crate) key: ApiKey,
     pub(crate) name: Option<KeyName>,
     pub(crate) is_default: Option<bool>,
+    pub(crate) expires_at: Option<ExpiresAt>,
 }
 
 fn conflict_in_legacy(what: &str) -> StoreError {
@@ -128,8 +150,12 @@ fn column_get(conn: &Connection, user_id: i64) -> Result<Option<String>> {
 }
 
 pub(super) fn column_set(conn: &Connection, user_id: i64, sealed: Option<&str>) -> Result<()> {
-    conn.prepare_cached("UPDATE users SET openai_api_key = ?2 WHERE id = ?1")?
-        .execute(params![user_id, sealed])?;
+    // The marker tells the foreign-write triggers this write is keyrack's (`store::evidence`).
+    conn.prepare_cached(
+        "UPDATE users SET openai_api_key = ?2, keyrack_key_writes = keyrack_key_writes + 1
+         WHERE id = ?1",
+    )?
+    .execute(params![user_id, sealed])?;
     Ok(())
 }
 
@@ -151,14 +177,15 @@ pub(super) fn insert_row(
     name: Option<&str>,
     sealed: &str,
     is_default: bool,
+    expires_at: Option<i64>,
 ) -> Result<i64> {
     let t = now();
     Ok(conn
         .prepare_cached(
-            "INSERT INTO api_keys(user_id, provider, name, sealed_key, is_default, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+            "INSERT INTO api_keys(user_id, provider, name, sealed_key, is_default, created_at, updated_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
         )?
-        .insert(params![user_id, provider, name, sealed, is_default, t])?)
+        .insert(params![user_id, provider, name, sealed, is_default, t, expires_at])?)
 }
 
 /// Refuses a new `api_keys` row past the per-user limit (`KEYRACK_MAX_KEYS_PER_USER`). Only the
@@ -234,7 +261,13 @@ fn settle(tx: &Connection, ctx: &Ctx<'_>, user_id: i64) -> Result<(Verdict, Move
             if t.is_some() {
                 clear_default(tx, user_id, OPENAI)?;
             }
-            insert_row(tx, user_id, OPENAI, None, c, true)?;
+            let id = insert_row(tx, user_id, OPENAI, None, c, true, None)?;
+            ev::record(
+                tx,
+                &Event::new(ev::KEY_MIGRATED, ctx.actor_for(user_id))
+                    .user(user_id)
+                    .key(Some(id), OPENAI, Source::Column),
+            )?;
             out.migrated = 1;
         }
         (Verdict::Conflict, _, _) => out.conflicts = 1,
@@ -335,6 +368,8 @@ static KEY_CHANGE_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::Ato
 enum Lookup {
     Found(FoundKey, Option<i64>),
     Missing,
+    /// The default key (this `api_keys` id) has expired.
+    Expired(i64),
     /// Dual phase, a key only in the column: read again in a write transaction to move it.
     MustMove,
 }
@@ -350,6 +385,8 @@ fn lookup(
     let p = provider.as_str();
     let from_table = |tx: &Transaction<'_>| -> Result<Option<Lookup>> {
         Ok(match default_row(tx, user_id, p)? {
+            // Not opened, not served, and (dual) not replaced by the column's mirror of it.
+            Some(r) if r.expired(now()) => Some(Lookup::Expired(r.id)),
             Some(r) => Some(Lookup::Found(
                 FoundKey {
                     key: open(ctx, user_id, p, &r.sealed, (Source::Table, Some(r.id)))?,
@@ -386,6 +423,7 @@ fn lookup(
                 let (verdict, _) = settle(tx, ctx, user_id)?;
                 let found = from_table(tx)?;
                 if verdict.needs_move() {
+                    super::evidence::record_legacy_read(tx, now())?;
                     log::info!(
                         "user {user_id}: moved the OpenAI key from the legacy column into api_keys on read"
                     );
@@ -423,7 +461,7 @@ impl Store {
         user_id: i64,
         provider: &Provider,
         count_use: bool,
-    ) -> Result<Option<FoundKey>> {
+    ) -> Result<DefaultKey> {
         let mut found = self.read(|tx, ctx| lookup(tx, ctx, user_id, provider, false))?;
         if let Lookup::MustMove = found {
             let provider = provider.clone();
@@ -431,12 +469,32 @@ impl Store {
         }
         match found {
             Lookup::Found(key, row_id) => {
-                if let (true, Some(id)) = (count_use, row_id) {
-                    self.shared.usage.record(id, now());
+                if count_use {
+                    // Queued with the usage counters: a reveal costs no transaction of its own.
+                    if let Some(id) = row_id {
+                        self.shared.usage.record(id, now());
+                    }
+                    self.shared
+                        .usage
+                        .record_event(Event::by_user(ev::KEY_REVEALED, user_id).key(
+                            row_id,
+                            provider.as_str(),
+                            key.source,
+                        ));
                 }
-                Ok(Some(key))
+                Ok(DefaultKey::Found(key))
             }
-            Lookup::Missing | Lookup::MustMove => Ok(None),
+            Lookup::Expired(id) => {
+                self.shared
+                    .usage
+                    .record_event(Event::by_user(ev::KEY_EXPIRED, user_id).key(
+                        Some(id),
+                        provider.as_str(),
+                        Source::Table,
+                    ));
+                Ok(DefaultKey::Expired)
+            }
+            Lookup::Missing | Lookup::MustMove => Ok(DefaultKey::Missing),
         }
     }
 
@@ -446,7 +504,9 @@ impl Store {
         user_id: i64,
         provider: &Provider,
         key: &ApiKey,
+        expires_at: Option<ExpiresAt>,
     ) -> Result<Source> {
+        let expires_at = expires_at.map(ExpiresAt::secs);
         sealing_again(|| {
             // Sealing needs no transaction: done before, so the group's transaction stays short.
             let sealed = self.ring.seal(
@@ -469,19 +529,37 @@ impl Store {
                                 "a key for a provider other than openai",
                             ));
                         }
+                        if expires_at.is_some() {
+                            return Err(conflict_in_legacy("an expiry (expires_at)"));
+                        }
+                        let action = match column_get(tx, user_id)? {
+                            Some(_) => ev::KEY_REPLACED,
+                            None => ev::KEY_CREATED,
+                        };
                         column_set(tx, user_id, Some(&sealed))?;
+                        ev::record(
+                            tx,
+                            &Event::by_user(action, user_id).key(None, p, Source::Column),
+                        )?;
                         Ok(Source::Column)
                     }
                     Phase::Dual | Phase::NewOnly => {
                         if phase == Phase::Dual && provider.is_openai() {
                             settle_before_write(tx, ctx, user_id, true)?;
                         }
-                        match default_row(tx, user_id, p)? {
+                        let event = match default_row(tx, user_id, p)? {
                             Some(r) => {
+                                // The new key replaces the old one, expiry included.
                                 tx.prepare_cached(
-                                    "UPDATE api_keys SET sealed_key = ?2, updated_at = ?3 WHERE id = ?1",
+                                    "UPDATE api_keys SET sealed_key = ?2, updated_at = ?3, expires_at = ?4
+                                     WHERE id = ?1",
                                 )?
-                                .execute(params![r.id, sealed, now()])?;
+                                .execute(params![r.id, sealed, now(), expires_at])?;
+                                Event::by_user(ev::KEY_REPLACED, user_id).key(
+                                    Some(r.id),
+                                    p,
+                                    Source::Table,
+                                )
                             }
                             None => {
                                 // A column key being replaced is not a new key for the limit.
@@ -491,9 +569,16 @@ impl Store {
                                 if !replaces_column {
                                     check_key_limit(tx, user_id, limit)?;
                                 }
-                                insert_row(tx, user_id, p, None, &sealed, true)?;
+                                let id =
+                                    insert_row(tx, user_id, p, None, &sealed, true, expires_at)?;
+                                Event::by_user(ev::KEY_CREATED, user_id).key(
+                                    Some(id),
+                                    p,
+                                    Source::Table,
+                                )
                             }
-                        }
+                        };
+                        ev::record(tx, &event)?;
                         if phase == Phase::Dual && provider.is_openai() {
                             column_set(tx, user_id, Some(&sealed))?;
                         }
@@ -513,14 +598,26 @@ impl Store {
                 // The key the user sees goes; an older default the column had replaced stays.
                 settle_before_write(tx, ctx, user_id, true)?;
             }
+            let p = provider.as_str();
+            let mut deleted = None;
             if phase.uses_table() {
-                tx.prepare_cached(
-                    "DELETE FROM api_keys WHERE user_id = ?1 AND provider = ?2 AND is_default = 1",
-                )?
-                .execute(params![user_id, provider.as_str()])?;
+                if let Some(r) = default_row(tx, user_id, p)? {
+                    tx.prepare_cached("DELETE FROM api_keys WHERE id = ?1")?
+                        .execute([r.id])?;
+                    deleted = Some((Some(r.id), Source::Table));
+                }
             }
             if phase.has_column() && provider.is_openai() {
+                if deleted.is_none() && column_get(tx, user_id)?.is_some() {
+                    deleted = Some((None, Source::Column));
+                }
                 column_set(tx, user_id, None)?;
+            }
+            if let Some((id, source)) = deleted {
+                ev::record(
+                    tx,
+                    &Event::by_user(ev::KEY_DELETED, user_id).key(id, p, source),
+                )?;
             }
             Ok(())
         })
@@ -533,7 +630,10 @@ impl Store {
         }
         let moved = self.write(move |tx, ctx| {
             if meta::phase(tx)? == Phase::Dual {
-                settle(tx, ctx, user_id)?;
+                let (verdict, _) = settle(tx, ctx, user_id)?;
+                if verdict.needs_move() {
+                    super::evidence::record_legacy_read(tx, now())?;
+                }
             }
             Ok(())
         });
@@ -563,6 +663,7 @@ impl Store {
         let name = new.name.as_ref().map(|n| n.as_str().to_owned());
         let masked_key = new.key.masked();
         let wants_default = new.is_default;
+        let expires_at = new.expires_at.map(ExpiresAt::secs);
         let limit = self.key_limit;
         self.write(move |tx, ctx| {
             check_sealing_key(tx, ctx, &sealed)?;
@@ -580,7 +681,19 @@ impl Store {
             if make_default && has_default {
                 clear_default(tx, user_id, p)?;
             }
-            let id = insert_row(tx, user_id, p, name.as_deref(), &sealed, make_default)?;
+            let id = insert_row(
+                tx,
+                user_id,
+                p,
+                name.as_deref(),
+                &sealed,
+                make_default,
+                expires_at,
+            )?;
+            ev::record(
+                tx,
+                &Event::by_user(ev::KEY_CREATED, user_id).key(Some(id), p, Source::Table),
+            )?;
             if phase == Phase::Dual && provider.is_openai() && make_default {
                 column_set(tx, user_id, Some(&sealed))?;
             }
@@ -596,6 +709,8 @@ impl Store {
                 updated_at: Some(t),
                 last_used_at: None,
                 usage_count: 0,
+                expires_at,
+                expired: false,
             })
         })
     }
@@ -616,6 +731,8 @@ impl Store {
             let Some((provider, is_default)) = found else {
                 return Err(StoreError::NotFound);
             };
+            let deleted =
+                Event::by_user(ev::KEY_DELETED, user_id).key(Some(id), &provider, Source::Table);
             if phase == Phase::Dual && provider == OPENAI && is_default {
                 // A column key that replaced this row wins first: deleting the row then
                 // deletes the stale key, not the user's newer one.
@@ -623,11 +740,13 @@ impl Store {
                 if default_row(tx, user_id, OPENAI)?.map(|r| r.id) != Some(id) {
                     tx.prepare_cached("DELETE FROM api_keys WHERE id = ?1 AND user_id = ?2")?
                         .execute(params![id, user_id])?;
+                    ev::record(tx, &deleted)?;
                     return Ok(());
                 }
             }
             tx.prepare_cached("DELETE FROM api_keys WHERE id = ?1 AND user_id = ?2")?
                 .execute(params![id, user_id])?;
+            ev::record(tx, &deleted)?;
             if phase == Phase::Dual && provider == OPENAI && is_default {
                 column_set(tx, user_id, None)?;
             }
@@ -694,9 +813,12 @@ fn list_in(
                 updated_at: None,
                 last_used_at: None,
                 usage_count: 0,
+                expires_at: None,
+                expired: false,
             });
         }
     } else {
+        let t = now();
         let mut stmt = tx.prepare_cached(concat!(
             "SELECT ",
             row_columns!(),
@@ -706,6 +828,7 @@ fn list_in(
         for r in rows {
             let r = r?;
             let (pending, last) = ctx.usage.pending(r.id);
+            let expired = r.expired(t);
             keys.push(KeyView {
                 id: Some(r.id),
                 masked_key: masked(
@@ -723,6 +846,8 @@ fn list_in(
                 updated_at: Some(r.updated_at),
                 last_used_at: r.last_used_at.max(last),
                 usage_count: r.usage_count + pending,
+                expires_at: r.expires_at,
+                expired,
             });
         }
     }
@@ -767,5 +892,5 @@ pub(super) fn insert_extra_openai_row(
     name: &str,
     sealed: &str,
 ) -> Result<i64> {
-    insert_row(tx, user_id, OPENAI, Some(name), sealed, false)
+    insert_row(tx, user_id, OPENAI, Some(name), sealed, false, None)
 }

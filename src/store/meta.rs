@@ -57,7 +57,22 @@ fn phase_code(p: Phase) -> u8 {
     }
 }
 
-pub(crate) fn set_phase(conn: &Connection, phase: Phase) -> Result<()> {
+/// Sets the phase; a change is recorded as a `phase.changed` event of `command`.
+pub(crate) fn set_phase(conn: &Connection, phase: Phase, command: &str) -> Result<()> {
+    let before = get(conn, PHASE)?;
+    if before.as_deref() != Some(phase.as_str()) {
+        // The evidence of legacy use counts from the moment the phase becomes dual.
+        if phase == Phase::Dual {
+            super::evidence::reset(conn)?;
+        }
+        let mut e = super::events::Event::new(
+            super::events::PHASE_CHANGED,
+            super::events::command_actor(command),
+        );
+        e.from = before.as_deref().and_then(Phase::parse).map(Phase::as_str);
+        e.to = Some(phase.as_str());
+        super::events::record(conn, &e)?;
+    }
     set(conn, PHASE, phase.as_str())
 }
 
@@ -181,6 +196,11 @@ pub(crate) fn stored_key_counts(conn: &Connection) -> Result<(u64, u64)> {
     Ok((column as u64, table as u64))
 }
 
+/// How many users there are (`keyrack backup` counts its copy).
+pub(crate) fn user_count(conn: &Connection) -> Result<u64> {
+    Ok(conn.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,7 +218,7 @@ mod tests {
             Err(StoreError::BadPhase { stored }) => assert_eq!(stored, "halfway"),
             other => panic!("expected BadPhase, got {other:?}"),
         }
-        set_phase(&conn, Phase::NewOnly)?;
+        set_phase(&conn, Phase::NewOnly, "test")?;
         assert_eq!(phase(&conn)?, Phase::NewOnly);
         Ok(())
     }

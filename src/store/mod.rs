@@ -5,10 +5,15 @@
 //! process takes effect at the next request.
 
 pub(crate) mod classify;
+pub(crate) mod events;
+pub(crate) mod evidence;
 mod group;
+pub(crate) mod import;
+pub(crate) mod inspect;
 pub(crate) mod keys;
 pub(crate) mod meta;
 pub(crate) mod phases;
+pub(crate) mod repair;
 pub(crate) mod rotation;
 pub(crate) mod seed;
 mod usage;
@@ -155,15 +160,17 @@ impl Store {
         meta::phase(&self.conn)
     }
 
-    /// The phase, the schema version and the counts of every stored value, read in one
-    /// transaction so that they agree (`keyrack status`, GET /admin/status).
-    pub(crate) fn survey(&mut self) -> Result<(Phase, i64, phases::Survey)> {
+    /// The phase, the schema version, the counts of every stored value and the evidence of
+    /// legacy use, read in one transaction so that they agree (`keyrack status`,
+    /// GET /admin/status).
+    pub(crate) fn survey(&mut self) -> Result<(Phase, i64, phases::Survey, evidence::Evidence)> {
         let tx = self.conn.transaction()?;
         let phase = meta::phase(&tx)?;
         let schema_version = crate::db::schema_version(&tx)?;
         let survey = phases::survey(&tx, &self.ring, phase)?;
+        let evidence = evidence::read(&tx)?;
         tx.commit()?;
-        Ok((phase, schema_version, survey))
+        Ok((phase, schema_version, survey, evidence))
     }
 
     /// Runs `f` in an IMMEDIATE transaction of its own and commits when it returns `Ok`. For
@@ -186,6 +193,7 @@ impl Store {
         let ctx = Ctx {
             ring: &self.ring,
             usage: &self.shared.usage,
+            actor: None,
         };
         self.shared.writes.write(&mut self.conn, &ctx, f)
     }
@@ -207,6 +215,7 @@ impl Store {
         let ctx = Ctx {
             ring: &self.ring,
             usage: &self.shared.usage,
+            actor: None,
         };
         let out = f(&tx, &ctx)?;
         tx.commit()?;
@@ -218,6 +227,19 @@ impl Store {
 pub(crate) struct Ctx<'a> {
     pub(crate) ring: &'a KeyRing,
     pub(crate) usage: &'a UsageLog,
+    /// Who acts, for the events: a command's name (`command:<name>`), or `None` for the user
+    /// whose keys a request touches (`user:<id>`).
+    pub(crate) actor: Option<&'a str>,
+}
+
+impl Ctx<'_> {
+    /// The actor of an event about `user_id`'s keys.
+    pub(crate) fn actor_for(&self, user_id: i64) -> String {
+        match self.actor {
+            Some(a) => a.to_owned(),
+            None => events::user_actor(user_id),
+        }
+    }
 }
 
 pub(crate) use crate::clock::{now, rfc3339};

@@ -3,7 +3,7 @@
 //! the key ids in use. Every comparison of a user's column and table values goes through
 //! `classify`, the rule the per-request code uses too.
 
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use std::collections::BTreeSet;
 
 use super::classify::{classify, Verdict};
@@ -76,10 +76,13 @@ pub(crate) struct Survey {
     pub(crate) undecryptable: Tally,
     /// Users still pending a backfill from phase legacy (the column wins for them).
     pub(crate) backfill_left: u64,
+    /// The emails of the users the problem lists name, so that an operator can tell who they
+    /// are.
+    pub(crate) emails: std::collections::BTreeMap<i64, String>,
 }
 
 impl Survey {
-    /// One line per kind of problem found: `unmigrated: user ids 3, 7`.
+    /// One line per kind of problem found: `unmigrated: user ids 3 (ada@example.com), 7 (…)`.
     pub(crate) fn problem_lines(&self) -> Vec<String> {
         [
             ("unmigrated", &self.unmigrated.ids),
@@ -89,10 +92,36 @@ impl Survey {
         .into_iter()
         .filter(|(_, ids)| !ids.is_empty())
         .map(|(what, ids)| {
-            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            let ids: Vec<String> = ids
+                .iter()
+                .map(|id| match self.emails.get(id) {
+                    Some(e) => format!("{id} ({})", crate::logging::printable(e)),
+                    None => id.to_string(),
+                })
+                .collect();
             format!("{what}: user ids {}", ids.join(", "))
         })
         .collect()
+    }
+
+    /// Looks up the emails of the users the problem lists name.
+    fn name_users(&mut self, conn: &Connection) -> Result<()> {
+        let ids: BTreeSet<i64> = [
+            &self.unmigrated.ids,
+            &self.conflicts.ids,
+            &self.undecryptable.ids,
+        ]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+        let mut stmt = conn.prepare_cached("SELECT email FROM users WHERE id = ?1")?;
+        for id in ids {
+            if let Some(email) = stmt.query_row([id], |r| r.get::<_, String>(0)).optional()? {
+                self.emails.insert(id, email);
+            }
+        }
+        Ok(())
     }
 
     /// Counts one user's column value as `classify` judged it (phase dual).
@@ -179,6 +208,7 @@ pub(crate) fn survey(conn: &Connection, ring: &KeyRing, phase: Phase) -> Result<
             );
         }
     }
+    s.name_users(conn)?;
     Ok(s)
 }
 
@@ -242,6 +272,7 @@ pub(crate) fn backfill_batch(
     let ctx = Ctx {
         ring,
         usage: &shared.usage,
+        actor: Some("command:migrate"),
     };
     let mut b = Backfill::default();
     let batch: Vec<i64> = tx
@@ -306,11 +337,15 @@ pub(crate) fn recheck_before_drop(tx: &Transaction<'_>, ring: &KeyRing) -> Resul
         }
         s.count(uid, verdict);
     }
+    drop(rows);
+    drop(stmt);
+    s.name_users(tx)?;
     Ok(s)
 }
 
 /// Phase 3: drops the legacy column (and keyrack's index on it first, which SQLite requires).
 pub(crate) fn drop_column(tx: &Transaction<'_>) -> Result<()> {
+    super::evidence::drop_triggers(tx)?;
     tx.execute_batch(
         "DROP INDEX IF EXISTS users_by_key_id; ALTER TABLE users DROP COLUMN openai_api_key",
     )?;
@@ -349,8 +384,11 @@ pub(crate) struct RevertPlan {
     /// Up to `SAMPLE` user ids of the kept values.
     pub(crate) kept_ids: Vec<i64>,
     /// Table keys that stay in `api_keys`, unreachable in phase legacy (other providers, extra
-    /// keys), the extra keys `revert` adds included.
+    /// keys, expired default keys), the extra keys `revert` adds included.
     pub(crate) table_stay: u64,
+    /// Expired default OpenAI keys: not written into the column (phase legacy knows no expiry),
+    /// and a column mirror of one is emptied; `api_keys` keeps them.
+    pub(crate) expired: u64,
 }
 
 impl RevertPlan {
@@ -378,20 +416,27 @@ pub(crate) fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<Rev
     if apply && !column {
         tx.execute_batch("ALTER TABLE users ADD COLUMN openai_api_key TEXT")?;
         ensure_column_index(tx)?;
+        super::evidence::ensure_triggers(tx)?;
     }
+    // An expired key is not written into the column (the table keeps it).
+    let t = super::now();
     let defaults_sql = if column {
         "SELECT COUNT(*) FROM users u JOIN api_keys k ON k.user_id = u.id
-         AND k.provider = 'openai' AND k.is_default = 1 WHERE u.openai_api_key IS NULL"
+         AND k.provider = 'openai' AND k.is_default = 1
+         AND (k.expires_at IS NULL OR k.expires_at > ?1) WHERE u.openai_api_key IS NULL"
     } else {
-        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1"
+        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1
+         AND (expires_at IS NULL OR expires_at > ?1)"
     };
-    plan.written = tx.query_row(defaults_sql, [], |r| r.get(0))?;
+    plan.written = tx.query_row(defaults_sql, [t], |r| r.get(0))?;
     let mut conflicts: Vec<(i64, String, String)> = Vec::new();
     if column {
         plan.in_step = tx.query_row(
             "SELECT COUNT(*) FROM users u JOIN api_keys k ON k.user_id = u.id
-             AND k.provider = 'openai' AND k.is_default = 1 WHERE u.openai_api_key = k.sealed_key",
-            [],
+             AND k.provider = 'openai' AND k.is_default = 1
+             AND (k.expires_at IS NULL OR k.expires_at > ?1)
+             WHERE u.openai_api_key = k.sealed_key",
+            [t],
             |r| r.get(0),
         )?;
         let mut stmt = tx.prepare(column_rows_sql(true))?;
@@ -417,25 +462,46 @@ pub(crate) fn revert(tx: &Connection, ring: &KeyRing, apply: bool) -> Result<Rev
             sample(&mut plan.kept_ids, uid);
         }
     }
+    plan.expired = tx.query_row(
+        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1
+         AND expires_at <= ?1",
+        [t],
+        |r| r.get(0),
+    )?;
     if apply {
+        if column {
+            tx.execute(
+                "UPDATE users SET openai_api_key = NULL, keyrack_key_writes = keyrack_key_writes + 1
+                 WHERE openai_api_key = (SELECT k.sealed_key FROM api_keys k
+                     WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1
+                       AND k.expires_at <= ?1)",
+                [t],
+            )?;
+        }
         for (uid, column, table) in &conflicts {
             insert_extra_openai_row(tx, *uid, KEPT_AT_REVERT, column)?;
-            tx.prepare_cached("UPDATE users SET openai_api_key = ?2 WHERE id = ?1")?
-                .execute(params![uid, table])?;
+            tx.prepare_cached(
+                "UPDATE users SET openai_api_key = ?2, keyrack_key_writes = keyrack_key_writes + 1
+                 WHERE id = ?1",
+            )?
+            .execute(params![uid, table])?;
         }
         tx.execute(
             "UPDATE users SET openai_api_key = (
                  SELECT k.sealed_key FROM api_keys k
-                 WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1)
+                 WHERE k.user_id = users.id AND k.provider = 'openai' AND k.is_default = 1
+                   AND (k.expires_at IS NULL OR k.expires_at > ?1)),
+                 keyrack_key_writes = keyrack_key_writes + 1
              WHERE openai_api_key IS NULL",
-            [],
+            [t],
         )?;
         meta::backfill_clear(tx, false)?;
     }
     let total: u64 = tx.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
     let defaults: u64 = tx.query_row(
-        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1",
-        [],
+        "SELECT COUNT(*) FROM api_keys WHERE provider = 'openai' AND is_default = 1
+         AND (expires_at IS NULL OR expires_at > ?1)",
+        [t],
         |r| r.get(0),
     )?;
     plan.table_stay = total - defaults + if apply { 0 } else { plan.overwritten.count };
@@ -609,6 +675,7 @@ mod tests {
             },
             kept_ids: vec![3, 4, 5, 7],
             table_stay: 1,
+            expired: 0,
         };
         assert_eq!(plan, want);
         assert_eq!(column(&conn, 1), None, "a plan writes nothing");

@@ -3,6 +3,7 @@
 
 use rusqlite::{params, Transaction};
 
+use super::events::{self as ev, Event};
 use super::keys::column_set;
 use super::phases::Tally;
 use super::{meta, Result, Source, StoreError};
@@ -82,7 +83,8 @@ pub(crate) fn reseal_batch(
                         )?;
                         if column && provider == OPENAI {
                             out.resealed += tx.execute(
-                                "UPDATE users SET openai_api_key = ?2
+                                "UPDATE users SET openai_api_key = ?2,
+                                     keyrack_key_writes = keyrack_key_writes + 1
                                  WHERE id = ?1 AND openai_api_key = ?3",
                                 params![uid, new, sealed],
                             )? as u64;
@@ -90,6 +92,19 @@ pub(crate) fn reseal_batch(
                     }
                     Sealed::Column => column_set(tx, uid, Some(&new))?,
                 }
+                let (event_id, source) = match which {
+                    Sealed::Table => (Some(id), Source::Table),
+                    Sealed::Column => (None, Source::Column),
+                };
+                ev::record(
+                    tx,
+                    &Event::new(
+                        ev::KEY_REENCRYPTED,
+                        ev::command_actor("rotate-encryption-key"),
+                    )
+                    .user(uid)
+                    .key(event_id, &provider, source),
+                )?;
                 out.resealed += 1;
             }
             Err(reason) => {

@@ -7,7 +7,7 @@ use rusqlite::Transaction;
 use super::keys::{clear_default, column_set, default_row, insert_row, NewKey};
 use super::Result;
 use crate::crypto::{Binding, KeyRing};
-use crate::domain::{ApiKey, KeyName, Provider};
+use crate::domain::{ApiKey, ExpiresAt, KeyName, Provider};
 use crate::phase::Phase;
 
 const OPENAI: &str = Provider::OPENAI;
@@ -27,6 +27,7 @@ pub(crate) fn legacy_key(
             key: key.clone(),
             name: None,
             is_default: Some(true),
+            expires_at: None,
         };
         table_key(tx, ring, user_id, &as_row)
     } else {
@@ -34,8 +35,13 @@ pub(crate) fn legacy_key(
     }
 }
 
-/// A legacy column value, as data written before the migration.
-fn column_key(tx: &Transaction<'_>, ring: &KeyRing, user_id: i64, key: &ApiKey) -> Result<()> {
+/// A legacy column value, as data written before the migration (fixtures, `import-legacy`).
+pub(crate) fn column_key(
+    tx: &Transaction<'_>,
+    ring: &KeyRing,
+    user_id: i64,
+    key: &ApiKey,
+) -> Result<()> {
     let sealed = ring.seal(
         Binding {
             user_id,
@@ -74,6 +80,7 @@ pub(crate) fn table_key(
         new.name.as_ref().map(KeyName::as_str),
         &sealed,
         make_default,
+        new.expires_at.map(ExpiresAt::secs),
     )?;
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
+use super::events::{self, Event};
 use super::{GroupCommit, Result};
 use crate::lock;
 
@@ -15,6 +16,8 @@ use crate::lock;
 #[derive(Debug, Default)]
 pub(crate) struct UsageLog {
     pending: Mutex<HashMap<i64, (i64, i64)>>,
+    /// Events of reads (`key.revealed`, `key.expired`), written with the counters.
+    events: Mutex<Vec<Event>>,
 }
 
 impl UsageLog {
@@ -26,6 +29,11 @@ impl UsageLog {
         e.1 = e.1.max(at);
     }
 
+    /// Queues the event of a read; written at the next flush.
+    pub(crate) fn record_event(&self, e: Event) {
+        lock(&self.events).push(e);
+    }
+
     /// Uses of key `id` not yet written: (count, last time).
     pub(crate) fn pending(&self, id: i64) -> (i64, Option<i64>) {
         lock(&self.pending)
@@ -33,23 +41,34 @@ impl UsageLog {
             .map_or((0, None), |&(n, t)| (n, Some(t)))
     }
 
-    /// Writes the pending counts in one transaction, in turn with the database's other writers
-    /// of this process. On failure they are kept for the next try.
+    /// Writes the pending counts and the queued events of reads in one transaction, in turn
+    /// with the database's other writers of this process. On failure they are kept for the
+    /// next try.
     pub(crate) fn flush(&self, conn: &mut Connection, writes: &GroupCommit) -> Result<usize> {
-        let batch: Vec<(i64, (i64, i64))> = {
-            let p = lock(&self.pending);
-            if p.is_empty() {
-                return Ok(0);
-            }
-            p.iter().map(|(k, v)| (*k, *v)).collect()
-        };
-        {
+        let batch: Vec<(i64, (i64, i64))> =
+            lock(&self.pending).iter().map(|(k, v)| (*k, *v)).collect();
+        let queued: Vec<Event> = std::mem::take(&mut *lock(&self.events));
+        if batch.is_empty() && queued.is_empty() {
+            return Ok(0);
+        }
+        let written = (|| {
             let _serial = writes.serial();
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for (id, (n, at)) in &batch {
                 add_usage(&tx, *id, *n, *at)?;
             }
+            for e in &queued {
+                events::record(&tx, e)?;
+            }
             tx.commit()?;
+            Ok::<(), super::StoreError>(())
+        })();
+        if let Err(e) = written {
+            // Kept for the next try, before the events queued meanwhile.
+            let mut q = lock(&self.events);
+            let newer = std::mem::replace(&mut *q, queued);
+            q.extend(newer);
+            return Err(e);
         }
         // Subtract what was written; uses recorded meanwhile stay pending.
         let mut p = lock(&self.pending);
@@ -61,7 +80,7 @@ impl UsageLog {
                 }
             }
         }
-        Ok(batch.len())
+        Ok(batch.len() + queued.len())
     }
 }
 

@@ -58,6 +58,10 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![token_hash, user_id, t, expires_at])?;
+            super::events::record(
+                tx,
+                &super::events::Event::by_user(super::events::LOGIN_SUCCEEDED, user_id),
+            )?;
             Ok(())
         })
     }
@@ -98,6 +102,55 @@ impl Store {
                 .prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?
                 .execute([now()])?;
             Ok(n as u64)
+        })
+    }
+}
+
+impl Store {
+    /// Replaces a password hash that just verified with keyrack's own (the first login of an
+    /// imported account), unless it changed in the meantime. True when it was replaced.
+    pub(crate) fn upgrade_password_hash(
+        &mut self,
+        user_id: i64,
+        old: &str,
+        new: &str,
+    ) -> Result<bool> {
+        let (old, new) = (old.to_owned(), new.to_owned());
+        self.write(move |tx, _| {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE users SET password_hash = ?3 WHERE id = ?1 AND password_hash = ?2",
+                )?
+                .execute(params![user_id, old, new])?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Sets the password hash of the user with `email` and ends their sessions; `None` when no
+    /// user has that email.
+    pub(crate) fn reset_password(
+        &mut self,
+        email: &Email,
+        password_hash: &str,
+    ) -> Result<Option<User>> {
+        let (email, hash) = (email.clone(), password_hash.to_owned());
+        self.write(move |tx, _| {
+            let user = tx
+                .prepare_cached("SELECT id, email FROM users WHERE email = ?1")?
+                .query_row([email.as_str()], |r| {
+                    Ok(User {
+                        id: r.get(0)?,
+                        email: r.get(1)?,
+                    })
+                })
+                .optional()?;
+            if let Some(u) = &user {
+                tx.prepare_cached("UPDATE users SET password_hash = ?2 WHERE id = ?1")?
+                    .execute(params![u.id, hash])?;
+                tx.prepare_cached("DELETE FROM sessions WHERE user_id = ?1")?
+                    .execute([u.id])?;
+            }
+            Ok(user)
         })
     }
 }

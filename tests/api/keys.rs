@@ -542,12 +542,16 @@ fn admin_status_needs_the_admin_token() {
         "unmigrated",
         "conflicts",
         "undecryptable",
+        "legacy_reads",
+        "last_legacy_read_at",
+        "foreign_column_writes",
+        "last_foreign_column_write_at",
     ] {
         assert!(r.body.get(field).is_some(), "{field}");
     }
     assert_eq!(r.body["users"], 1);
     assert_eq!(r.body["table_keys"], 1);
-    assert_eq!(r.body["schema_version"], 3);
+    assert_eq!(r.body["schema_version"], 5);
     assert_eq!(s.get("/admin/status", Some("wrong")).status, 401);
     assert_eq!(s.get("/admin/status", Some(&t)).status, 401);
     assert_eq!(s.get("/admin/status", None).status, 401);

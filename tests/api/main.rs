@@ -4,6 +4,8 @@
 mod foundation;
 mod hostile;
 mod http_layer;
+mod import_legacy;
+mod instruments;
 mod keys;
 mod migration;
 mod operator;

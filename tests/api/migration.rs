@@ -776,10 +776,11 @@ fn dry_runs_on_a_database_of_the_previous_version_or_a_missing_path_write_nothin
     assert_eq!(env.run(&["migrate"]).status.code(), Some(0));
     sql(
         &env.db(),
-        "DELETE FROM refinery_schema_history WHERE version = 3;
-         DROP TABLE legacy_backfill; DROP INDEX api_keys_by_key_id; DROP INDEX users_by_key_id;
-         INSERT INTO keyrack_meta(name, value) VALUES ('backfill_from_legacy', '1');
-         PRAGMA journal_mode = DELETE;",
+        &format!(
+            "{BACK_TO_SCHEMA_2}
+             INSERT INTO keyrack_meta(name, value) VALUES ('backfill_from_legacy', '1');
+             PRAGMA journal_mode = DELETE;"
+        ),
     );
     let before = files_in(&env);
     for args in [
@@ -966,8 +967,7 @@ fn the_previous_versions_flag_becomes_per_user_markers() {
     let env = Env::new();
     let out = env.run(&["load-fixtures", &repo_fixture("conflict.json")]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let old = "DELETE FROM refinery_schema_history WHERE version = 3;
-         DROP TABLE legacy_backfill; DROP INDEX api_keys_by_key_id; DROP INDEX users_by_key_id;";
+    let old = BACK_TO_SCHEMA_2;
     sql(
         &env.db(),
         &format!(

@@ -554,3 +554,18 @@ pub fn answer_and_close(addr: &str, request: &[u8]) -> String {
 pub fn exchange(addr: &str, request: &[u8]) -> String {
     exchange_within(addr, request, Duration::from_secs(20)).0
 }
+
+/// SQL that turns a database of the current schema back into schema version 2 (the version
+/// before the per-user backfill markers, legacy-use evidence, expiry and events), for tests of
+/// upgrades from it. A new migration adds its objects' removal here.
+pub const BACK_TO_SCHEMA_2: &str = "
+    DROP TRIGGER IF EXISTS keyrack_foreign_column_update;
+    DROP TRIGGER IF EXISTS keyrack_foreign_column_insert;
+    DROP TABLE events;
+    DROP TABLE legacy_use;
+    ALTER TABLE users DROP COLUMN keyrack_key_writes;
+    ALTER TABLE api_keys DROP COLUMN expires_at;
+    DROP TABLE legacy_backfill;
+    DROP INDEX api_keys_by_key_id;
+    DROP INDEX users_by_key_id;
+    DELETE FROM refinery_schema_history WHERE version >= 3;";

@@ -1,0 +1,290 @@
+//! The audit trail: who did what to which key, when. An event is written in the transaction of
+//! the write it records; reveals and reads that found a key expired write nothing themselves and
+//! are queued with the usage counters (`usage::UsageLog`), flushed about once a second and at a
+//! clean shutdown. An event holds ids, a provider, a store and phase names: never a key, a
+//! masked key, a password, a token or an email.
+
+use rusqlite::{params, Connection};
+use serde_json::{json, Map, Value};
+
+use super::{now, rfc3339, Result, Source, Store};
+
+pub(crate) const KEY_CREATED: &str = "key.created";
+pub(crate) const KEY_REPLACED: &str = "key.replaced";
+pub(crate) const KEY_REVEALED: &str = "key.revealed";
+pub(crate) const KEY_DELETED: &str = "key.deleted";
+pub(crate) const KEY_MIGRATED: &str = "key.migrated";
+pub(crate) const KEY_REENCRYPTED: &str = "key.reencrypted";
+pub(crate) const KEY_EXPIRED: &str = "key.expired";
+pub(crate) const PHASE_CHANGED: &str = "phase.changed";
+pub(crate) const LOGIN_SUCCEEDED: &str = "login.succeeded";
+pub(crate) const LOGIN_FAILED: &str = "login.failed";
+
+/// Most events one request may list.
+pub(crate) const MAX_LIMIT: i64 = 500;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Event {
+    pub(crate) at: i64,
+    pub(crate) action: &'static str,
+    /// `user:<id>` or `command:<name>`.
+    pub(crate) actor: String,
+    pub(crate) user_id: Option<i64>,
+    pub(crate) api_key_id: Option<i64>,
+    pub(crate) provider: Option<String>,
+    pub(crate) source: Option<&'static str>,
+    /// `phase.changed`: the phases before and after.
+    pub(crate) from: Option<&'static str>,
+    pub(crate) to: Option<&'static str>,
+}
+
+impl Event {
+    /// An event of `action` done now by `actor`.
+    pub(crate) fn new(action: &'static str, actor: String) -> Event {
+        Event {
+            at: now(),
+            action,
+            actor,
+            user_id: None,
+            api_key_id: None,
+            provider: None,
+            source: None,
+            from: None,
+            to: None,
+        }
+    }
+
+    /// An event of the user's own key, done by the user.
+    pub(crate) fn by_user(action: &'static str, user_id: i64) -> Event {
+        Event::new(action, user_actor(user_id)).user(user_id)
+    }
+
+    pub(crate) fn user(mut self, id: i64) -> Event {
+        self.user_id = Some(id);
+        self
+    }
+
+    /// The key: its `api_keys` id (`None` for the legacy column), provider and store.
+    pub(crate) fn key(mut self, id: Option<i64>, provider: &str, source: Source) -> Event {
+        self.api_key_id = id;
+        self.provider = Some(provider.to_owned());
+        self.source = Some(source.as_str());
+        self
+    }
+}
+
+pub(crate) fn user_actor(id: i64) -> String {
+    format!("user:{id}")
+}
+
+pub(crate) fn command_actor(name: &str) -> String {
+    format!("command:{name}")
+}
+
+pub(crate) fn record(conn: &Connection, e: &Event) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO events(at, action, actor, user_id, api_key_id, provider, source, from_phase, to_phase)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        e.at,
+        e.action,
+        e.actor,
+        e.user_id,
+        e.api_key_id,
+        e.provider,
+        e.source,
+        e.from,
+        e.to
+    ])?;
+    Ok(())
+}
+
+impl Store {
+    /// Records an event that goes with no other write (a failed login).
+    pub(crate) fn record_event(&mut self, e: Event) -> Result<()> {
+        self.write(move |tx, _| record(tx, &e))
+    }
+
+    /// The most recent events matching `q`, newest first (GET /user/events, /admin/events).
+    pub(crate) fn events(&mut self, q: &Query) -> Result<Vec<Recorded>> {
+        self.read(|tx, _| newest_first(tx, q))
+    }
+
+    /// Removes the events older than `days` days (the server's flusher, at start and hourly).
+    pub(crate) fn prune_events(&mut self, days: i64) -> Result<u64> {
+        self.write_alone(|tx, _| prune(tx, days))
+    }
+}
+
+/// A recorded event, as listed.
+#[derive(Debug, Clone)]
+pub(crate) struct Recorded {
+    pub(crate) id: i64,
+    pub(crate) at: i64,
+    pub(crate) action: String,
+    pub(crate) actor: String,
+    pub(crate) user_id: Option<i64>,
+    pub(crate) api_key_id: Option<i64>,
+    pub(crate) provider: Option<String>,
+    pub(crate) source: Option<String>,
+    pub(crate) from: Option<String>,
+    pub(crate) to: Option<String>,
+}
+
+impl Recorded {
+    /// The fields that apply, `at` in RFC 3339.
+    pub(crate) fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("id".into(), json!(self.id));
+        m.insert("at".into(), json!(rfc3339(self.at)));
+        m.insert("action".into(), json!(self.action));
+        m.insert("actor".into(), json!(self.actor));
+        let optional = [
+            ("user_id", self.user_id.map(|v| json!(v))),
+            ("api_key_id", self.api_key_id.map(|v| json!(v))),
+            ("provider", self.provider.as_ref().map(|v| json!(v))),
+            ("source", self.source.as_ref().map(|v| json!(v))),
+            ("from", self.from.as_ref().map(|v| json!(v))),
+            ("to", self.to.as_ref().map(|v| json!(v))),
+        ];
+        for (k, v) in optional {
+            if let Some(v) = v {
+                m.insert(k.into(), v);
+            }
+        }
+        Value::Object(m)
+    }
+
+    /// One line for a person.
+    pub(crate) fn to_text(&self) -> String {
+        let mut line = format!("{} {} {}", rfc3339(self.at), self.action, self.actor);
+        if let Some(v) = self.user_id {
+            line.push_str(&format!(" user_id={v}"));
+        }
+        if let Some(v) = self.api_key_id {
+            line.push_str(&format!(" api_key_id={v}"));
+        }
+        for (k, v) in [
+            ("provider", &self.provider),
+            ("source", &self.source),
+            ("from", &self.from),
+            ("to", &self.to),
+        ] {
+            if let Some(v) = v {
+                line.push_str(&format!(" {k}={}", crate::logging::printable(v)));
+            }
+        }
+        line
+    }
+}
+
+/// Which events to list.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Query {
+    pub(crate) user_id: Option<i64>,
+    pub(crate) since: Option<i64>,
+    /// The most recent `limit` events.
+    pub(crate) limit: i64,
+}
+
+/// The most recent `q.limit` events matching `q`, newest first.
+pub(crate) fn newest_first(conn: &Connection, q: &Query) -> Result<Vec<Recorded>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, at, action, actor, user_id, api_key_id, provider, source, from_phase, to_phase
+         FROM events
+         WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR at >= ?2)
+         ORDER BY id DESC LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![q.user_id, q.since, q.limit], |r| {
+        Ok(Recorded {
+            id: r.get(0)?,
+            at: r.get(1)?,
+            action: r.get(2)?,
+            actor: r.get(3)?,
+            user_id: r.get(4)?,
+            api_key_id: r.get(5)?,
+            provider: r.get(6)?,
+            source: r.get(7)?,
+            from: r.get(8)?,
+            to: r.get(9)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Deletes the events older than `days` days. Returns how many went.
+pub(crate) fn prune(conn: &Connection, days: i64) -> Result<u64> {
+    let cutoff = now() - days.saturating_mul(86_400);
+    Ok(conn
+        .prepare_cached("DELETE FROM events WHERE at < ?1")?
+        .execute([cutoff])? as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DbLocation;
+    use crate::db::{self, Database};
+
+    #[test]
+    fn records_lists_newest_first_filters_and_prunes() {
+        let db = Database::new(&DbLocation::Memory).unwrap();
+        let mut conn = db.connect().unwrap();
+        db::migrate_schema(&mut conn).unwrap();
+        let mut old = Event::by_user(KEY_CREATED, 1).key(Some(7), "openai", Source::Table);
+        old.at = now() - 3 * 86_400;
+        record(&conn, &old).unwrap();
+        record(&conn, &Event::by_user(KEY_REVEALED, 2)).unwrap();
+        let mut phase = Event::new(PHASE_CHANGED, command_actor("migrate"));
+        phase.from = Some("legacy");
+        phase.to = Some("dual");
+        record(&conn, &phase).unwrap();
+
+        let all = newest_first(
+            &conn,
+            &Query {
+                limit: 10,
+                ..Query::default()
+            },
+        )
+        .unwrap();
+        let actions: Vec<&str> = all.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, [PHASE_CHANGED, KEY_REVEALED, KEY_CREATED]);
+        assert_eq!(
+            all[0].to_json(),
+            json!({"id": 3, "at": rfc3339(phase.at), "action": "phase.changed",
+                   "actor": "command:migrate", "from": "legacy", "to": "dual"})
+        );
+        let one = newest_first(
+            &conn,
+            &Query {
+                user_id: Some(1),
+                limit: 10,
+                ..Query::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(
+            one[0].to_text(),
+            format!(
+                "{} key.created user:1 user_id=1 api_key_id=7 provider=openai source=api_keys",
+                rfc3339(old.at)
+            )
+        );
+        assert_eq!(prune(&conn, 2).unwrap(), 1);
+        assert_eq!(
+            newest_first(
+                &conn,
+                &Query {
+                    limit: 10,
+                    ..Query::default()
+                }
+            )
+            .unwrap()
+            .len(),
+            2
+        );
+    }
+}
