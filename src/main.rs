@@ -218,6 +218,17 @@ enum Cmd {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Exit 0 when a server answers GET /healthz (uses no database; for images without curl)
+    Healthcheck {
+        /// The server [default: http://KEYRACK_LISTEN/healthz, loopback for 0.0.0.0 or ::]
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// Seconds to wait for the connection and for the answer
+        #[arg(long, value_name = "SECONDS", default_value = "5")]
+        timeout: f64,
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Create an account; the password is asked on the terminal, or read from stdin
     AddUser {
         /// The account's email address
@@ -242,6 +253,7 @@ impl Cmd {
             | Cmd::Backup { settings, .. }
             | Cmd::Inspect { settings, .. }
             | Cmd::KeyId { settings }
+            | Cmd::Healthcheck { settings, .. }
             | Cmd::Resolve { settings, .. }
             | Cmd::Audit { settings, .. }
             | Cmd::ClearKey { settings, .. } => settings.clone(),
@@ -311,6 +323,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
     let settings = command.settings().or(cli.settings);
     let lookup = Lookup::load(settings.env_file.as_deref()).map_err(|e| Failure::Config(e.0))?;
+    if let Cmd::Healthcheck { url, timeout, .. } = &command {
+        let timeout = Some(*timeout)
+            .filter(|t| (0.1..=3600.0).contains(t))
+            .map(std::time::Duration::from_secs_f64)
+            .ok_or_else(|| {
+                Failure::Config("--timeout: give a number of seconds from 0.1 to 3600".to_owned())
+            })?;
+        let url = match url {
+            Some(u) => u.clone(),
+            None => {
+                let listen = ServeConfig::resolve(None, Some("1"), &lookup)
+                    .map_err(|e| Failure::Config(e.0))?
+                    .listen;
+                keyrack::healthcheck::default_url(listen)
+            }
+        };
+        return keyrack::healthcheck::check(&url, timeout);
+    }
     let config =
         Config::resolve(settings.db.as_deref(), &lookup).map_err(|e| Failure::Config(e.0))?;
     keyrack::logging::init(&config.log_filter);
@@ -452,7 +482,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             json,
             ..
         } => keyrack::operator::audit(&app, user.as_deref(), since.as_deref(), limit, json),
-        Cmd::GenKey | Cmd::KeyId { .. } => Ok(()),
+        Cmd::GenKey | Cmd::KeyId { .. } | Cmd::Healthcheck { .. } => Ok(()),
     }
 }
 

@@ -38,6 +38,7 @@ const ROUTES: &[(&str, &[(&str, Handler)])] = &[
     ("/user/events", &[("GET", user_events)]),
     ("/admin/status", &[("GET", admin_status)]),
     ("/admin/events", &[("GET", admin_events)]),
+    ("/metrics", &[("GET", metrics)]),
 ];
 
 fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
@@ -57,6 +58,18 @@ fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
             _ => return None,
         }
     }
+}
+
+/// The route patterns, in the order `route_index` numbers them (for the metrics).
+pub fn route_patterns() -> Vec<&'static str> {
+    ROUTES.iter().map(|(p, _)| *p).collect()
+}
+
+/// The index of the route pattern `path` matches, if any (for the metrics).
+pub fn route_index(path: &str) -> Option<usize> {
+    ROUTES
+        .iter()
+        .position(|(pattern, _)| match_path(pattern, path).is_some())
 }
 
 /// Finds the handler for a request: 404 for an unknown path, 405 with `Allow` for a known path
@@ -465,6 +478,18 @@ fn admin_status(
     check_admin(app, req)?;
     let status = Status::collect(store.conn_mut(), &app.ring)?;
     Ok(Reply::json(200, status.to_json()))
+}
+
+/// GET /metrics: the Prometheus text format, behind the admin token like /admin/*.
+fn metrics(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    check_admin(app, req)?;
+    let status = Status::collect(store.conn_mut(), &app.ring)?;
+    let mut reply = Reply::json(200, json!(null));
+    reply.content_type = "text/plain; version=0.0.4; charset=utf-8";
+    reply.body = Some(zeroize::Zeroizing::new(
+        crate::metrics::render(&status).into_bytes(),
+    ));
+    Ok(reply)
 }
 
 /// The admin routes' check: 404 without an admin token configured, 401 for a wrong one.

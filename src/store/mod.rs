@@ -235,7 +235,10 @@ impl Store {
             }
         }
         match tx.commit() {
-            Ok(()) => delivers.into_iter().for_each(|d| d(None)),
+            Ok(()) => {
+                crate::metrics::group_commit(delivers.len());
+                delivers.into_iter().for_each(|d| d(None))
+            }
             Err(e) => {
                 log::warn!("a group commit failed: {e}");
                 let busy = matches!(
