@@ -5,8 +5,9 @@ the whole process group (Litestream and keyrack) is killed with SIGKILL, as when
 dies. The replica is restored into a new directory and served with the same key (a key file that
 travels on its own: it is not in the replica). Then:
 
-- every write acknowledged longer ago than the sync interval before the kill is in the copy
-  (the drill fails otherwise);
+- every write acknowledged longer ago than the sync interval plus the monitor interval before the
+  kill is in the copy (the drill fails otherwise; it also reports those older than the sync
+  interval alone);
 - the copy passes `PRAGMA integrity_check`;
 - `keyrack status --json` on the copy shows zero undecryptable values;
 - the copy without the key refuses to start (exit 2).
@@ -44,6 +45,11 @@ def seconds_of(interval):
 
 
 SYNC = seconds_of(SYNC_INTERVAL)
+# A write reaches the replica at Litestream's next WAL read (monitor interval) and then at its
+# next replica sync (sync interval): together, the host-crash window. The drill fails when a
+# write acknowledged longer ago than that is missing, and reports those older than the sync
+# interval alone (none in this project's runs with a 100ms monitor interval).
+WINDOW = SYNC + seconds_of(MONITOR_INTERVAL)
 
 
 def free_port():
@@ -198,6 +204,7 @@ def main():
 
     lost = [(i, n, t) for (i, n, t) in acked if (i, n) not in present]
     old_lost = [x for x in lost if killed_at - x[2] > SYNC]
+    past_window = [x for x in lost if killed_at - x[2] > WINDOW]
     in_window = [x for x in acked if killed_at - x[2] <= SYNC]
     kept_times = [t for (i, n, t) in acked if (i, n) in present]
     lag = killed_at - max(kept_times) if kept_times else float("nan")
@@ -212,7 +219,8 @@ def main():
           f"{lag * 1000:.0f} ms")
     print(f"writes lost in the host-crash window (acknowledged within {SYNC_INTERVAL} of the kill): "
           f"{len(lost)} of {len(in_window)}")
-    print(f"lost writes acknowledged longer ago than the sync interval: {len(old_lost)}")
+    print(f"lost writes acknowledged longer ago than the sync interval: {len(old_lost)}; "
+          f"than sync plus monitor interval ({WINDOW * 1000:.0f} ms): {len(past_window)}")
     if lost:
         print(f"oldest lost write: acknowledged {(killed_at - min(t for _, _, t in lost)) * 1000:.0f} ms "
               f"before the kill")
@@ -221,7 +229,7 @@ def main():
     print(f"integrity_check: {integrity}; undecryptable: {status['undecryptable']}; "
           f"without the key: exit {refused.returncode}")
 
-    ok = (not old_lost and integrity == "ok" and status["undecryptable"] == 0
+    ok = (not past_window and integrity == "ok" and status["undecryptable"] == 0
           and refused.returncode == 2 and len(acked) > 0)
     if not ok:
         print(f"DRILL FAILED (files kept in {work})", file=sys.stderr)
