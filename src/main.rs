@@ -22,9 +22,12 @@ else ./.env when it exists), the file over the default. An empty variable counts
   KEYRACK_LISTEN               serve: address to listen on (default 127.0.0.1:8080; port 0: any)
   KEYRACK_WORKERS              serve: worker threads (default twice the cores, at least 4)
   KEYRACK_ENCRYPTION_KEY       32 random bytes in standard base64, as `keyrack gen-key` prints;
-                               unset: the key file <database>.key, created 0600 for a new database
+                               unset: KEYRACK_ENCRYPTION_KEY_FILE, else the systemd credential
+                               keyrack-encryption-key in $CREDENTIALS_DIRECTORY, else the key file
+                               <database>.key, created 0600 for a new database
+  KEYRACK_ENCRYPTION_KEY_FILE  a file holding the key (not together with KEYRACK_ENCRYPTION_KEY)
   KEYRACK_OLD_ENCRYPTION_KEYS  comma-separated older keys, used only to decrypt (rotation)
-  KEYRACK_ADMIN_TOKEN          enables GET /admin/status and /admin/events; unset: /admin/* answers 404
+  KEYRACK_ADMIN_TOKEN          enables GET /admin/status, /admin/events and /metrics; unset: 404
   KEYRACK_SESSION_TTL          session lifetime in seconds (default 2592000, 30 days)
   KEYRACK_SIGNUPS              open (default) or closed: POST /auth/register answers 403
                                and accounts are made with `keyrack add-user`
