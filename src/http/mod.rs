@@ -172,7 +172,7 @@ fn handle(app: &App, store: &mut Store, mut rq: tiny_http::Request) {
     if let Err(e) = rq.respond(to_response(reply)) {
         log::debug!("could not write the response: {e}");
     }
-    crate::metrics::request(routes::route_index(path), status, start.elapsed());
+    crate::metrics::request(routes::served_route(path), status, start.elapsed());
     // One line per request: never a body, never a header value, never the query string. The
     // logger escapes control characters in the path.
     log::info!(

@@ -72,6 +72,17 @@ pub fn route_index(path: &str) -> Option<usize> {
         .position(|(pattern, _)| match_path(pattern, path).is_some())
 }
 
+thread_local! {
+    /// The index of the route `route` matched on this thread, for the metrics: the request path
+    /// is then not matched a second time.
+    static MATCHED: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The route pattern of the request this thread served last (and forgets it), else of `path`.
+pub fn served_route(path: &str) -> Option<usize> {
+    MATCHED.with(|m| m.take()).or_else(|| route_index(path))
+}
+
 /// Finds the handler for a request: 404 for an unknown path, 405 with `Allow` for a known path
 /// and another method.
 pub fn route(app: &App, store: &mut Store, req: &Incoming) -> Result<Reply, ApiError> {
@@ -81,10 +92,11 @@ pub fn route(app: &App, store: &mut Store, req: &Incoming) -> Result<Reply, ApiE
     if req.path == "/debug/panic" && std::env::var_os("KEYRACK_DEBUG_PANIC_ROUTE").is_some() {
         panic!("deliberate panic for the test suite");
     }
-    for (pattern, methods) in ROUTES {
+    for (i, (pattern, methods)) in ROUTES.iter().enumerate() {
         let Some(params) = match_path(pattern, &req.path) else {
             continue;
         };
+        MATCHED.with(|m| m.set(Some(i)));
         if pattern.starts_with("/admin/") && app.admin_token.is_none() {
             return Err(ApiError::not_found());
         }
