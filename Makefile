@@ -1,5 +1,5 @@
 # keyrack: the everyday commands. The README gives the same ones.
-.PHONY: run test bench fmt lint ci fuzz-api faults load fuzz fuzz-http
+.PHONY: run test bench fmt lint ci fuzz-api faults load fuzz fuzz-http replicate-drill check-unit
 
 run:
 	cargo run --release
@@ -25,6 +25,14 @@ fuzz-api:
 
 faults:
 	bash tests/scripts/faults.sh
+
+# keyrack under Litestream, kill -9 of both, restore, count: see tests/scripts/replicate_drill.py.
+replicate-drill:
+	bash tests/scripts/replicate-drill.sh
+
+# deploy/keyrack.service: systemd-analyze verify and security (exposure at most 2.0).
+check-unit:
+	bash tests/scripts/check-unit.sh
 
 load:
 	cargo build --release --bin keyrack

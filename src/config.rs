@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::crypto::EncryptionKey;
 use crate::domain::Secret;
+use zeroize::Zeroizing;
 
 /// A configuration error: one line for stderr, exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +213,65 @@ fn seconds(
         })
 }
 
+/// The name of the systemd credential that holds the encryption key (`LoadCredential=` or
+/// `SetCredentialEncrypted=` with this name): read from `$CREDENTIALS_DIRECTORY` when neither
+/// `KEYRACK_ENCRYPTION_KEY` nor `KEYRACK_ENCRYPTION_KEY_FILE` is set.
+pub const KEY_CREDENTIAL: &str = "keyrack-encryption-key";
+
+/// The configured encryption key, from (in this order) `KEYRACK_ENCRYPTION_KEY`,
+/// `KEYRACK_ENCRYPTION_KEY_FILE`, the systemd credential [`KEY_CREDENTIAL`]; none of them: `None`
+/// (the key file beside the database). The first two both set: an error. A file holds the key
+/// as `keyrack gen-key` prints it; surrounding whitespace (a final newline) is ignored.
+fn resolve_encryption_key(lookup: &Lookup) -> Result<Option<EncryptionKey>, ConfigError> {
+    let inline = lookup.get("KEYRACK_ENCRYPTION_KEY").map(Zeroizing::new);
+    let file = lookup.get("KEYRACK_ENCRYPTION_KEY_FILE");
+    let (source, text) =
+        match (inline, file) {
+            (Some(_), Some(_)) => return Err(ConfigError(
+                "KEYRACK_ENCRYPTION_KEY and KEYRACK_ENCRYPTION_KEY_FILE are both set; set only one"
+                    .to_owned(),
+            )),
+            (Some(v), None) => ("KEYRACK_ENCRYPTION_KEY".to_owned(), v),
+            (None, Some(path)) => {
+                let source = format!("KEYRACK_ENCRYPTION_KEY_FILE ({path})");
+                let text = read_secret_file(Path::new(&path), &source)?;
+                (source, text)
+            }
+            (None, None) => {
+                let Some(dir) = lookup.get("CREDENTIALS_DIRECTORY") else {
+                    return Ok(None);
+                };
+                let path = Path::new(&dir).join(KEY_CREDENTIAL);
+                if !path.exists() {
+                    return Ok(None);
+                }
+                let source = format!("the credential {KEY_CREDENTIAL} ({})", path.display());
+                let text = read_secret_file(&path, &source)?;
+                (source, text)
+            }
+        };
+    EncryptionKey::from_base64(text.trim())
+        .map(Some)
+        .map_err(|e| {
+            ConfigError(format!(
+                "{source} {e}; it must be 32 random bytes in standard base64 (44 characters), as \
+                 `keyrack gen-key` prints"
+            ))
+        })
+}
+
+/// Reads a file holding a secret; the error names the file, never its content.
+fn read_secret_file(path: &Path, source: &str) -> Result<Zeroizing<String>, ConfigError> {
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
+        ConfigError(format!(
+            "{source}: cannot read the file: {e}; give a readable file holding the key"
+        ))
+    })?);
+    std::str::from_utf8(&bytes)
+        .map(|s| Zeroizing::new(s.to_owned()))
+        .map_err(|_| ConfigError(format!("{source} is not base64 text")))
+}
+
 impl Config {
     pub fn resolve(db_flag: Option<&str>, lookup: &Lookup) -> Result<Config, ConfigError> {
         let db = db_flag
@@ -219,17 +279,7 @@ impl Config {
             .or_else(|| lookup.get("KEYRACK_DB"))
             .unwrap_or_else(|| "keyrack.db".to_owned());
 
-        let encryption_key = lookup
-            .get("KEYRACK_ENCRYPTION_KEY")
-            .map(|v| {
-                EncryptionKey::from_base64(&v).map_err(|e| {
-                    ConfigError(format!(
-                        "KEYRACK_ENCRYPTION_KEY {e}; it must be 32 random bytes in standard base64 \
-                         (44 characters), as `keyrack gen-key` prints"
-                    ))
-                })
-            })
-            .transpose()?;
+        let encryption_key = resolve_encryption_key(lookup)?;
 
         let old_encryption_keys = match lookup.get("KEYRACK_OLD_ENCRYPTION_KEYS") {
             None => Vec::new(),
@@ -390,11 +440,81 @@ mod tests {
     }
 
     #[test]
+    fn encryption_key_from_a_file_or_a_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = EncryptionKey::generate();
+        let text = format!("{}\n", key.to_base64().as_str());
+        let file = dir.path().join("k");
+        std::fs::write(&file, &text).unwrap();
+        let file_s = file.to_str().unwrap();
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        let creds_s = creds.to_str().unwrap();
+        let id = |c: &Config| c.encryption_key.as_ref().map(|k| k.id().to_string());
+
+        let c = Config::resolve(
+            Some("x.db"),
+            &lookup(&[("KEYRACK_ENCRYPTION_KEY_FILE", file_s)]),
+        )
+        .unwrap();
+        assert_eq!(id(&c), Some(key.id().to_string()));
+
+        // Both set: refused, naming both.
+        let l = lookup(&[
+            ("KEYRACK_ENCRYPTION_KEY_FILE", file_s),
+            ("KEYRACK_ENCRYPTION_KEY", text.trim()),
+        ]);
+        let e = Config::resolve(Some("x.db"), &l).unwrap_err();
+        assert!(
+            e.0.contains("KEYRACK_ENCRYPTION_KEY and KEYRACK_ENCRYPTION_KEY_FILE"),
+            "{e}"
+        );
+
+        // The credential directory without the credential: no key configured.
+        let l = lookup(&[("CREDENTIALS_DIRECTORY", creds_s)]);
+        assert_eq!(id(&Config::resolve(Some("x.db"), &l).unwrap()), None);
+        // With it: its key; the variables win over it.
+        std::fs::write(creds.join(KEY_CREDENTIAL), &text).unwrap();
+        assert_eq!(
+            id(&Config::resolve(Some("x.db"), &l).unwrap()),
+            Some(key.id().to_string())
+        );
+        let other = EncryptionKey::generate();
+        let other_text = other.to_base64();
+        let l = lookup(&[
+            ("CREDENTIALS_DIRECTORY", creds_s),
+            ("KEYRACK_ENCRYPTION_KEY", other_text.as_str()),
+        ]);
+        assert_eq!(
+            id(&Config::resolve(Some("x.db"), &l).unwrap()),
+            Some(other.id().to_string())
+        );
+
+        // A missing or bad file: named, its content never shown.
+        let l = lookup(&[("KEYRACK_ENCRYPTION_KEY_FILE", "/nonexistent/keyrack.key")]);
+        let e = Config::resolve(Some("x.db"), &l).unwrap_err();
+        assert!(
+            e.0.contains("KEYRACK_ENCRYPTION_KEY_FILE (/nonexistent/keyrack.key)"),
+            "{e}"
+        );
+        std::fs::write(&file, "not-a-key-s3cret\n").unwrap();
+        let e = Config::resolve(
+            Some("x.db"),
+            &lookup(&[("KEYRACK_ENCRYPTION_KEY_FILE", file_s)]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("KEYRACK_ENCRYPTION_KEY_FILE"), "{e}");
+        assert!(!e.0.contains("s3cret"), "{e}");
+    }
+
+    #[test]
     fn defaults() {
         // The environment is read too: this test needs one without keyrack's variables.
         let set: Vec<String> = std::env::vars()
             .map(|(k, _)| k)
             .filter(|k| k.starts_with("KEYRACK_") || k == "RUST_LOG")
+            // Switches of the test suites themselves, not settings.
+            .filter(|k| !k.starts_with("KEYRACK_REQUIRE_") && !k.starts_with("KEYRACK_TEST_"))
             .collect();
         assert!(set.is_empty(), "unset {set:?} to run this test");
         let c = Config::resolve(None, &lookup(&[])).unwrap();

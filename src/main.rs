@@ -22,9 +22,12 @@ else ./.env when it exists), the file over the default. An empty variable counts
   KEYRACK_LISTEN               serve: address to listen on (default 127.0.0.1:8080; port 0: any)
   KEYRACK_WORKERS              serve: worker threads (default twice the cores, at least 4)
   KEYRACK_ENCRYPTION_KEY       32 random bytes in standard base64, as `keyrack gen-key` prints;
-                               unset: the key file <database>.key, created 0600 for a new database
+                               unset: KEYRACK_ENCRYPTION_KEY_FILE, else the systemd credential
+                               keyrack-encryption-key in $CREDENTIALS_DIRECTORY, else the key file
+                               <database>.key, created 0600 for a new database
+  KEYRACK_ENCRYPTION_KEY_FILE  a file holding the key (not together with KEYRACK_ENCRYPTION_KEY)
   KEYRACK_OLD_ENCRYPTION_KEYS  comma-separated older keys, used only to decrypt (rotation)
-  KEYRACK_ADMIN_TOKEN          enables GET /admin/status and /admin/events; unset: /admin/* answers 404
+  KEYRACK_ADMIN_TOKEN          enables GET /admin/status, /admin/events and /metrics; unset: 404
   KEYRACK_SESSION_TTL          session lifetime in seconds (default 2592000, 30 days)
   KEYRACK_SIGNUPS              open (default) or closed: POST /auth/register answers 403
                                and accounts are made with `keyrack add-user`
@@ -220,6 +223,17 @@ enum Cmd {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Exit 0 when a server answers GET /healthz (uses no database; for images without curl)
+    Healthcheck {
+        /// The server [default: http://KEYRACK_LISTEN/healthz, loopback for 0.0.0.0 or ::]
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// Seconds to wait for the connection and for the answer
+        #[arg(long, value_name = "SECONDS", default_value = "5")]
+        timeout: f64,
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Create an account; the password is asked on the terminal, or read from stdin
     AddUser {
         /// The account's email address
@@ -256,6 +270,7 @@ impl Cmd {
             | Cmd::Backup { settings, .. }
             | Cmd::Inspect { settings, .. }
             | Cmd::KeyId { settings }
+            | Cmd::Healthcheck { settings, .. }
             | Cmd::Resolve { settings, .. }
             | Cmd::Audit { settings, .. }
             | Cmd::ClearKey { settings, .. }
@@ -357,6 +372,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
     let settings = command.settings().or(cli.settings);
     let lookup = Lookup::load(settings.env_file.as_deref()).map_err(|e| Failure::Config(e.0))?;
+    if let Cmd::Healthcheck { url, timeout, .. } = &command {
+        let timeout = Some(*timeout)
+            .filter(|t| (0.1..=3600.0).contains(t))
+            .map(std::time::Duration::from_secs_f64)
+            .ok_or_else(|| {
+                Failure::Config("--timeout: give a number of seconds from 0.1 to 3600".to_owned())
+            })?;
+        let url = match url {
+            Some(u) => u.clone(),
+            None => {
+                let listen = ServeConfig::resolve(None, Some("1"), &lookup)
+                    .map_err(|e| Failure::Config(e.0))?
+                    .listen;
+                keyrack::healthcheck::default_url(listen)
+            }
+        };
+        return keyrack::healthcheck::check(&url, timeout);
+    }
     let config =
         Config::resolve(settings.db.as_deref(), &lookup).map_err(|e| Failure::Config(e.0))?;
     keyrack::logging::init(&config.log_filter);
@@ -514,7 +547,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             ..
         } => keyrack::operator::audit(&app, user.as_deref(), since.as_deref(), limit, json),
         Cmd::ResetPassword { email, .. } => commands::reset_password(&app, &email),
-        Cmd::GenKey | Cmd::KeyId { .. } | Cmd::ImportLegacy(_) => Ok(()),
+        Cmd::GenKey | Cmd::KeyId { .. } | Cmd::ImportLegacy(_) | Cmd::Healthcheck { .. } => Ok(()),
     }
 }
 

@@ -58,6 +58,8 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
         .map_err(|e| Failure::Runtime(format!("cannot start the HTTP server: {e}")))?,
     );
 
+    crate::metrics::init(&routes::route_patterns());
+
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
 
@@ -175,6 +177,7 @@ fn handle(app: &App, store: &mut Store, mut rq: tiny_http::Request) {
     if let Err(e) = rq.respond(to_response(reply)) {
         log::debug!("could not write the response: {e}");
     }
+    crate::metrics::request(routes::served_route(path), status, start.elapsed());
     // One line per request: never a body, never a header value, never the query string. The
     // logger escapes control characters in the path.
     log::info!(

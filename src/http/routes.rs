@@ -38,6 +38,7 @@ const ROUTES: &[(&str, &[(&str, Handler)])] = &[
     ("/user/events", &[("GET", user_events)]),
     ("/admin/status", &[("GET", admin_status)]),
     ("/admin/events", &[("GET", admin_events)]),
+    ("/metrics", &[("GET", metrics)]),
 ];
 
 fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
@@ -59,6 +60,29 @@ fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
     }
 }
 
+/// The route patterns, in the order `route_index` numbers them (for the metrics).
+pub fn route_patterns() -> Vec<&'static str> {
+    ROUTES.iter().map(|(p, _)| *p).collect()
+}
+
+/// The index of the route pattern `path` matches, if any (for the metrics).
+pub fn route_index(path: &str) -> Option<usize> {
+    ROUTES
+        .iter()
+        .position(|(pattern, _)| match_path(pattern, path).is_some())
+}
+
+thread_local! {
+    /// The index of the route `route` matched on this thread, for the metrics: the request path
+    /// is then not matched a second time.
+    static MATCHED: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The route pattern of the request this thread served last (and forgets it), else of `path`.
+pub fn served_route(path: &str) -> Option<usize> {
+    MATCHED.with(|m| m.take()).or_else(|| route_index(path))
+}
+
 /// Finds the handler for a request: 404 for an unknown path, 405 with `Allow` for a known path
 /// and another method.
 pub(crate) fn route(app: &App, store: &mut Store, req: &Incoming) -> Result<Reply, ApiError> {
@@ -68,10 +92,11 @@ pub(crate) fn route(app: &App, store: &mut Store, req: &Incoming) -> Result<Repl
     if req.path == "/debug/panic" && std::env::var_os("KEYRACK_DEBUG_PANIC_ROUTE").is_some() {
         panic!("deliberate panic for the test suite");
     }
-    for (pattern, methods) in ROUTES {
+    for (i, (pattern, methods)) in ROUTES.iter().enumerate() {
         let Some(params) = match_path(pattern, &req.path) else {
             continue;
         };
+        MATCHED.with(|m| m.set(Some(i)));
         if pattern.starts_with("/admin/") && app.admin_token.is_none() {
             return Err(ApiError::not_found());
         }
@@ -492,6 +517,18 @@ fn admin_status(
     check_admin(app, req)?;
     let status = Status::collect(store)?;
     Ok(Reply::json(200, status.to_json()))
+}
+
+/// GET /metrics: the Prometheus text format, behind the admin token like /admin/*.
+fn metrics(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    check_admin(app, req)?;
+    let status = Status::collect(store)?;
+    let mut reply = Reply::json(200, json!(null));
+    reply.content_type = "text/plain; version=0.0.4; charset=utf-8";
+    reply.body = Some(zeroize::Zeroizing::new(
+        crate::metrics::render(&status).into_bytes(),
+    ));
+    Ok(reply)
 }
 
 /// The admin routes' check: 404 without an admin token configured, 401 for a wrong one.

@@ -132,6 +132,7 @@ fn run_group(conn: &mut Connection, ctx: &Ctx<'_>, batch: Vec<Job>) {
         Ok(()) => {
             // At debug level only (`RUST_LOG=keyrack::store=debug`): how writes were grouped.
             log::debug!("committed {} writes in one transaction", delivers.len());
+            crate::metrics::group_commit(delivers.len());
             delivers.into_iter().for_each(|d| d(None));
         }
         Err(e) => {

@@ -1,0 +1,242 @@
+"""The Litestream drill (tests/scripts/replicate-drill.sh runs it).
+
+keyrack serves under `litestream replicate -exec` with a file replica while writers add keys;
+the whole process group (Litestream and keyrack) is killed with SIGKILL, as when the machine
+dies. The replica is restored into a new directory and served with the same key (a key file that
+travels on its own: it is not in the replica). Then:
+
+- every write acknowledged longer ago than the sync interval plus the monitor interval before the
+  kill is in the copy (the drill fails otherwise; it also reports those older than the sync
+  interval alone);
+- the copy passes `PRAGMA integrity_check`;
+- `keyrack status --json` on the copy shows zero undecryptable values;
+- the copy without the key refuses to start (exit 2).
+
+It prints the replication lag at the crash (how long before the kill the newest write found in
+the copy was acknowledged), the writes lost in the host-crash window and the restore time.
+"""
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+KEYRACK, LITESTREAM = sys.argv[1], sys.argv[2]
+SECONDS = float(sys.argv[3])
+SYNC_INTERVAL = sys.argv[4]
+WRITERS = int(sys.argv[5])
+MONITOR_INTERVAL = sys.argv[6]
+
+
+def seconds_of(interval):
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
+    for u in ("ms", "s", "m"):
+        if interval.endswith(u):
+            return float(interval[: -len(u)]) * units[u]
+    raise SystemExit(f"DRILL_SYNC_INTERVAL {interval!r}: give e.g. 1s or 500ms")
+
+
+SYNC = seconds_of(SYNC_INTERVAL)
+# A write reaches the replica at Litestream's next WAL read (monitor interval) and then at its
+# next replica sync (sync interval): together, the host-crash window. The drill fails when a
+# write acknowledged longer ago than that is missing, and reports those older than the sync
+# interval alone (none in this project's runs with a 100ms monitor interval).
+WINDOW = SYNC + seconds_of(MONITOR_INTERVAL)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port, method, path, token=None, body=None, conn=None):
+    own = conn is None
+    c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    c.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+    r = c.getresponse()
+    data = r.read()
+    if own:
+        c.close()
+    return r.status, (json.loads(data) if data else None)
+
+
+def wait_healthy(port, proc, limit=60):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode} before answering")
+        try:
+            if request(port, "GET", "/healthz")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit("the server did not answer /healthz in time")
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="keyrack-drill-")
+    primary = os.path.join(work, "primary")
+    replica = os.path.join(work, "replica")
+    restored_dir = os.path.join(work, "restored")
+    os.makedirs(primary)
+    db = os.path.join(primary, "keyrack.db")
+    key_file = os.path.join(work, "encryption.key")  # outside the database's directory
+    with open(key_file, "w") as f:
+        f.write(subprocess.check_output([KEYRACK, "gen-key"], text=True))
+    os.chmod(key_file, 0o600)
+    env = dict(os.environ, KEYRACK_ENCRYPTION_KEY_FILE=key_file,
+               KEYRACK_MAX_KEYS_PER_USER="1000000", RUST_LOG="warn")
+    env.pop("KEYRACK_ENCRYPTION_KEY", None)
+    env.pop("AWS_CA_BUNDLE", None)
+
+    config = os.path.join(work, "litestream.yml")
+    with open(config, "w") as f:
+        f.write(
+            f"dbs:\n  - path: {db}\n    monitor-interval: {MONITOR_INTERVAL}\n"
+            f"    replica:\n      type: file\n      path: {replica}\n"
+            f"      sync-interval: {SYNC_INTERVAL}\n"
+        )
+    # The database exists before Litestream watches it.
+    fixtures = os.path.join(work, "none.json")
+    with open(fixtures, "w") as f:
+        f.write('{"users": []}')
+    subprocess.run([KEYRACK, "--db", db, "load-fixtures", fixtures], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+
+    port = free_port()
+    log = open(os.path.join(work, "primary.log"), "w")
+    proc = subprocess.Popen(
+        [LITESTREAM, "replicate", "-config", config, "-exec",
+         f"{KEYRACK} serve --db {db} --listen 127.0.0.1:{port}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_healthy(port, proc)
+
+    # One account per writer, made and logged in before the load.
+    tokens = []
+    for i in range(WRITERS):
+        email = f"writer{i}@example.com"
+        st, _ = request(port, "POST", "/auth/register", body={"email": email, "password": "drill-password-1"})
+        assert st in (200, 201), st
+        st, b = request(port, "POST", "/auth/login", body={"email": email, "password": "drill-password-1"})
+        assert st == 200, st
+        tokens.append(b["token"])
+    time.sleep(SYNC * 3)  # the accounts are replicated before the load begins
+
+    acked = []  # (writer, name, monotonic time of the 2xx)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def writer(i):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        n = 0
+        while not stop.is_set():
+            name = f"w{i}-{n}"
+            try:
+                st, _ = request(port, "POST", "/user/api-keys", tokens[i],
+                                {"provider": "openai", "name": name,
+                                 "api_key": f"sk-drill-{i}-{n}-0123456789"}, conn)
+            except OSError:
+                return
+            if st == 201:
+                t = time.monotonic()
+                with lock:
+                    acked.append((i, name, t))
+            n += 1
+
+    threads = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(WRITERS)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    time.sleep(SECONDS)
+    # The machine dies: Litestream and keyrack at once, no chance to flush anything.
+    os.killpg(proc.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    stop.set()
+    proc.wait()
+    for t in threads:
+        t.join(timeout=30)
+    load_seconds = killed_at - started
+
+    # Restore into a new directory, from the replica alone.
+    os.makedirs(restored_dir)
+    copy = os.path.join(restored_dir, "keyrack.db")
+    t0 = time.monotonic()
+    subprocess.run([LITESTREAM, "restore", "-o", copy, f"file://{replica}"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    restore_seconds = time.monotonic() - t0
+
+    integrity = sqlite3.connect(copy).execute("PRAGMA integrity_check").fetchone()[0]
+
+    # Without the key (it is not in the replica): refused, exit 2.
+    no_key = {k: v for k, v in env.items() if not k.startswith("KEYRACK_ENCRYPTION_KEY")}
+    refused = subprocess.run([KEYRACK, "--db", copy, "status"], env=no_key,
+                             capture_output=True, text=True)
+
+    status = json.loads(subprocess.check_output([KEYRACK, "--db", copy, "status", "--json"], env=env))
+
+    # Serve the copy with the same key and ask it for every writer's keys.
+    port2 = free_port()
+    proc2 = subprocess.Popen([KEYRACK, "serve", "--db", copy, "--listen", f"127.0.0.1:{port2}"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(port2, proc2)
+        present = set()
+        for i, tok in enumerate(tokens):
+            st, b = request(port2, "GET", "/user/api-keys", tok)
+            assert st == 200, (st, b)
+            present.update((i, k["name"]) for k in b["keys"])
+    finally:
+        proc2.send_signal(signal.SIGTERM)
+        proc2.wait(timeout=30)
+
+    lost = [(i, n, t) for (i, n, t) in acked if (i, n) not in present]
+    old_lost = [x for x in lost if killed_at - x[2] > SYNC]
+    past_window = [x for x in lost if killed_at - x[2] > WINDOW]
+    in_window = [x for x in acked if killed_at - x[2] <= SYNC]
+    kept_times = [t for (i, n, t) in acked if (i, n) in present]
+    lag = killed_at - max(kept_times) if kept_times else float("nan")
+
+    print(f"litestream {subprocess.check_output([LITESTREAM, 'version'], text=True).strip()}, "
+          f"file replica, sync-interval {SYNC_INTERVAL}, monitor-interval {MONITOR_INTERVAL}, "
+          f"{WRITERS} writers")
+    print(f"writes acknowledged: {len(acked)} in {load_seconds:.1f} s "
+          f"({len(acked) / load_seconds:.0f}/s)")
+    print(f"in the restored copy: {len(acked) - len(lost)}; lost: {len(lost)}")
+    print(f"replication lag at the crash (newest restored write acknowledged before the kill): "
+          f"{lag * 1000:.0f} ms")
+    print(f"writes lost in the host-crash window (acknowledged within {SYNC_INTERVAL} of the kill): "
+          f"{len(lost)} of {len(in_window)}")
+    print(f"lost writes acknowledged longer ago than the sync interval: {len(old_lost)}; "
+          f"than sync plus monitor interval ({WINDOW * 1000:.0f} ms): {len(past_window)}")
+    if lost:
+        print(f"oldest lost write: acknowledged {(killed_at - min(t for _, _, t in lost)) * 1000:.0f} ms "
+              f"before the kill")
+    print(f"restore time: {restore_seconds * 1000:.0f} ms "
+          f"({os.path.getsize(copy) / 1e6:.1f} MB database)")
+    print(f"integrity_check: {integrity}; undecryptable: {status['undecryptable']}; "
+          f"without the key: exit {refused.returncode}")
+
+    ok = (not past_window and integrity == "ok" and status["undecryptable"] == 0
+          and refused.returncode == 2 and len(acked) > 0)
+    if not ok:
+        print(f"DRILL FAILED (files kept in {work})", file=sys.stderr)
+        sys.exit(1)
+    shutil.rmtree(work)
+    print("drill passed")
+
+
+if __name__ == "__main__":
+    main()
