@@ -8,5 +8,6 @@ mod instruments;
 mod keys;
 mod migration;
 mod operator;
+mod page;
 mod phases;
 mod support;
