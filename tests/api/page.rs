@@ -1,6 +1,7 @@
 //! The page for people: its files and headers over HTTP, and every flow in a real browser
 //! (headless Chromium driven by tests/browser/walk.py through WebDriver).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -80,7 +81,11 @@ fn every_flow_of_the_page_in_a_real_browser() {
             "target/browser-venv is missing"
         };
         assert!(!required, "KEYRACK_BROWSER_TESTS=required but {why}");
-        println!("browser tests skipped: {why} (`make browser-test` installs them and runs)");
+        // Written past the test harness's capture, so that a plain `cargo test` shows it.
+        let line = format!(
+            "browser tests skipped: {why} (`make browser-test` installs Chromium and selenium, then runs them)\n"
+        );
+        let _ = std::io::stderr().write_all(line.as_bytes());
         return;
     }
     let env = Env::new().var("KEYRACK_ADMIN_TOKEN", ADMIN);

@@ -94,7 +94,9 @@
     if (r.status === 0) return "The server could not be reached. Check the connection and try again.";
     if (r.status === 429 || r.status === 503) {
       const secs = parseInt(r.retryAfter || "", 10);
-      const wait = isNaN(secs) ? "a little while" : secs + (secs === 1 ? " second" : " seconds");
+      let wait = "a little while";
+      if (secs >= 120) wait = Math.ceil(secs / 60) + " minutes";
+      else if (!isNaN(secs)) wait = secs + (secs === 1 ? " second" : " seconds");
       const what = r.status === 429 ? "Too many attempts." : "The server is busy.";
       return what + " Try again in " + wait + ".";
     }
