@@ -365,6 +365,16 @@ try:
     assert_not_in_page(k2, "after the timer")
     js("document.documentElement.dataset.revealSeconds = '30'")
 
+    step("the two reveals show as uses and a last use (counters are written within about a second)")
+
+    def used_twice():
+        by_id("refresh").click()
+        time.sleep(0.3)
+        r = row("openai", default=True)
+        return r and r["Uses"].text == "2" and r["Last used"].text != "never"
+
+    until("two uses and a last use", used_twice, timeout=20)
+
     # ---- delete with a confirmation -------------------------------------------------------------------
     step("delete after a confirmation; Cancel keeps the key")
     row("anthropic", "work")["Actions"].find_element(By.CSS_SELECTOR, "button.delete").click()
