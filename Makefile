@@ -1,11 +1,17 @@
 # keyrack: the everyday commands. The README gives the same ones.
-.PHONY: run test bench fmt lint ci fuzz-api faults load fuzz fuzz-http replicate-drill check-unit
+.PHONY: run test browser-test bench fmt lint ci fuzz-api faults load fuzz fuzz-http replicate-drill check-unit
 
 run:
 	cargo run --release
 
 test:
 	cargo test
+
+# The page in headless Chromium: installs chromium, chromium-driver (apt-get) and selenium (in
+# target/browser-venv) when missing; screenshots land in target/browser-screenshots/.
+browser-test:
+	bash tests/browser/setup.sh
+	KEYRACK_BROWSER_TESTS=required cargo test --test api page:: -- --nocapture
 
 bench:
 	bash benches/run.sh

@@ -5,6 +5,7 @@
 //! return. The HTTP layer's timeouts are settings (`HttpTimeouts`).
 
 pub mod api;
+mod page;
 pub(crate) mod routes;
 
 use std::io::{Cursor, Read, Write};
@@ -235,6 +236,10 @@ fn read_incoming(
     })
 }
 
+/// The page's policy: its own files only, no inline script or style, never inside a frame.
+pub const CONTENT_SECURITY_POLICY: &str =
+    "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
 fn to_response(reply: Reply) -> Response<Cursor<Zeroizing<Vec<u8>>>> {
     let body = reply.body.unwrap_or_default();
     let len = body.len();
@@ -255,6 +260,11 @@ fn to_response(reply: Reply) -> Response<Cursor<Zeroizing<Vec<u8>>>> {
     }
     // Responses may carry key data; nothing is to be cached anywhere.
     add("Cache-Control", "no-store");
+    // Every answer, the page's and the API's: scripts and styles from this server's own files
+    // only (none inline), no framing, no sniffing of types, no Referer leaving the page.
+    add("Content-Security-Policy", CONTENT_SECURITY_POLICY);
+    add("X-Content-Type-Options", "nosniff");
+    add("Referrer-Policy", "no-referrer");
     for (name, value) in &reply.headers {
         add(name, value);
     }

@@ -18,6 +18,9 @@ type Handler = fn(&App, &mut Store, &Incoming, &[&str]) -> Result<Reply, ApiErro
 
 /// The routes: each path with its methods. Path segments `{id}` match anything and are passed on.
 const ROUTES: &[(&str, &[(&str, Handler)])] = &[
+    ("/", &[("GET", super::page::index)]),
+    ("/page.css", &[("GET", super::page::css)]),
+    ("/page.js", &[("GET", super::page::js)]),
     ("/healthz", &[("GET", healthz)]),
     ("/openapi.yaml", &[("GET", openapi)]),
     ("/auth/register", &[("POST", register)]),

@@ -10,5 +10,6 @@ mod instruments;
 mod keys;
 mod migration;
 mod operator;
+mod page;
 mod phases;
 mod support;

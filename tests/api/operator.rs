@@ -578,6 +578,10 @@ fn the_documents_point_at_nothing_outside_the_repository() {
         docs.extend(dir.map(|e| e.unwrap().path()));
     }
     for doc in docs {
+        // Pictures (the README's screenshots) are not documents that could point anywhere.
+        if doc.extension().is_some_and(|e| e == "png") {
+            continue;
+        }
         let text = std::fs::read_to_string(&doc).unwrap();
         for outside in ["SPEC", "../shared", "shared/"] {
             assert!(
