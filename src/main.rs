@@ -38,6 +38,7 @@ else ./.env when it exists), the file over the default. An empty variable counts
   KEYRACK_SOCKET_TIMEOUT       serve: seconds each socket read or write may take (10)
   KEYRACK_BUSY_TIMEOUT         seconds a statement waits for a lock another process holds
                                (default 5; past it a request answers 503 busy)
+  KEYRACK_LEGACY_FERNET_KEY    import-legacy: comma-separated Fernet keys of the application
   RUST_LOG                     log filter (default info); logs go to stderr
 
 Exit codes:

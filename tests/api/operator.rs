@@ -512,6 +512,7 @@ fn help_lists_settings_and_exit_codes_and_describes_everything() {
         "KEYRACK_HEAD_TIMEOUT",
         "KEYRACK_IDLE_TIMEOUT",
         "KEYRACK_SOCKET_TIMEOUT",
+        "KEYRACK_LEGACY_FERNET_KEY",
         "RUST_LOG",
     ] {
         assert!(help.contains(var), "{var} missing from --help:\n{help}");
