@@ -11,18 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-/// A database in phase legacy holding `n` users with column keys.
-fn legacy_env(n: i64) -> Env {
-    let env = Env::new();
-    env.create_db();
-    seed_legacy_users(&env.db(), n);
-    sql(
-        &env.db(),
-        "UPDATE keyrack_meta SET value = 'legacy' WHERE name = 'phase'",
-    );
-    env
-}
-
 fn text(db: &std::path::Path, query: &str) -> Option<String> {
     match sql_value(db, query) {
         Sql::Text(t) => Some(t),

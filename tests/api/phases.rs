@@ -9,18 +9,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-/// A database in phase legacy holding `n` users with column keys.
-fn legacy_env(n: i64) -> Env {
-    let env = Env::new();
-    env.create_db();
-    seed_legacy_users(&env.db(), n);
-    sql(
-        &env.db(),
-        "UPDATE keyrack_meta SET value = 'legacy' WHERE name = 'phase'",
-    );
-    env
-}
-
 #[test]
 fn schema_v2_over_a_legacy_database_starts_in_phase_legacy() {
     // A database of the legacy system: V1 only, users with column keys.

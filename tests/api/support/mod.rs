@@ -569,3 +569,32 @@ pub const BACK_TO_SCHEMA_2: &str = "
     DROP INDEX api_keys_by_key_id;
     DROP INDEX users_by_key_id;
     DELETE FROM refinery_schema_history WHERE version >= 3;";
+
+/// A database in phase legacy holding `n` users with column keys.
+pub fn legacy_env(n: i64) -> Env {
+    let env = Env::new();
+    env.create_db();
+    seed_legacy_users(&env.db(), n);
+    sql(
+        &env.db(),
+        "UPDATE keyrack_meta SET value = 'legacy' WHERE name = 'phase'",
+    );
+    env
+}
+
+/// Asks `/healthz` on a new connection (giving up after `timeout`) and asserts a 200 within a
+/// second (`within` widens it in debug builds).
+pub fn healthz_answers_within_a_second(base: &str, timeout: Duration) {
+    let start = Instant::now();
+    let r = ureq::AgentBuilder::new()
+        .timeout(timeout)
+        .build()
+        .get(&format!("{base}/healthz"))
+        .call();
+    assert_eq!(r.map(|r| r.status()).ok(), Some(200));
+    assert!(
+        start.elapsed() < within(Duration::from_secs(1)),
+        "{:?}",
+        start.elapsed()
+    );
+}
