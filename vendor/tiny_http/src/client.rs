@@ -52,6 +52,8 @@ pub struct ClientConnection {
     options: ConnectionOptions,
     tracker: Arc<Tracker>,
     id: u64,
+    // keyrack patch: when the connection was accepted (`now_ms`), until its first head begins
+    accepted: Option<u64>,
 }
 
 /// keyrack patch: the longest request line; past it, 414.
@@ -136,6 +138,7 @@ impl ClientConnection {
             options,
             tracker,
             id,
+            accepted: Some(now_ms()),
         }
     }
 
@@ -169,12 +172,13 @@ impl ClientConnection {
     /// or a bare LF (both are accepted, here and by the parser). The original read lines
     /// without any limit or deadline.
     fn read_head(&mut self) -> Result<Vec<u8>, ReadError> {
-        if !self.tracker.enter_idle(self.id, self.close_handle.as_ref()) {
+        if !self.tracker.enter_idle(self.id, self.accepted, self.close_handle.as_ref()) {
             return Err(ReadError::Closed);
         }
         self.set_deadline(self.options.idle_timeout);
         let first = self.read_byte();
         self.tracker.begin_head(self.id);
+        self.accepted = None;
         let mut byte = match first {
             Ok(Some(b)) => b,
             Ok(None) => return Err(ReadError::Closed),

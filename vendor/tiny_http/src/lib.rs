@@ -162,8 +162,27 @@ struct TrackerState {
     live: usize,
     next_id: u64,
     draining: bool,
-    /// connection number → (since when, idle (true) or reading a head, its socket)
-    waiting: HashMap<u64, (u64, bool, Arc<Connection>)>,
+    /// connection number → what it waits for, since when, and its socket
+    waiting: HashMap<u64, Waiting>,
+}
+
+/// keyrack patch: a connection that waits for, or is reading, a request head.
+struct Waiting {
+    /// since when (`now_ms`): accepted, idle, or since the head's first byte
+    since: u64,
+    state: WaitState,
+    conn: Arc<Connection>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WaitState {
+    /// just accepted: its first request may already be in the socket, unread by its thread yet.
+    /// Made room from only like a slow head (after `EVICT_AFTER_MS`); closed by a shutdown.
+    Fresh,
+    /// answered, waiting for its next request (keep-alive): made room from at once
+    Idle,
+    /// reading a head: made room from after `EVICT_AFTER_MS`; a shutdown lets it finish
+    Head,
 }
 
 /// keyrack patch: a connection reading its head for less than this is never closed to make room.
@@ -189,22 +208,34 @@ impl Tracker {
         (st.next_id, LiveGuard(self.clone()))
     }
 
-    /// The connection waits for its next request: false when the server is shutting down.
-    pub(crate) fn enter_idle(&self, id: u64, handle: Option<&Arc<Connection>>) -> bool {
+    /// The connection waits for its next request, or for its first one when `accepted` (the
+    /// `now_ms` of its accept) is given: false when the server is shutting down. Wakes the
+    /// accept thread, which may be waiting at the cap for a connection to make room.
+    pub(crate) fn enter_idle(&self, id: u64, accepted: Option<u64>, handle: Option<&Arc<Connection>>) -> bool {
         let mut st = self.lock();
         if st.draining {
             return false;
         }
         if let Some(h) = handle {
-            st.waiting.insert(id, (now_ms(), true, h.clone()));
+            // A fresh connection counts from its accept, so that one which sends nothing is made
+            // room from after the same second as a slow head.
+            let (since, state) = match accepted {
+                Some(at) => (at, WaitState::Fresh),
+                None => (now_ms(), WaitState::Idle),
+            };
+            st.waiting.insert(id, Waiting { since, state, conn: h.clone() });
         }
+        self.changed.notify_all();
         true
     }
 
     /// The first byte of a head has come.
     pub(crate) fn begin_head(&self, id: u64) {
-        if let Some(entry) = self.lock().waiting.get_mut(&id) {
-            *entry = (now_ms(), false, entry.2.clone());
+        if let Some(w) = self.lock().waiting.get_mut(&id) {
+            if w.state != WaitState::Fresh {
+                w.since = now_ms();
+            }
+            w.state = WaitState::Head;
         }
     }
 
@@ -222,12 +253,12 @@ impl Tracker {
             let victim = st
                 .waiting
                 .iter()
-                .filter(|(_, (since, idle, _))| *idle || now.saturating_sub(*since) >= EVICT_AFTER_MS)
-                .min_by_key(|(_, (since, idle, _))| (!*idle, *since))
+                .filter(|(_, w)| w.state == WaitState::Idle || now.saturating_sub(w.since) >= EVICT_AFTER_MS)
+                .min_by_key(|(_, w)| (w.state != WaitState::Idle, w.since))
                 .map(|(id, _)| *id);
             if let Some(id) = victim {
-                if let Some((_, _, conn)) = st.waiting.remove(&id) {
-                    let _ = conn.shutdown(Shutdown::Read);
+                if let Some(w) = st.waiting.remove(&id) {
+                    let _ = w.conn.shutdown(Shutdown::Read);
                 }
             }
             // Woken when a connection ends; a head may become old enough to close meanwhile.
@@ -243,11 +274,12 @@ impl Tracker {
     fn drain(&self) {
         let mut st = self.lock();
         st.draining = true;
-        st.waiting.retain(|_, (_, idle, conn)| {
-            if *idle {
-                let _ = conn.shutdown(Shutdown::Read);
+        st.waiting.retain(|_, w| {
+            let waits = w.state != WaitState::Head;
+            if waits {
+                let _ = w.conn.shutdown(Shutdown::Read);
             }
-            !*idle
+            !waits
         });
         self.changed.notify_all();
     }

@@ -129,6 +129,36 @@ fn at_the_cap_an_idle_or_slow_connection_makes_room() {
 }
 
 #[test]
+fn a_new_connection_is_not_closed_to_make_room_before_its_first_second() {
+    let (server, addr) = server(ConnectionOptions {
+        max_connections: 2,
+        head_timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    });
+    thread::spawn(move || {
+        while let Ok(rq) = server.recv() {
+            let _ = rq.respond(Response::from_string("ok"));
+        }
+    });
+    // A slow head holds one place from the start. A new client connects 0.7 s later, which
+    // brings the server to its cap, and takes a moment before its request (or its request
+    // sits in the socket while its thread starts). When the server next looks for room, the
+    // slow head has had its second and the new connection has not: the slow head is closed,
+    // the new connection is not taken for an idle keep-alive connection.
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").unwrap();
+    thread::sleep(Duration::from_millis(700));
+    let mut new = TcpStream::connect(addr).unwrap();
+    thread::sleep(Duration::from_millis(1200));
+    new.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+    new.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = Vec::new();
+    let _ = new.read_to_end(&mut answer);
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&answer));
+    drop(slow);
+}
+
+#[test]
 fn an_unread_huge_body_is_drained_through_a_small_buffer() {
     let (server, addr) = server(ConnectionOptions {
         read_timeout: Some(Duration::from_secs(2)),
