@@ -162,6 +162,9 @@ struct TrackerState {
     live: usize,
     next_id: u64,
     draining: bool,
+    /// the accept thread waits for room at the cap (only then is a connection turning idle
+    /// worth a wake-up: `notify_all` is a system call)
+    accept_waits: bool,
     /// connection number → what it waits for, since when, and its socket
     waiting: HashMap<u64, Waiting>,
 }
@@ -225,7 +228,9 @@ impl Tracker {
             };
             st.waiting.insert(id, Waiting { since, state, conn: h.clone() });
         }
-        self.changed.notify_all();
+        if st.accept_waits {
+            self.changed.notify_all();
+        }
         true
     }
 
@@ -261,13 +266,16 @@ impl Tracker {
                     let _ = w.conn.shutdown(Shutdown::Read);
                 }
             }
-            // Woken when a connection ends; a head may become old enough to close meanwhile.
+            // Woken when a connection ends or turns idle; a head may become old enough to
+            // close meanwhile.
+            st.accept_waits = true;
             st = self
                 .changed
                 .wait_timeout(st, Duration::from_millis(EVICT_AFTER_MS))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        st.accept_waits = false;
     }
 
     /// Closes the idle connections now, and every other one once it has been answered.
