@@ -33,15 +33,8 @@ fn hasher() -> Argon2<'static> {
 /// not spend its time on hashing; the tests that need the real cost leave it unset. Release
 /// builds ignore it.
 fn cheap_test_hash() -> bool {
-    #[cfg(debug_assertions)]
-    {
-        static CHEAP: OnceLock<bool> = OnceLock::new();
-        *CHEAP.get_or_init(|| std::env::var("KEYRACK_TEST_CHEAP_HASH").as_deref() == Ok("1"))
-    }
-    #[cfg(not(debug_assertions))]
-    {
-        false
-    }
+    static CHEAP: OnceLock<bool> = OnceLock::new();
+    *CHEAP.get_or_init(|| crate::config::test_switch("CHEAP_HASH").as_deref() == Some("1"))
 }
 
 /// Password hashing is CPU- and memory-bound: more at once than there are cores only adds

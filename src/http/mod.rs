@@ -34,15 +34,10 @@ const MAX_CONNECTIONS: usize = 1024;
 /// number), so the test suite goes past the cap without opening a thousand connections.
 /// Release builds ignore it.
 fn max_connections() -> usize {
-    #[cfg(debug_assertions)]
-    if let Some(n) = std::env::var("KEYRACK_TEST_MAX_CONNECTIONS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
+    crate::config::test_switch("MAX_CONNECTIONS")
+        .and_then(|v| v.parse::<usize>().ok())
         .filter(|n| *n > 0)
-    {
-        return n;
-    }
-    MAX_CONNECTIONS
+        .unwrap_or(MAX_CONNECTIONS)
 }
 
 /// Binds, prints the ready line, serves until SIGINT or SIGTERM.

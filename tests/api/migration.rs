@@ -285,9 +285,10 @@ fn no_read_answers_a_replaced_key_while_migrate_runs_after_a_revert() {
 
 #[test]
 fn an_interrupted_migrate_says_so_and_the_column_still_wins() {
-    // Three batches of 2,000 users: a signal as soon as the phase is dual stops after the first.
-    let n = 6_000;
-    let template = legacy_env(n);
+    // Three batches of 200 users (a debug build's KEYRACK_TEST_BATCH in place of 2,000): a
+    // signal as soon as the phase is dual stops after the first.
+    let n = 600;
+    let template = legacy_env(n).var("KEYRACK_TEST_BATCH", "200");
     assert_eq!(template.run(&["migrate"]).status.code(), Some(0));
     // The last user sets K1 in phase dual, then K2 in phase legacy after a revert.
     {
@@ -316,6 +317,7 @@ fn an_interrupted_migrate_says_so_and_the_column_still_wins() {
             .current_dir(env.dir.path())
             .args(["--db", env.db().to_str().unwrap(), "migrate"])
             .env("KEYRACK_ENCRYPTION_KEY", KEY_A)
+            .env("KEYRACK_TEST_BATCH", "200")
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
