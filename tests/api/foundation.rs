@@ -455,7 +455,7 @@ fn many_clients_connect_at_once_all_answered() {
         .collect();
     let took = start.elapsed();
     assert!(
-        took < Duration::from_secs(1),
+        took < within(Duration::from_secs(1)),
         "32 keep-alive clients took {took:?}"
     );
     drop(conns);
@@ -568,7 +568,7 @@ fn a_database_locked_too_long_answers_503_busy() {
 #[test]
 fn an_idle_keep_alive_connection_is_closed() {
     use std::io::Read;
-    let s = Env::new().var("KEYRACK_IDLE_TIMEOUT", "1").serve();
+    let s = Env::new().var("KEYRACK_IDLE_TIMEOUT", "0.3").serve();
     let start = std::time::Instant::now();
     let mut c = connect(&s.addr, std::time::Duration::from_secs(10));
     // Sends nothing: the server closes the connection (it would otherwise hold a thread). The
