@@ -1,5 +1,5 @@
 # keyrack: the everyday commands. The README gives the same ones.
-.PHONY: run test browser-test bench fmt lint ci fuzz-api faults load fuzz fuzz-http replicate-drill check-unit
+.PHONY: run test browser-test slow-tests bench fmt lint ci fuzz-api faults load fuzz fuzz-http replicate-drill check-unit
 
 run:
 	cargo run --release
@@ -11,7 +11,13 @@ test:
 # target/browser-venv) when missing; screenshots land in target/browser-screenshots/.
 browser-test:
 	bash tests/browser/setup.sh
-	KEYRACK_BROWSER_TESTS=required cargo test --test api page:: -- --nocapture
+	KEYRACK_BROWSER_TESTS=required cargo test --test api page:: -- --include-ignored --nocapture
+
+# The end-to-end tests too slow for the quick `cargo test` (marked #[ignore], each saying why):
+# the browser walk and the scale tests. CI runs them as their own step, the browser required.
+slow-tests:
+	bash tests/browser/setup.sh
+	KEYRACK_BROWSER_TESTS=required cargo test --test api -- --ignored
 
 bench:
 	bash benches/run.sh

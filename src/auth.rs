@@ -19,8 +19,22 @@ use crate::domain::{Password, Secret};
 /// once stays small in memory. Stored hashes carry their own parameters, so changing these later
 /// leaves existing passwords valid.
 fn hasher() -> Argon2<'static> {
-    let params = Params::new(9 * 1024, 4, 1, None).expect("constant argon2 parameters are valid");
+    let (m_kib, passes) = if cheap_test_hash() {
+        (8, 1)
+    } else {
+        (9 * 1024, 4)
+    };
+    let params = Params::new(m_kib, passes, 1, None).expect("constant argon2 parameters are valid");
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+/// Debug builds only: `KEYRACK_TEST_CHEAP_HASH=1` (read once) makes keyrack's own argon2id
+/// its cheapest (8 KiB, 1 pass), so the test suite's hundreds of registrations and logins do
+/// not spend its time on hashing; the tests that need the real cost leave it unset. Release
+/// builds ignore it.
+fn cheap_test_hash() -> bool {
+    static CHEAP: OnceLock<bool> = OnceLock::new();
+    *CHEAP.get_or_init(|| crate::config::test_switch("CHEAP_HASH").as_deref() == Some("1"))
 }
 
 /// Password hashing is CPU- and memory-bound: more at once than there are cores only adds

@@ -15,20 +15,12 @@ pub(crate) fn now() -> i64 {
 /// Debug builds only: `KEYRACK_TEST_CLOCK_OFFSET` (seconds, read once) moves keyrack's clock, so
 /// the test suite can see a key expire without waiting for it. Release builds ignore it.
 fn test_offset() -> i64 {
-    #[cfg(debug_assertions)]
-    {
-        static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-        *OFFSET.get_or_init(|| {
-            std::env::var("KEYRACK_TEST_CLOCK_OFFSET")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        })
-    }
-    #[cfg(not(debug_assertions))]
-    {
-        0
-    }
+    static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        crate::config::test_switch("CLOCK_OFFSET")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 /// An RFC 3339 time as Unix seconds (fractions of a second dropped).

@@ -23,9 +23,18 @@ use crate::store::rotation::{self, Sealed};
 use crate::store::{meta, StoreError};
 use crate::Failure;
 
-/// Users per Phase 1 transaction: small enough that a server sharing the file waits
-/// milliseconds for the lock, large enough that syncs do not dominate.
+/// Users per Phase 1 transaction (and keys per re-seal transaction): small enough that a server
+/// sharing the file waits milliseconds for the lock, large enough that syncs do not dominate.
 const BATCH: i64 = 2_000;
+
+/// `BATCH`, or in debug builds only `KEYRACK_TEST_BATCH` (a positive number), so the test suite
+/// can kill a run between two batches without building tens of thousands of users.
+fn batch() -> i64 {
+    crate::config::test_switch("BATCH")
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(BATCH)
+}
 
 pub(crate) fn db_err(e: rusqlite::Error) -> Failure {
     store_err(StoreError::from(e))
@@ -133,8 +142,8 @@ pub fn migrate(app: &App, dry_run: bool) -> Result<(), Failure> {
             ));
         }
         let tx = immediate(&mut conn)?;
-        let b =
-            phases::backfill_batch(&tx, &app.ring, &app.shared, after, BATCH).map_err(store_err)?;
+        let b = phases::backfill_batch(&tx, &app.ring, &app.shared, after, batch())
+            .map_err(store_err)?;
         tx.commit().map_err(db_err)?;
         total.add(&b);
         progress.update(total.users_seen);
@@ -648,7 +657,7 @@ pub fn rotate_encryption_key(app: &App) -> Result<(), Failure> {
         loop {
             let tx = immediate(&mut conn)?;
             let batch =
-                rotation::reseal_batch(&tx, &app.ring, which, after, BATCH).map_err(store_err)?;
+                rotation::reseal_batch(&tx, &app.ring, which, after, batch()).map_err(store_err)?;
             tx.commit().map_err(db_err)?;
             resealed += batch.resealed;
             current += batch.current;

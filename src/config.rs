@@ -169,6 +169,19 @@ pub struct ServeConfig {
     pub timeouts: HttpTimeouts,
 }
 
+/// A switch of the test suite, `KEYRACK_TEST_<name>` (trimmed), read in debug builds only:
+/// release builds never see one, whatever the environment holds. Each switch only makes a test
+/// quicker (a moved clock, a cheaper password hash, a lower connection cap, smaller batches).
+pub(crate) fn test_switch(name: &str) -> Option<String> {
+    if cfg!(debug_assertions) {
+        std::env::var(format!("KEYRACK_TEST_{name}"))
+            .ok()
+            .map(|v| v.trim().to_owned())
+    } else {
+        None
+    }
+}
+
 /// How long the HTTP layer waits for a client (`KEYRACK_SOCKET_TIMEOUT`,
 /// `KEYRACK_HEAD_TIMEOUT`, `KEYRACK_IDLE_TIMEOUT`).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -599,6 +599,14 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "keyrack.db".into());
     let temp_path = dir.join(format!(".{name}.import-{}.tmp", std::process::id()));
+    // SIGINT and SIGTERM stop the import between rows, so that the temporary file goes too:
+    // caught before the file exists, or a signal right after its creation would end the
+    // process and leave the file behind.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Failure::Runtime(format!("cannot handle signals: {e}")))?;
+    }
     let mut temp = TempFile {
         path: temp_path.clone(),
         keep: false,
@@ -609,13 +617,6 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
         .mode(0o600)
         .open(&temp_path)
         .map_err(io_fail("cannot create the temporary database", &temp_path))?;
-
-    // SIGINT and SIGTERM stop the import between rows, so that the temporary file goes too.
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [SIGINT, SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone())
-            .map_err(|e| Failure::Runtime(format!("cannot handle signals: {e}")))?;
-    }
 
     let started = std::time::Instant::now();
     let total = source::count_rows(&src, &cols).map_err(|e| Failure::Runtime(e.to_string()))?;

@@ -30,6 +30,16 @@ const SESSION_PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Most connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 1024;
 
+/// `MAX_CONNECTIONS`, or in debug builds only `KEYRACK_TEST_MAX_CONNECTIONS` (a positive
+/// number), so the test suite goes past the cap without opening a thousand connections.
+/// Release builds ignore it.
+fn max_connections() -> usize {
+    crate::config::test_switch("MAX_CONNECTIONS")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(MAX_CONNECTIONS)
+}
+
 /// Binds, prints the ready line, serves until SIGINT or SIGTERM.
 pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     // Every worker's connection is opened before the ready line, so a harness that saw it
@@ -51,7 +61,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
             ConnectionOptions {
                 read_timeout: Some(cfg.timeouts.socket),
                 write_timeout: Some(cfg.timeouts.socket),
-                max_connections: MAX_CONNECTIONS,
+                max_connections: max_connections(),
                 head_timeout: Some(cfg.timeouts.head),
                 idle_timeout: Some(cfg.timeouts.idle),
             },

@@ -128,7 +128,26 @@ fn metrics_count_requests_keys_and_the_phase_and_promtool_accepts_them() {
     assert_eq!(s.get("/no/such/path", None).status, 404);
     assert_eq!(s.get("/user/api-keys/17", None).status, 405);
 
-    let text = s.get("/metrics", Some("metrics-admin-token")).raw;
+    // A request is counted once its answer is written, a moment after the client has it: the
+    // scrape waits (briefly) for the last of them.
+    let mut text = String::new();
+    poll_until(std::time::Duration::from_secs(5), || {
+        text = s.get("/metrics", Some("metrics-admin-token")).raw;
+        sample(
+            &text,
+            "keyrack_http_requests_total{route=\"/user/api-keys/{id}\",status=\"405\"}",
+        )
+        .is_some()
+            && sample(
+                &text,
+                "keyrack_http_requests_total{route=\"other\",status=\"404\"}",
+            )
+            .is_some()
+            && sample(
+                &text,
+                "keyrack_http_request_duration_seconds_count{route=\"/healthz\"}",
+            ) == Some(3.0)
+    });
     let get = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
     assert_eq!(
         get("keyrack_http_requests_total{route=\"/healthz\",status=\"200\"}"),

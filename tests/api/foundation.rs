@@ -455,7 +455,7 @@ fn many_clients_connect_at_once_all_answered() {
         .collect();
     let took = start.elapsed();
     assert!(
-        took < Duration::from_secs(1),
+        took < within(Duration::from_secs(1)),
         "32 keep-alive clients took {took:?}"
     );
     drop(conns);
@@ -516,13 +516,20 @@ fn keeps_accepting_after_running_out_of_descriptors() {
         log()
     );
     drop(hogs);
-    // Descriptors are free again: the server answers a new client.
-    let r = ureq::AgentBuilder::new()
+    // Descriptors come free again as the server sees the dropped connections close: a new
+    // client is answered. Until it has seen enough of them, a client may still be accepted and
+    // then reset (its connection's thread needs one more descriptor): tries until a deadline.
+    let agent = ureq::AgentBuilder::new()
         .timeout(std::time::Duration::from_secs(10))
-        .build()
-        .get(&format!("http://{addr}/healthz"))
-        .call();
-    assert_eq!(r.map(|r| r.status()).ok(), Some(200));
+        .build();
+    let mut last = None;
+    let answered = poll_until(std::time::Duration::from_secs(10), || {
+        let r = agent.get(&format!("http://{addr}/healthz")).call();
+        let ok = matches!(&r, Ok(r) if r.status() == 200);
+        last = Some(r.map(|r| r.status()));
+        ok
+    });
+    assert!(answered, "{last:?}; server log: {}", log());
 }
 
 #[test]
@@ -568,7 +575,7 @@ fn a_database_locked_too_long_answers_503_busy() {
 #[test]
 fn an_idle_keep_alive_connection_is_closed() {
     use std::io::Read;
-    let s = Env::new().var("KEYRACK_IDLE_TIMEOUT", "1").serve();
+    let s = Env::new().var("KEYRACK_IDLE_TIMEOUT", "0.3").serve();
     let start = std::time::Instant::now();
     let mut c = connect(&s.addr, std::time::Duration::from_secs(10));
     // Sends nothing: the server closes the connection (it would otherwise hold a thread). The

@@ -106,13 +106,12 @@ fn slow_clients_do_not_hold_the_server() {
 
 #[test]
 fn a_trickled_head_is_cut_off_at_the_deadline() {
-    let s = Env::new().var("KEYRACK_HEAD_TIMEOUT", "2").serve();
+    let s = Env::new().var("KEYRACK_HEAD_TIMEOUT", "0.5").serve();
     let mut c = TcpStream::connect(&s.addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     let start = Instant::now();
     let mut closed = false;
-    // A byte every 0.3 s: each read of the server succeeds, so only the head deadline ends it.
+    // A byte every 0.1 s: each read of the server succeeds, so only the head deadline ends it.
     for b in b"GET /healthz HTTP/1.1\r\nX-Trickle: "
         .iter()
         .cycle()
@@ -134,12 +133,13 @@ fn a_trickled_head_is_cut_off_at_the_deadline() {
             }
             Err(_) => {}
         }
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(50));
     }
     assert!(closed, "still open after {:?}", start.elapsed());
-    // Each byte came well within the socket timeout (10 s): only the head deadline ends it.
+    // Each byte came well within the socket timeout (10 s): only the head deadline (0.5 s
+    // from the first byte) ends it, and not before.
     assert!(
-        start.elapsed() < Duration::from_secs(5),
+        start.elapsed() >= Duration::from_millis(500) && start.elapsed() < Duration::from_secs(5),
         "{:?}",
         start.elapsed()
     );

@@ -24,20 +24,27 @@ pub struct Env {
 }
 
 impl Env {
-    /// A fresh directory with KEYRACK_ENCRYPTION_KEY set to `KEY_A`.
+    /// A fresh directory with KEYRACK_ENCRYPTION_KEY set to `KEY_A` (and keyrack's cheapest
+    /// password hash, see `real_hash`).
     pub fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().expect("temp dir"),
-            vars: vec![("KEYRACK_ENCRYPTION_KEY".into(), KEY_A.into())],
-        }
+        Env::without_key().var("KEYRACK_ENCRYPTION_KEY", KEY_A)
     }
 
-    /// A fresh directory with no encryption key configured.
+    /// A fresh directory with no encryption key configured. Debug builds of keyrack hash
+    /// passwords with their cheapest argon2id here (KEYRACK_TEST_CHEAP_HASH): the suite
+    /// registers and logs in hundreds of times.
     pub fn without_key() -> Env {
         Env {
             dir: tempfile::tempdir().expect("temp dir"),
-            vars: vec![],
+            vars: vec![("KEYRACK_TEST_CHEAP_HASH".into(), "1".into())],
         }
+    }
+
+    /// keyrack's real argon2id parameters (9 MiB, 4 passes), for a test that needs a login to
+    /// take its real time or checks the parameters of a stored hash.
+    pub fn real_hash(mut self) -> Env {
+        self.vars.retain(|(n, _)| n != "KEYRACK_TEST_CHEAP_HASH");
+        self
     }
 
     pub fn var(mut self, k: &str, v: &str) -> Env {
