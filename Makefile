@@ -17,7 +17,7 @@ browser-test:
 # the browser walk and the scale tests. CI runs them as their own step, the browser required.
 slow-tests:
 	bash tests/browser/setup.sh
-	KEYRACK_BROWSER_TESTS=required cargo test --test api -- --ignored
+	KEYRACK_BROWSER_TESTS=required cargo test --test api -- --ignored --test-threads 1
 
 bench:
 	bash benches/run.sh
