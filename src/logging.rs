@@ -84,8 +84,12 @@ fn write_line(
         };
         let (raw, escaped) = &mut *m;
         raw.clear();
-        escaped.clear();
         let _ = write!(raw, "{args}");
+        if !has_control(raw) {
+            // The usual line: nothing to escape, written as formatted.
+            return out.write_all(raw.as_bytes());
+        }
+        escaped.clear();
         push_printable(escaped, raw);
         out.write_all(escaped.as_bytes())
     })?;
@@ -96,6 +100,17 @@ fn write_line(
         }
     }
     out.write_all(b"\n")
+}
+
+/// Whether `s` holds a control character (`char::is_control`: C0, DEL and C1), looked for in
+/// its bytes: C1 characters are the two-byte sequences `C2 80` to `C2 9F`.
+fn has_control(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.iter().enumerate().any(|(i, &c)| {
+        c < 0x20
+            || c == 0x7f
+            || (c == 0xc2 && b.get(i + 1).is_some_and(|n| (0x80..0xa0).contains(n)))
+    })
 }
 
 /// Appends `s` with its control characters escaped (`\r`, `\n`, `\u{1b}`).
@@ -187,6 +202,14 @@ mod tests {
         assert_eq!(l.matches('\n').count(), 1, "{l:?}");
         assert!(!l.contains('\r') && !l.contains('\x1b'), "{l:?}");
         assert!(l.contains(r"/a\r2026 FAKE\u{1b}[2Kb"), "{l:?}");
+    }
+
+    #[test]
+    fn control_characters_are_found_in_the_bytes() {
+        for c in (0..=0x10ffff_u32).filter_map(char::from_u32) {
+            let s = format!("a{c}b");
+            assert_eq!(has_control(&s), c.is_control(), "{c:?}");
+        }
     }
 
     #[test]

@@ -181,10 +181,9 @@ fn handle(app: &App, store: &mut Store, mut rq: tiny_http::Request) {
     crate::metrics::request(routes::served_route(path), status, start.elapsed());
     // One line per request: never a body, never a header value, never the query string. The
     // logger escapes control characters in the path.
-    log::info!(
-        "{method} {path} {status} {:.1}ms",
-        start.elapsed().as_secs_f64() * 1000.0
-    );
+    // Tenths of a millisecond, rounded, in integers (cheaper than formatting a float).
+    let tenths = (start.elapsed().as_micros() + 50) / 100;
+    log::info!("{method} {path} {status} {}.{}ms", tenths / 10, tenths % 10);
 }
 
 /// Reads what handlers need, and the body up to `MAX_BODY`: a larger declared length is refused
