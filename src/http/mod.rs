@@ -11,7 +11,7 @@ pub(crate) mod routes;
 use std::io::{Cursor, Read, Write};
 use std::net::TcpListener;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -81,7 +81,6 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
         .collect::<Result<_, _>>()
         .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
 
-    let (stop_flusher, flusher_stop) = mpsc::channel::<()>();
     let flusher = {
         let audit_days = app.audit_days;
         // Expired sessions and events older than KEYRACK_AUDIT_DAYS are pruned at start and
@@ -107,10 +106,8 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                     ),
                 }
             }
-            let done = !matches!(
-                flusher_stop.recv_timeout(Duration::from_secs(1)),
-                Err(mpsc::RecvTimeoutError::Timeout)
-            );
+            // Woken sooner when many events of reads are queued, or to stop.
+            let done = flusher_store.wait_for_flush(Duration::from_secs(1));
             if let Err(e) = flusher_store.flush_usage() {
                 log::warn!(
                     "could not write usage counters yet: {}",
@@ -147,7 +144,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     for w in workers {
         let _ = w.join();
     }
-    let _ = stop_flusher.send(());
+    app.shared.stop_flusher();
     let _ = flusher.join();
     log::info!("stopped");
     Ok(())

@@ -497,24 +497,24 @@ impl Store {
                     if let Some(id) = row_id {
                         self.shared.usage.record(id, now());
                     }
-                    self.shared
-                        .usage
-                        .record_event(Event::by_user(ev::KEY_REVEALED, user_id).key(
-                            row_id,
-                            provider.as_str(),
-                            key.source,
-                        ));
+                    self.shared.usage.record_event(ev::ReadEvent::new(
+                        ev::KEY_REVEALED,
+                        user_id,
+                        row_id,
+                        provider.as_str(),
+                        key.source,
+                    ));
                 }
                 DefaultKey::Found(key)
             }
             Lookup::Expired(id) => {
-                self.shared
-                    .usage
-                    .record_event(Event::by_user(ev::KEY_EXPIRED, user_id).key(
-                        Some(id),
-                        provider.as_str(),
-                        Source::Table,
-                    ));
+                self.shared.usage.record_event(ev::ReadEvent::new(
+                    ev::KEY_EXPIRED,
+                    user_id,
+                    Some(id),
+                    provider.as_str(),
+                    Source::Table,
+                ));
                 DefaultKey::Expired
             }
             Lookup::Missing | Lookup::MustMove => DefaultKey::Missing,

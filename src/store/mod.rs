@@ -125,6 +125,13 @@ pub(crate) struct Shared {
     usage: UsageLog,
 }
 
+impl Shared {
+    /// Tells the server's flusher to write what is pending once more and stop.
+    pub(crate) fn stop_flusher(&self) {
+        self.usage.stop();
+    }
+}
+
 /// One connection and what the key operations need beside it.
 pub(crate) struct Store {
     conn: Connection,
@@ -153,6 +160,12 @@ impl Store {
     /// Writes the usage counts still pending (the server's flusher, once a second and at exit).
     pub(crate) fn flush_usage(&mut self) -> Result<usize> {
         self.shared.usage.flush(&mut self.conn, &self.shared.writes)
+    }
+
+    /// The flusher's wait between two flushes (`UsageLog::wait_for_flush`): true when it is to
+    /// stop.
+    pub(crate) fn wait_for_flush(&self, timeout: std::time::Duration) -> bool {
+        self.shared.usage.wait_for_flush(timeout)
     }
 
     /// The phase, as the next request will see it (GET /healthz).
