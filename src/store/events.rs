@@ -156,35 +156,72 @@ pub(crate) fn command_actor(name: &str) -> String {
     format!("command:{name}")
 }
 
-const INSERT: &str =
-    "INSERT INTO events(at, action, actor, user_id, api_key_id, provider, source, from_phase, to_phase)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+/// The columns of an event, in the order `bind` gives them (macros, so that the statements are
+/// put together at compile time).
+macro_rules! insert_into {
+    () => {
+        "INSERT INTO events(at, action, actor, user_id, api_key_id, provider, source, from_phase, to_phase) VALUES "
+    };
+}
+macro_rules! one_row {
+    () => {
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    };
+}
+const FIELDS: usize = 9;
+/// Events of reads written per statement: one statement's start (opening the table, its two
+/// indexes and the AUTOINCREMENT counter) shared by many rows.
+const ROWS_AT_ONCE: usize = 32;
 
 pub(crate) fn record(conn: &Connection, e: &Event) -> Result<()> {
-    insert(&mut conn.prepare_cached(INSERT)?, e)
+    let mut stmt = conn.prepare_cached(concat!(insert_into!(), one_row!()))?;
+    bind(&mut stmt, 0, e)?;
+    stmt.raw_execute()?;
+    Ok(())
 }
 
-/// Writes queued events of reads through one prepared statement.
+/// Writes queued events of reads, in their order, `ROWS_AT_ONCE` rows per statement.
 pub(crate) fn record_reads(conn: &Connection, queued: &[ReadEvent]) -> Result<()> {
-    let mut stmt = conn.prepare_cached(INSERT)?;
-    for e in queued {
-        insert(&mut stmt, &e.to_event())?;
+    static MANY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let many = MANY.get_or_init(|| {
+        format!(
+            "{}{}",
+            insert_into!(),
+            [one_row!(); ROWS_AT_ONCE].join(", ")
+        )
+    });
+    let mut chunks = queued.chunks_exact(ROWS_AT_ONCE);
+    if chunks.len() > 0 {
+        let mut stmt = conn.prepare_cached(many)?;
+        for chunk in &mut chunks {
+            for (i, e) in chunk.iter().enumerate() {
+                bind(&mut stmt, i * FIELDS, &e.to_event())?;
+            }
+            stmt.raw_execute()?;
+        }
+    }
+    for e in chunks.remainder() {
+        record(conn, &e.to_event())?;
     }
     Ok(())
 }
 
-fn insert(stmt: &mut rusqlite::CachedStatement<'_>, e: &Event) -> Result<()> {
-    stmt.execute(params![
-        e.at,
-        e.action,
-        e.actor,
-        e.user_id,
-        e.api_key_id,
-        e.provider,
-        e.source,
-        e.from,
-        e.to
-    ])?;
+/// Binds `e` to the parameters after the first `before` of `stmt`.
+fn bind(stmt: &mut rusqlite::CachedStatement<'_>, before: usize, e: &Event) -> Result<()> {
+    let values: [&dyn rusqlite::ToSql; FIELDS] = [
+        &e.at,
+        &e.action,
+        &e.actor,
+        &e.user_id,
+        &e.api_key_id,
+        &e.provider,
+        &e.source,
+        &e.from,
+        &e.to,
+    ];
+    for (i, v) in values.into_iter().enumerate() {
+        stmt.raw_bind_parameter(before + i + 1, v)?;
+    }
     Ok(())
 }
 
@@ -314,6 +351,49 @@ mod tests {
     use super::*;
     use crate::config::DbLocation;
     use crate::db::{self, Database};
+
+    #[test]
+    fn queued_reads_are_written_in_order_whole_statements_and_the_rest(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let db = Database::new(&DbLocation::Memory)?;
+        let mut conn = db.connect()?;
+        db::migrate_schema(&mut conn)?;
+        let n = 2 * ROWS_AT_ONCE as i64 + 5;
+        let queued: Vec<ReadEvent> = (1..=n)
+            .map(|i| {
+                let (action, key) = if i % 2 == 0 {
+                    (KEY_REVEALED, Some(i * 10))
+                } else {
+                    (KEY_EXPIRED, None)
+                };
+                ReadEvent::new(action, i, key, &format!("p{i}"), Source::Table)
+            })
+            .collect();
+        record_reads(&conn, &queued)?;
+        let mut written = newest_first(
+            &conn,
+            &Query {
+                limit: MAX_LIMIT,
+                ..Query::default()
+            },
+        )?;
+        written.reverse();
+        assert_eq!(written.len(), queued.len());
+        for (got, want) in written.iter().zip(&queued) {
+            let want = want.to_event();
+            assert_eq!(
+                (got.at, got.action.as_str(), got.actor.as_str(), got.user_id),
+                (want.at, want.action, want.actor.as_str(), want.user_id)
+            );
+            assert_eq!(
+                (got.api_key_id, &got.provider),
+                (want.api_key_id, &want.provider)
+            );
+            assert_eq!(got.source.as_deref(), want.source);
+            assert_eq!((got.from.as_deref(), got.to.as_deref()), (None, None));
+        }
+        Ok(())
+    }
 
     #[test]
     fn records_lists_newest_first_filters_and_prunes() {
