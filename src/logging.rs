@@ -76,7 +76,13 @@ fn write_line(
         out.write_all(b"\n")?;
     }
     at.format_into(out, &fmt).map_err(std::io::Error::other)?;
-    write!(out, " [{level:<5} {target}] ")?;
+    // ` [INFO  target] `: the level padded to 5, written without the formatting machinery.
+    let level = level.as_str();
+    out.write_all(b" [")?;
+    out.write_all(level.as_bytes())?;
+    out.write_all(&b"     "[..5usize.saturating_sub(level.len()) + 1])?;
+    out.write_all(target.as_bytes())?;
+    out.write_all(b"] ")?;
     MESSAGE.with(|m| {
         let Ok(mut m) = m.try_borrow_mut() else {
             // Logging while formatting a log line (a Display impl that logs): no escaping buffer.
@@ -194,6 +200,25 @@ mod tests {
             line("GET /healthz 200 0.1ms", None, false),
             "2026-11-26T07:00:00.000Z [INFO  keyrack::http] GET /healthz 200 0.1ms\n"
         );
+        for (level, shown) in [
+            (Level::Error, "[ERROR keyrack] x"),
+            (Level::Warn, "[WARN  keyrack] x"),
+            (Level::Debug, "[DEBUG keyrack] x"),
+        ] {
+            let mut out = Vec::new();
+            write_line(
+                &mut out,
+                time::macros::datetime!(2026-11-26 07:00:00 UTC),
+                level,
+                "keyrack",
+                &format_args!("x"),
+                None,
+                false,
+            )
+            .unwrap();
+            let out = String::from_utf8(out).unwrap();
+            assert!(out.ends_with(&format!(" {shown}\n")), "{out:?}");
+        }
     }
 
     #[test]

@@ -35,6 +35,11 @@ pub(crate) fn phase(conn: &Connection) -> Result<Phase> {
     let raw = get(conn, PHASE)?.unwrap_or_else(|| "dual".to_owned());
     let phase = Phase::parse(&raw).ok_or(StoreError::BadPhase { stored: raw })?;
     let code = phase_code(phase);
+    // Read first: the phase rarely changes, and a write to the shared counter on every request
+    // would move its cache line between the workers' cores.
+    if LAST_SEEN_PHASE.load(Ordering::Relaxed) == code {
+        return Ok(phase);
+    }
     let before = LAST_SEEN_PHASE.swap(code, Ordering::Relaxed);
     if before != 0 && before != code {
         log::info!(
