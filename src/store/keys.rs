@@ -44,8 +44,40 @@ pub(super) struct Row {
 
 impl Row {
     fn expired(&self, now: i64) -> bool {
-        self.expires_at.is_some_and(|t| t <= now)
+        expired(self.expires_at, now)
     }
+}
+
+/// Whether a key with this expiry has expired at `now` (`None`: never expires).
+fn expired(expires_at: Option<i64>, now: i64) -> bool {
+    expires_at.is_some_and(|t| t <= now)
+}
+
+/// What reading a user's default key needs of its row (the reveal reads nothing more).
+struct DefaultKeyRow {
+    id: i64,
+    sealed: String,
+    expires_at: Option<i64>,
+}
+
+fn default_key_row(
+    conn: &Connection,
+    user_id: i64,
+    provider: &str,
+) -> Result<Option<DefaultKeyRow>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT id, sealed_key, expires_at FROM api_keys
+             WHERE user_id = ?1 AND provider = ?2 AND is_default = 1",
+        )?
+        .query_row(params![user_id, provider], |r| {
+            Ok(DefaultKeyRow {
+                id: r.get(0)?,
+                sealed: r.get(1)?,
+                expires_at: r.get(2)?,
+            })
+        })
+        .optional()?)
 }
 
 /// The columns `row` reads, in its order; a macro so that statements are built at compile time
@@ -388,10 +420,10 @@ fn lookup(
 ) -> Result<Lookup> {
     let phase = meta::phase(tx)?;
     let p = provider.as_str();
-    let found = |row: Option<Row>| -> Result<Lookup> {
+    let found = |row: Option<DefaultKeyRow>| -> Result<Lookup> {
         Ok(match row {
             // Not opened, not served, and (dual) not replaced by the column's mirror of it.
-            Some(r) if r.expired(now()) => Lookup::Expired(r.id),
+            Some(r) if expired(r.expires_at, now()) => Lookup::Expired(r.id),
             Some(r) => Lookup::Found(
                 FoundKey {
                     key: open(ctx, user_id, p, &r.sealed, (Source::Table, Some(r.id)))?,
@@ -422,7 +454,7 @@ fn lookup(
             // The default row is read once: for the check, and as the answer when no move is
             // needed.
             let pending = meta::backfill_pending(tx, user_id)?;
-            let row = default_row(tx, user_id, p)?;
+            let row = default_key_row(tx, user_id, p)?;
             if !needs_move(pending, row.is_some(), || {
                 Ok(column_get(tx, user_id)?.is_some())
             })? {
@@ -434,7 +466,7 @@ fn lookup(
                 return Ok(Lookup::MustMove);
             }
             let (verdict, _) = settle(tx, ctx, user_id)?;
-            let after = found(default_row(tx, user_id, p)?)?;
+            let after = found(default_key_row(tx, user_id, p)?)?;
             if verdict.needs_move() {
                 super::evidence::record_legacy_read(tx, now())?;
                 log::info!(
@@ -452,7 +484,7 @@ fn lookup(
             }
             Ok(after)
         }
-        Phase::Dual | Phase::NewOnly => found(default_row(tx, user_id, p)?),
+        Phase::Dual | Phase::NewOnly => found(default_key_row(tx, user_id, p)?),
     }
 }
 
