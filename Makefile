@@ -1,5 +1,5 @@
 # keyrack: the everyday commands. The README gives the same ones.
-.PHONY: run test browser-test slow-tests bench fmt lint ci fuzz-api faults load fuzz fuzz-http replicate-drill check-unit
+.PHONY: run test browser-test slow-tests bench cost fmt lint ci fuzz-api faults load fuzz fuzz-http replicate-drill check-unit
 
 run:
 	cargo run --release
@@ -21,6 +21,10 @@ slow-tests:
 
 bench:
 	bash benches/run.sh
+
+# Instructions per request under callgrind (valgrind): for a machine shared with other work.
+cost:
+	bash benches/cost.sh
 
 fmt:
 	cargo fmt --all

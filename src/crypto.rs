@@ -5,7 +5,7 @@
 //! a ciphertext copied into another user's row (or another provider's) does not open. The key id
 //! names the key that sealed the value; it is a short hash of the key, safe to store and to log.
 
-use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use aes_gcm::aead::{Aead, AeadCore, AeadInPlace, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -251,19 +251,25 @@ impl KeyRing {
         let cipher = self
             .cipher_for(id)
             .ok_or_else(|| OpenError::UnknownKey(id.to_owned()))?;
-        let raw = STANDARD.decode(body).map_err(|_| OpenError::Malformed)?;
-        if raw.len() < NONCE_LEN + 16 {
+        // Decrypted in place, in a buffer wiped when dropped: the plaintext is never copied, and
+        // a value that fails to authenticate (whose buffer holds it decrypted all the same) is
+        // wiped too.
+        let mut buf = Zeroizing::new(STANDARD.decode(body).map_err(|_| OpenError::Malformed)?);
+        if buf.len() < NONCE_LEN + 16 {
             return Err(OpenError::Malformed);
         }
-        let (nonce, ct) = raw.split_at(NONCE_LEN);
-        let aad = binding.aad();
-        let plain = Zeroizing::new(
-            cipher
-                .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: &aad })
-                .map_err(|_| OpenError::Rejected)?,
-        );
-        let text = std::str::from_utf8(&plain).map_err(|_| OpenError::Malformed)?;
-        Ok(Secret::new(text.to_owned()))
+        let nonce = *Nonce::from_slice(&buf[..NONCE_LEN]);
+        buf.drain(..NONCE_LEN);
+        cipher
+            .decrypt_in_place(&nonce, &binding.aad(), &mut *buf)
+            .map_err(|_| OpenError::Rejected)?;
+        match String::from_utf8(std::mem::take(&mut *buf)) {
+            Ok(text) => Ok(Secret::new(text)),
+            Err(e) => {
+                drop(Zeroizing::new(e.into_bytes()));
+                Err(OpenError::Malformed)
+            }
+        }
     }
 
     /// True when `sealed` was sealed with the current key (nothing to re-encrypt).
@@ -313,6 +319,36 @@ mod tests {
         };
         assert_eq!(r.open(other_user, &sealed), Err(OpenError::Rejected));
         assert_eq!(r.open(other_provider, &sealed), Err(OpenError::Rejected));
+    }
+
+    #[test]
+    fn a_value_that_opens_to_no_text_or_is_too_short_is_malformed() {
+        let r = ring();
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let aad = ADA.aad();
+        let ct = r.keys[0]
+            .1
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: &[0xff, 0xfe, 0x00],
+                    aad: &aad,
+                },
+            )
+            .unwrap();
+        let mut raw = nonce.to_vec();
+        raw.extend_from_slice(&ct);
+        let sealed = format!("{PREFIX}:{}:{}", r.current_id(), STANDARD.encode(&raw));
+        assert_eq!(r.open(ADA, &sealed), Err(OpenError::Malformed));
+        let short = format!(
+            "{PREFIX}:{}:{}",
+            r.current_id(),
+            STANDARD.encode(&raw[..27])
+        );
+        assert_eq!(r.open(ADA, &short), Err(OpenError::Malformed));
+        // The same bytes as text open.
+        let ok = r.seal(ADA, "sk-0123456789");
+        assert_eq!(r.open(ADA, &ok).unwrap().expose(), "sk-0123456789");
     }
 
     #[test]

@@ -165,6 +165,17 @@ impl ApiKey {
 /// The masked form of a key: the first 3 and last 4 characters joined by `...` when the key has
 /// at least 12 characters, otherwise `...`.
 pub fn mask(key: &str) -> String {
+    if key.is_ascii() {
+        // Every key keyrack accepts is ASCII: characters are bytes.
+        if key.len() < 12 {
+            return "...".to_owned();
+        }
+        let mut out = String::with_capacity(10);
+        out.push_str(&key[..3]);
+        out.push_str("...");
+        out.push_str(&key[key.len() - 4..]);
+        return out;
+    }
     let chars: Vec<char> = key.chars().collect();
     if chars.len() < 12 {
         return "...".to_owned();
@@ -294,6 +305,9 @@ mod tests {
         assert_eq!(mask("sk-0123456789Wxyz"), "sk-...Wxyz");
         assert_eq!(mask("abcdefghijkl"), "abc...ijkl");
         assert_eq!(mask("abcdefghijk"), "...");
+        // A stored key from elsewhere need not be ASCII: characters, not bytes.
+        assert_eq!(mask("ééé-0123456-éééé"), "ééé...éééé");
+        assert_eq!(mask("éééééééééé1"), "...");
     }
 
     #[test]

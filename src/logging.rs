@@ -76,7 +76,13 @@ fn write_line(
         out.write_all(b"\n")?;
     }
     at.format_into(out, &fmt).map_err(std::io::Error::other)?;
-    write!(out, " [{level:<5} {target}] ")?;
+    // ` [INFO  target] `: the level padded to 5, written without the formatting machinery.
+    let level = level.as_str();
+    out.write_all(b" [")?;
+    out.write_all(level.as_bytes())?;
+    out.write_all(&b"     "[..5usize.saturating_sub(level.len()) + 1])?;
+    out.write_all(target.as_bytes())?;
+    out.write_all(b"] ")?;
     MESSAGE.with(|m| {
         let Ok(mut m) = m.try_borrow_mut() else {
             // Logging while formatting a log line (a Display impl that logs): no escaping buffer.
@@ -84,8 +90,12 @@ fn write_line(
         };
         let (raw, escaped) = &mut *m;
         raw.clear();
-        escaped.clear();
         let _ = write!(raw, "{args}");
+        if !has_control(raw) {
+            // The usual line: nothing to escape, written as formatted.
+            return out.write_all(raw.as_bytes());
+        }
+        escaped.clear();
         push_printable(escaped, raw);
         out.write_all(escaped.as_bytes())
     })?;
@@ -96,6 +106,17 @@ fn write_line(
         }
     }
     out.write_all(b"\n")
+}
+
+/// Whether `s` holds a control character (`char::is_control`: C0, DEL and C1), looked for in
+/// its bytes: C1 characters are the two-byte sequences `C2 80` to `C2 9F`.
+fn has_control(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.iter().enumerate().any(|(i, &c)| {
+        c < 0x20
+            || c == 0x7f
+            || (c == 0xc2 && b.get(i + 1).is_some_and(|n| (0x80..0xa0).contains(n)))
+    })
 }
 
 /// Appends `s` with its control characters escaped (`\r`, `\n`, `\u{1b}`).
@@ -179,6 +200,25 @@ mod tests {
             line("GET /healthz 200 0.1ms", None, false),
             "2026-11-26T07:00:00.000Z [INFO  keyrack::http] GET /healthz 200 0.1ms\n"
         );
+        for (level, shown) in [
+            (Level::Error, "[ERROR keyrack] x"),
+            (Level::Warn, "[WARN  keyrack] x"),
+            (Level::Debug, "[DEBUG keyrack] x"),
+        ] {
+            let mut out = Vec::new();
+            write_line(
+                &mut out,
+                time::macros::datetime!(2026-11-26 07:00:00 UTC),
+                level,
+                "keyrack",
+                &format_args!("x"),
+                None,
+                false,
+            )
+            .unwrap();
+            let out = String::from_utf8(out).unwrap();
+            assert!(out.ends_with(&format!(" {shown}\n")), "{out:?}");
+        }
     }
 
     #[test]
@@ -187,6 +227,14 @@ mod tests {
         assert_eq!(l.matches('\n').count(), 1, "{l:?}");
         assert!(!l.contains('\r') && !l.contains('\x1b'), "{l:?}");
         assert!(l.contains(r"/a\r2026 FAKE\u{1b}[2Kb"), "{l:?}");
+    }
+
+    #[test]
+    fn control_characters_are_found_in_the_bytes() {
+        for c in (0..=0x10ffff_u32).filter_map(char::from_u32) {
+            let s = format!("a{c}b");
+            assert_eq!(has_control(&s), c.is_control(), "{c:?}");
+        }
     }
 
     #[test]

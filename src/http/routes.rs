@@ -45,6 +45,10 @@ const ROUTES: &[(&str, &[(&str, Handler)])] = &[
 ];
 
 fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
+    if !pattern.contains('{') {
+        // Most patterns have no parameter: one comparison, no splitting.
+        return (pattern == path).then(Vec::new);
+    }
     let mut params = Vec::new();
     let mut pat = pattern.split('/');
     let mut got = path.split('/');
@@ -126,6 +130,13 @@ pub(crate) fn route(app: &App, store: &mut Store, req: &Incoming) -> Result<Repl
 // ---- authentication ------------------------------------------------------------------------
 
 fn authenticate(store: &mut Store, req: &Incoming) -> Result<User, ApiError> {
+    let session = session_token(req)?;
+    store.session_user(&session)?.ok_or_else(invalid_token)
+}
+
+/// The hash of the request's bearer token, as sessions are stored; 401 without one. The hot
+/// reads (the default key, the listing) check it in their own read transaction.
+fn session_token(req: &Incoming) -> Result<[u8; 32], ApiError> {
     let header = req
         .authorization
         .as_deref()
@@ -133,11 +144,11 @@ fn authenticate(store: &mut Store, req: &Incoming) -> Result<User, ApiError> {
     let token = bearer(header).ok_or_else(|| {
         ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
     })?;
-    let user = store
-        .session_user(&auth::token_hash(token))?
-        .ok_or_else(|| ApiError::unauthorized("the token is invalid, expired or revoked"))?;
-    crate::logging::set_user(user.id);
-    Ok(user)
+    Ok(auth::token_hash(token))
+}
+
+fn invalid_token() -> ApiError {
+    ApiError::unauthorized("the token is invalid, expired or revoked")
 }
 
 fn bearer(header: &str) -> Option<&str> {
@@ -304,20 +315,19 @@ fn provider_param(req: &Incoming) -> Result<Provider, ApiError> {
 }
 
 fn get_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
-    let user = authenticate(store, req)?;
-    let provider = provider_param(req)?;
-    let reveal = match req.query_param("reveal") {
-        None | Some("false") | Some("0") => false,
-        Some("true") | Some("1") => true,
-        Some(_) => {
-            return Err(ApiError::new(
-                422,
-                "validation_failed",
-                "reveal must be true or false",
-            ))
+    let session = session_token(req)?;
+    let params = provider_param(req).and_then(|p| Ok((p, reveal_param(req)?)));
+    let (provider, reveal) = match params {
+        Ok(params) => params,
+        Err(e) => {
+            // The session is checked first, as on every route: 401 before 422.
+            authenticate(store, req)?;
+            return Err(e);
         }
     };
-    let found = store.get_default_key(user.id, &provider, reveal)?;
+    let (_, found) = store
+        .get_default_key(&session, &provider, reveal)?
+        .ok_or_else(invalid_token)?;
     let body = match &found {
         DefaultKey::Missing | DefaultKey::Expired => KeyState {
             has_key: false,
@@ -337,6 +347,19 @@ fn get_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
         },
     };
     Ok(Reply::of(200, &body))
+}
+
+/// `?reveal=`: true or false (1 or 0), false when absent.
+fn reveal_param(req: &Incoming) -> Result<bool, ApiError> {
+    match req.query_param("reveal") {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") => Ok(true),
+        Some(_) => Err(ApiError::new(
+            422,
+            "validation_failed",
+            "reveal must be true or false",
+        )),
+    }
 }
 
 /// The answer of GET and POST /user/api-key.
@@ -443,8 +466,9 @@ struct LegacyColumn {
 }
 
 fn list_keys(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
-    let user = authenticate(store, req)?;
-    let list: KeyList = store.list_keys(user.id)?;
+    let (_, list): (User, KeyList) = store
+        .list_keys(&session_token(req)?)?
+        .ok_or_else(invalid_token)?;
     Ok(Reply::of(
         200,
         &KeyListJson {

@@ -1,8 +1,8 @@
 //! The audit trail: who did what to which key, when. An event is written in the transaction of
 //! the write it records; reveals and reads that found a key expired write nothing themselves and
-//! are queued with the usage counters (`usage::UsageLog`), flushed about once a second and at a
-//! clean shutdown. An event holds ids, a provider, a store and phase names: never a key, a
-//! masked key, a password, a token or an email.
+//! are queued with the usage counters (`usage::UsageLog`, as `ReadEvent`s), flushed about once a
+//! second (sooner when many are queued) and at a clean shutdown. An event holds ids, a provider,
+//! a store and phase names: never a key, a masked key, a password, a token or an email.
 
 use rusqlite::{params, Connection};
 use serde_json::{json, Map, Value};
@@ -73,6 +73,81 @@ impl Event {
     }
 }
 
+/// The event of a read (`key.revealed`, `key.expired`) done by the user, queued with the usage
+/// counters until the next flush. Plain values, no allocation: a busy server queues one per
+/// reveal, many thousands a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReadEvent {
+    pub(crate) at: i64,
+    pub(crate) action: &'static str,
+    pub(crate) user_id: i64,
+    pub(crate) api_key_id: Option<i64>,
+    provider: ShortName,
+    pub(crate) source: Source,
+}
+
+impl ReadEvent {
+    pub(crate) fn new(
+        action: &'static str,
+        user_id: i64,
+        api_key_id: Option<i64>,
+        provider: &str,
+        source: Source,
+    ) -> ReadEvent {
+        ReadEvent {
+            at: now(),
+            action,
+            user_id,
+            api_key_id,
+            provider: ShortName::new(provider),
+            source,
+        }
+    }
+
+    /// The same event as every other one is written.
+    pub(crate) fn to_event(self) -> Event {
+        let mut e = Event::new(self.action, user_actor(self.user_id))
+            .user(self.user_id)
+            .key(self.api_key_id, self.provider.as_str(), self.source);
+        e.at = self.at;
+        e
+    }
+}
+
+/// A provider name held inline (providers are at most 32 bytes: `domain::Provider`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct ShortName {
+    len: u8,
+    bytes: [u8; 32],
+}
+
+impl ShortName {
+    fn new(s: &str) -> ShortName {
+        // A longer name is cut at a character boundary; `Provider` never gives one.
+        let mut len = s.len().min(32);
+        while !s.is_char_boundary(len) {
+            len -= 1;
+        }
+        let mut bytes = [0; 32];
+        bytes[..len].copy_from_slice(&s.as_bytes()[..len]);
+        ShortName {
+            len: len as u8,
+            bytes,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Built from a `&str` cut at a character boundary.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for ShortName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
 pub(crate) fn user_actor(id: i64) -> String {
     format!("user:{id}")
 }
@@ -81,22 +156,72 @@ pub(crate) fn command_actor(name: &str) -> String {
     format!("command:{name}")
 }
 
+/// The columns of an event, in the order `bind` gives them (macros, so that the statements are
+/// put together at compile time).
+macro_rules! insert_into {
+    () => {
+        "INSERT INTO events(at, action, actor, user_id, api_key_id, provider, source, from_phase, to_phase) VALUES "
+    };
+}
+macro_rules! one_row {
+    () => {
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    };
+}
+const FIELDS: usize = 9;
+/// Events of reads written per statement: one statement's start (opening the table, its two
+/// indexes and the AUTOINCREMENT counter) shared by many rows.
+const ROWS_AT_ONCE: usize = 32;
+
 pub(crate) fn record(conn: &Connection, e: &Event) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO events(at, action, actor, user_id, api_key_id, provider, source, from_phase, to_phase)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?
-    .execute(params![
-        e.at,
-        e.action,
-        e.actor,
-        e.user_id,
-        e.api_key_id,
-        e.provider,
-        e.source,
-        e.from,
-        e.to
-    ])?;
+    let mut stmt = conn.prepare_cached(concat!(insert_into!(), one_row!()))?;
+    bind(&mut stmt, 0, e)?;
+    stmt.raw_execute()?;
+    Ok(())
+}
+
+/// Writes queued events of reads, in their order, `ROWS_AT_ONCE` rows per statement.
+pub(crate) fn record_reads(conn: &Connection, queued: &[ReadEvent]) -> Result<()> {
+    static MANY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let many = MANY.get_or_init(|| {
+        format!(
+            "{}{}",
+            insert_into!(),
+            [one_row!(); ROWS_AT_ONCE].join(", ")
+        )
+    });
+    let mut chunks = queued.chunks_exact(ROWS_AT_ONCE);
+    if chunks.len() > 0 {
+        let mut stmt = conn.prepare_cached(many)?;
+        for chunk in &mut chunks {
+            for (i, e) in chunk.iter().enumerate() {
+                bind(&mut stmt, i * FIELDS, &e.to_event())?;
+            }
+            stmt.raw_execute()?;
+        }
+    }
+    for e in chunks.remainder() {
+        record(conn, &e.to_event())?;
+    }
+    Ok(())
+}
+
+/// Binds `e` to the parameters after the first `before` of `stmt`.
+fn bind(stmt: &mut rusqlite::CachedStatement<'_>, before: usize, e: &Event) -> Result<()> {
+    let values: [&dyn rusqlite::ToSql; FIELDS] = [
+        &e.at,
+        &e.action,
+        &e.actor,
+        &e.user_id,
+        &e.api_key_id,
+        &e.provider,
+        &e.source,
+        &e.from,
+        &e.to,
+    ];
+    for (i, v) in values.into_iter().enumerate() {
+        stmt.raw_bind_parameter(before + i + 1, v)?;
+    }
     Ok(())
 }
 
@@ -226,6 +351,49 @@ mod tests {
     use super::*;
     use crate::config::DbLocation;
     use crate::db::{self, Database};
+
+    #[test]
+    fn queued_reads_are_written_in_order_whole_statements_and_the_rest(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let db = Database::new(&DbLocation::Memory)?;
+        let mut conn = db.connect()?;
+        db::migrate_schema(&mut conn)?;
+        let n = 2 * ROWS_AT_ONCE as i64 + 5;
+        let queued: Vec<ReadEvent> = (1..=n)
+            .map(|i| {
+                let (action, key) = if i % 2 == 0 {
+                    (KEY_REVEALED, Some(i * 10))
+                } else {
+                    (KEY_EXPIRED, None)
+                };
+                ReadEvent::new(action, i, key, &format!("p{i}"), Source::Table)
+            })
+            .collect();
+        record_reads(&conn, &queued)?;
+        let mut written = newest_first(
+            &conn,
+            &Query {
+                limit: MAX_LIMIT,
+                ..Query::default()
+            },
+        )?;
+        written.reverse();
+        assert_eq!(written.len(), queued.len());
+        for (got, want) in written.iter().zip(&queued) {
+            let want = want.to_event();
+            assert_eq!(
+                (got.at, got.action.as_str(), got.actor.as_str(), got.user_id),
+                (want.at, want.action, want.actor.as_str(), want.user_id)
+            );
+            assert_eq!(
+                (got.api_key_id, &got.provider),
+                (want.api_key_id, &want.provider)
+            );
+            assert_eq!(got.source.as_deref(), want.source);
+            assert_eq!((got.from.as_deref(), got.to.as_deref()), (None, None));
+        }
+        Ok(())
+    }
 
     #[test]
     fn records_lists_newest_first_filters_and_prunes() {

@@ -15,10 +15,11 @@
 //! and `openai`), so moving a key between the stores copies the sealed text; nothing is
 //! decrypted and re-sealed on the way, and "same sealed text" means "same key".
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::classify::{classify, Verdict};
 use super::events::{self as ev, Event};
+use super::users::{session_in, User};
 use super::{meta, now, Ctx, Result, Source, Store, StoreError};
 use crate::crypto::{Binding, KeyId, KeyRing, OpenError};
 use crate::domain::{ApiKey, ExpiresAt, KeyName, Provider};
@@ -43,8 +44,40 @@ pub(super) struct Row {
 
 impl Row {
     fn expired(&self, now: i64) -> bool {
-        self.expires_at.is_some_and(|t| t <= now)
+        expired(self.expires_at, now)
     }
+}
+
+/// Whether a key with this expiry has expired at `now` (`None`: never expires).
+fn expired(expires_at: Option<i64>, now: i64) -> bool {
+    expires_at.is_some_and(|t| t <= now)
+}
+
+/// What reading a user's default key needs of its row (the reveal reads nothing more).
+struct DefaultKeyRow {
+    id: i64,
+    sealed: String,
+    expires_at: Option<i64>,
+}
+
+fn default_key_row(
+    conn: &Connection,
+    user_id: i64,
+    provider: &str,
+) -> Result<Option<DefaultKeyRow>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT id, sealed_key, expires_at FROM api_keys
+             WHERE user_id = ?1 AND provider = ?2 AND is_default = 1",
+        )?
+        .query_row(params![user_id, provider], |r| {
+            Ok(DefaultKeyRow {
+                id: r.get(0)?,
+                sealed: r.get(1)?,
+                expires_at: r.get(2)?,
+            })
+        })
+        .optional()?)
 }
 
 /// The columns `row` reads, in its order; a macro so that statements are built at compile time
@@ -325,11 +358,15 @@ fn settle_before_write(
     }
 }
 
-/// Whether a dual-phase request of this user must settle the column first (a write).
-fn needs_move(tx: &Connection, user_id: i64) -> Result<bool> {
-    // Cheapest first: most users are not pending and have a default row.
-    Ok(meta::backfill_pending(tx, user_id)?
-        || (default_row(tx, user_id, OPENAI)?.is_none() && column_get(tx, user_id)?.is_some()))
+/// Whether a dual-phase read of this user must settle the column first (a write): the user is
+/// pending backfill from legacy (the column wins), or the column holds a key and the table has
+/// no default OpenAI row. `column_has_key` is asked only when that decides.
+fn needs_move(
+    pending: bool,
+    has_default_row: bool,
+    column_has_key: impl FnOnce() -> Result<bool>,
+) -> Result<bool> {
+    Ok(pending || (!has_default_row && column_has_key()?))
 }
 
 /// A write that sealed `sealed` before its transaction: the value must be sealed with the
@@ -375,7 +412,7 @@ enum Lookup {
 }
 
 fn lookup(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     ctx: &Ctx<'_>,
     user_id: i64,
     provider: &Provider,
@@ -383,18 +420,18 @@ fn lookup(
 ) -> Result<Lookup> {
     let phase = meta::phase(tx)?;
     let p = provider.as_str();
-    let from_table = |tx: &Transaction<'_>| -> Result<Option<Lookup>> {
-        Ok(match default_row(tx, user_id, p)? {
+    let found = |row: Option<DefaultKeyRow>| -> Result<Lookup> {
+        Ok(match row {
             // Not opened, not served, and (dual) not replaced by the column's mirror of it.
-            Some(r) if r.expired(now()) => Some(Lookup::Expired(r.id)),
-            Some(r) => Some(Lookup::Found(
+            Some(r) if expired(r.expires_at, now()) => Lookup::Expired(r.id),
+            Some(r) => Lookup::Found(
                 FoundKey {
                     key: open(ctx, user_id, p, &r.sealed, (Source::Table, Some(r.id)))?,
                     source: Source::Table,
                 },
                 Some(r.id),
-            )),
-            None => None,
+            ),
+            None => Lookup::Missing,
         })
     };
     match phase {
@@ -413,35 +450,41 @@ fn lookup(
                 None => Lookup::Missing,
             })
         }
-        Phase::Dual => {
-            if provider.is_openai() && needs_move(tx, user_id)? {
-                // A column key the table lacks, or the user is pending backfill from legacy
-                // (the column wins): settled in a write transaction, then read from the table.
-                if !may_move {
-                    return Ok(Lookup::MustMove);
-                }
-                let (verdict, _) = settle(tx, ctx, user_id)?;
-                let found = from_table(tx)?;
-                if verdict.needs_move() {
-                    super::evidence::record_legacy_read(tx, now())?;
-                    log::info!(
-                        "user {user_id}: moved the OpenAI key from the legacy column into api_keys on read"
-                    );
-                    if let Some(Lookup::Found(key, id)) = found {
-                        return Ok(Lookup::Found(
-                            FoundKey {
-                                source: Source::Column,
-                                ..key
-                            },
-                            id,
-                        ));
-                    }
-                }
-                return Ok(found.unwrap_or(Lookup::Missing));
+        Phase::Dual if provider.is_openai() => {
+            // The default row is read once: for the check, and as the answer when no move is
+            // needed.
+            let pending = meta::backfill_pending(tx, user_id)?;
+            let row = default_key_row(tx, user_id, p)?;
+            if !needs_move(pending, row.is_some(), || {
+                Ok(column_get(tx, user_id)?.is_some())
+            })? {
+                return found(row);
             }
-            Ok(from_table(tx)?.unwrap_or(Lookup::Missing))
+            // A column key the table lacks, or the user is pending backfill from legacy
+            // (the column wins): settled in a write transaction, then read from the table.
+            if !may_move {
+                return Ok(Lookup::MustMove);
+            }
+            let (verdict, _) = settle(tx, ctx, user_id)?;
+            let after = found(default_key_row(tx, user_id, p)?)?;
+            if verdict.needs_move() {
+                super::evidence::record_legacy_read(tx, now())?;
+                log::info!(
+                    "user {user_id}: moved the OpenAI key from the legacy column into api_keys on read"
+                );
+                if let Lookup::Found(key, id) = after {
+                    return Ok(Lookup::Found(
+                        FoundKey {
+                            source: Source::Column,
+                            ..key
+                        },
+                        id,
+                    ));
+                }
+            }
+            Ok(after)
         }
-        Phase::NewOnly => Ok(from_table(tx)?.unwrap_or(Lookup::Missing)),
+        Phase::Dual | Phase::NewOnly => found(default_key_row(tx, user_id, p)?),
     }
 }
 
@@ -455,47 +498,60 @@ fn sealing_again<T>(mut write: impl FnMut() -> Result<T>) -> Result<T> {
 }
 
 impl Store {
-    /// GET /user/api-key. With `count_use`, a found table key counts one use.
+    /// GET /user/api-key for the session whose token hashes to `session`: `None` when no live
+    /// session has it. The session is checked in the same read transaction as the key is read.
+    /// With `count_use`, a found table key counts one use.
     pub(crate) fn get_default_key(
         &mut self,
-        user_id: i64,
+        session: &[u8],
         provider: &Provider,
         count_use: bool,
-    ) -> Result<DefaultKey> {
-        let mut found = self.read(|tx, ctx| lookup(tx, ctx, user_id, provider, false))?;
+    ) -> Result<Option<(User, DefaultKey)>> {
+        let first = self.read(|tx, ctx| {
+            let Some(user) = session_in(tx, session)? else {
+                return Ok(None);
+            };
+            let found = lookup(tx, ctx, user.id, provider, false)?;
+            Ok(Some((user, found)))
+        })?;
+        let Some((user, mut found)) = first else {
+            return Ok(None);
+        };
+        let user_id = user.id;
         if let Lookup::MustMove = found {
             let provider = provider.clone();
             found = self.write(move |tx, ctx| lookup(tx, ctx, user_id, &provider, true))?;
         }
-        match found {
+        let key = match found {
             Lookup::Found(key, row_id) => {
                 if count_use {
                     // Queued with the usage counters: a reveal costs no transaction of its own.
                     if let Some(id) = row_id {
                         self.shared.usage.record(id, now());
                     }
-                    self.shared
-                        .usage
-                        .record_event(Event::by_user(ev::KEY_REVEALED, user_id).key(
-                            row_id,
-                            provider.as_str(),
-                            key.source,
-                        ));
+                    self.shared.usage.record_event(ev::ReadEvent::new(
+                        ev::KEY_REVEALED,
+                        user_id,
+                        row_id,
+                        provider.as_str(),
+                        key.source,
+                    ));
                 }
-                Ok(DefaultKey::Found(key))
+                DefaultKey::Found(key)
             }
             Lookup::Expired(id) => {
-                self.shared
-                    .usage
-                    .record_event(Event::by_user(ev::KEY_EXPIRED, user_id).key(
-                        Some(id),
-                        provider.as_str(),
-                        Source::Table,
-                    ));
-                Ok(DefaultKey::Expired)
+                self.shared.usage.record_event(ev::ReadEvent::new(
+                    ev::KEY_EXPIRED,
+                    user_id,
+                    Some(id),
+                    provider.as_str(),
+                    Source::Table,
+                ));
+                DefaultKey::Expired
             }
-            Lookup::Missing | Lookup::MustMove => Ok(DefaultKey::Missing),
-        }
+            Lookup::Missing | Lookup::MustMove => DefaultKey::Missing,
+        };
+        Ok(Some((user, key)))
     }
 
     /// POST /user/api-key: sets the user's default key of the provider.
@@ -623,11 +679,23 @@ impl Store {
         })
     }
 
-    /// GET /user/api-keys. In phase dual a key found only in the column is moved first.
-    pub(crate) fn list_keys(&mut self, user_id: i64) -> Result<KeyList> {
-        if let Some(list) = self.read(|tx, ctx| list_in(tx, ctx, user_id, true))? {
-            return Ok(list);
-        }
+    /// GET /user/api-keys for the session whose token hashes to `session` (`None`: no live
+    /// session has it), checked in the listing's own read transaction. In phase dual a key found
+    /// only in the column is moved first.
+    pub(crate) fn list_keys(&mut self, session: &[u8]) -> Result<Option<(User, KeyList)>> {
+        let first = self.read(|tx, ctx| {
+            let Some(user) = session_in(tx, session)? else {
+                return Ok(None);
+            };
+            let list = list_in(tx, ctx, user.id, true)?;
+            Ok(Some((user, list)))
+        })?;
+        let user = match first {
+            None => return Ok(None),
+            Some((user, Some(list))) => return Ok(Some((user, list))),
+            Some((user, None)) => user,
+        };
+        let user_id = user.id;
         let moved = self.write(move |tx, ctx| {
             if meta::phase(tx)? == Phase::Dual {
                 let (verdict, _) = settle(tx, ctx, user_id)?;
@@ -642,8 +710,10 @@ impl Store {
             Err(e @ StoreError::KeyUnreadable { .. }) => log::error!("{e}"),
             other => other?,
         }
-        self.read(|tx, ctx| list_in(tx, ctx, user_id, false))?
-            .ok_or(StoreError::Changed)
+        let list = self
+            .read(|tx, ctx| list_in(tx, ctx, user_id, false))?
+            .ok_or(StoreError::Changed)?;
+        Ok(Some((user, list)))
     }
 
     /// POST /user/api-keys.
@@ -785,15 +855,14 @@ impl Store {
 /// The listing, read in one transaction; `None` when `check_move` finds a column-only key that a
 /// dual-phase read must move first.
 fn list_in(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     ctx: &Ctx<'_>,
     user_id: i64,
     check_move: bool,
 ) -> Result<Option<KeyList>> {
     let phase = meta::phase(tx)?;
-    if check_move && phase == Phase::Dual && needs_move(tx, user_id)? {
-        return Ok(None);
-    }
+    let must_check = check_move && phase == Phase::Dual;
+    let pending = must_check && meta::backfill_pending(tx, user_id)?;
     let column = if phase.has_column() {
         column_get(tx, user_id)?
     } else {
@@ -824,9 +893,16 @@ fn list_in(
             row_columns!(),
             " FROM api_keys WHERE user_id = ?1 ORDER BY provider, id"
         ))?;
-        let rows = stmt.query_map([user_id], row)?;
+        let rows = stmt
+            .query_map([user_id], row)?
+            .collect::<rusqlite::Result<Vec<Row>>>()?;
+        // The user's rows tell whether there is a default OpenAI row.
+        let has_default = rows.iter().any(|r| r.is_default && r.provider == OPENAI);
+        if must_check && needs_move(pending, has_default, || Ok(column.is_some()))? {
+            return Ok(None);
+        }
+        keys.reserve(rows.len());
         for r in rows {
-            let r = r?;
             let (pending, last) = ctx.usage.pending(r.id);
             let expired = r.expired(t);
             keys.push(KeyView {

@@ -14,9 +14,14 @@ const KEY_ID: &str = "encryption_key_id";
 const OLD_BACKFILL_FLAG: &str = "backfill_from_legacy";
 
 fn get(conn: &Connection, name: &str) -> Result<Option<String>> {
+    get_with(conn, name, str::to_owned)
+}
+
+/// The value of `name` as `f` makes it from the stored text, without copying the text first.
+fn get_with<T>(conn: &Connection, name: &str, f: impl FnOnce(&str) -> T) -> Result<Option<T>> {
     Ok(conn
         .prepare_cached("SELECT value FROM keyrack_meta WHERE name = ?1")?
-        .query_row([name], |r| r.get(0))
+        .query_row([name], |r| Ok(f(r.get_ref(0)?.as_str()?)))
         .optional()?)
 }
 
@@ -32,9 +37,20 @@ fn set(conn: &Connection, name: &str, value: &str) -> Result<()> {
 /// The current phase. Read inside the caller's transaction. A change since this process last
 /// read it (a phase command run by another process) is logged once.
 pub(crate) fn phase(conn: &Connection) -> Result<Phase> {
-    let raw = get(conn, PHASE)?.unwrap_or_else(|| "dual".to_owned());
-    let phase = Phase::parse(&raw).ok_or(StoreError::BadPhase { stored: raw })?;
+    // Read every request: parsed from the row as it is, no copy of the text.
+    let phase = match get_with(conn, PHASE, |raw| {
+        Phase::parse(raw).ok_or_else(|| raw.to_owned())
+    })? {
+        None => Phase::Dual,
+        Some(Ok(phase)) => phase,
+        Some(Err(stored)) => return Err(StoreError::BadPhase { stored }),
+    };
     let code = phase_code(phase);
+    // Read first: the phase rarely changes, and a write to the shared counter on every request
+    // would move its cache line between the workers' cores.
+    if LAST_SEEN_PHASE.load(Ordering::Relaxed) == code {
+        return Ok(phase);
+    }
     let before = LAST_SEEN_PHASE.swap(code, Ordering::Relaxed);
     if before != 0 && before != code {
         log::info!(

@@ -125,6 +125,13 @@ pub(crate) struct Shared {
     usage: UsageLog,
 }
 
+impl Shared {
+    /// Tells the server's flusher to write what is pending once more and stop.
+    pub(crate) fn stop_flusher(&self) {
+        self.usage.stop();
+    }
+}
+
 /// One connection and what the key operations need beside it.
 pub(crate) struct Store {
     conn: Connection,
@@ -153,6 +160,12 @@ impl Store {
     /// Writes the usage counts still pending (the server's flusher, once a second and at exit).
     pub(crate) fn flush_usage(&mut self) -> Result<usize> {
         self.shared.usage.flush(&mut self.conn, &self.shared.writes)
+    }
+
+    /// The flusher's wait between two flushes (`UsageLog::wait_for_flush`): true when it is to
+    /// stop.
+    pub(crate) fn wait_for_flush(&self, timeout: std::time::Duration) -> bool {
+        self.shared.usage.wait_for_flush(timeout)
     }
 
     /// The phase, as the next request will see it (GET /healthz).
@@ -199,11 +212,21 @@ impl Store {
     }
 
     /// Runs `f` in a read transaction: one consistent snapshot, no lock taken for writing.
+    /// `BEGIN` and `COMMIT` are prepared once per connection (rusqlite's `Transaction` prepares
+    /// them again on every use, and reads run on every request).
     pub(crate) fn read<T>(
         &mut self,
-        f: impl FnOnce(&Transaction<'_>, &Ctx<'_>) -> Result<T>,
+        f: impl FnOnce(&Connection, &Ctx<'_>) -> Result<T>,
     ) -> Result<T> {
-        self.in_transaction(TransactionBehavior::Deferred, f)
+        let ctx = Ctx {
+            ring: &self.ring,
+            usage: &self.shared.usage,
+            actor: None,
+        };
+        let snapshot = ReadSnapshot::begin(&self.conn)?;
+        let out = f(&self.conn, &ctx)?;
+        snapshot.end()?;
+        Ok(out)
     }
 
     fn in_transaction<T>(
@@ -220,6 +243,34 @@ impl Store {
         let out = f(&tx, &ctx)?;
         tx.commit()?;
         Ok(out)
+    }
+}
+
+/// An open read transaction of `Store::read`: committed by `end`, rolled back when dropped
+/// otherwise (an error or a panic in the body), so the connection never stays inside it.
+struct ReadSnapshot<'c> {
+    conn: &'c Connection,
+    open: bool,
+}
+
+impl<'c> ReadSnapshot<'c> {
+    fn begin(conn: &'c Connection) -> rusqlite::Result<ReadSnapshot<'c>> {
+        conn.prepare_cached("BEGIN DEFERRED")?.execute([])?;
+        Ok(ReadSnapshot { conn, open: true })
+    }
+
+    fn end(mut self) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for ReadSnapshot<'_> {
+    fn drop(&mut self) {
+        if self.open && !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
     }
 }
 
@@ -251,4 +302,40 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
         rusqlite::Error::SqliteFailure(f, _)
             if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DbLocation;
+    use crate::crypto::EncryptionKey;
+    use crate::db::{self, Database};
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    /// `Store::read` opens its transaction with cached statements: a body that fails or panics
+    /// must still leave the connection outside any transaction, or the worker's next request
+    /// could not begin one.
+    #[test]
+    fn a_read_that_fails_or_panics_leaves_no_transaction_open() -> TestResult {
+        let db = Database::new(&DbLocation::Memory)?;
+        let mut conn = db.connect()?;
+        db::migrate_schema(&mut conn)?;
+        let ring = Arc::new(KeyRing::new(EncryptionKey::generate(), vec![]));
+        let mut store = Store::new(conn, ring, Arc::new(Shared::default()));
+
+        let failed: Result<()> = store.read(|_, _| Err(StoreError::NotFound));
+        assert!(matches!(failed, Err(StoreError::NotFound)));
+        assert!(store.conn.is_autocommit());
+
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = store.read(|_, _| -> Result<()> { panic!("a read's body panics") });
+        }));
+        assert!(panicked.is_err());
+        assert!(store.conn.is_autocommit());
+
+        assert_eq!(store.read(|c, _| meta::phase(c))?, Phase::Dual);
+        assert!(store.conn.is_autocommit());
+        Ok(())
+    }
 }

@@ -1,6 +1,6 @@
 //! Accounts and sessions. Passwords arrive here already hashed, tokens as their SHA-256.
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{is_unique_violation, now, Result, Store, StoreError};
 use crate::domain::Email;
@@ -68,19 +68,7 @@ impl Store {
 
     /// The user a live session token belongs to.
     pub(crate) fn session_user(&mut self, token_hash: &[u8]) -> Result<Option<User>> {
-        let conn = &self.conn;
-        Ok(conn
-            .prepare_cached(
-                "SELECT u.id, u.email FROM sessions s JOIN users u ON u.id = s.user_id
-                 WHERE s.token_hash = ?1 AND s.expires_at > ?2",
-            )?
-            .query_row(params![token_hash, now()], |r| {
-                Ok(User {
-                    id: r.get(0)?,
-                    email: r.get(1)?,
-                })
-            })
-            .optional()?)
+        session_in(&self.conn, token_hash)
     }
 
     pub(crate) fn delete_session(&mut self, token_hash: &[u8]) -> Result<()> {
@@ -153,6 +141,28 @@ impl Store {
             Ok(user)
         })
     }
+}
+
+/// The user a live session token belongs to, read on `conn` (in the caller's transaction, when
+/// it has one: a request's session check and its read then share one snapshot). The user is
+/// recorded for the request's log lines (`logging::set_user`).
+pub(crate) fn session_in(conn: &Connection, token_hash: &[u8]) -> Result<Option<User>> {
+    let user = conn
+        .prepare_cached(
+            "SELECT u.id, u.email FROM sessions s JOIN users u ON u.id = s.user_id
+             WHERE s.token_hash = ?1 AND s.expires_at > ?2",
+        )?
+        .query_row(params![token_hash, now()], |r| {
+            Ok(User {
+                id: r.get(0)?,
+                email: r.get(1)?,
+            })
+        })
+        .optional()?;
+    if let Some(u) = &user {
+        crate::logging::set_user(u.id);
+    }
+    Ok(user)
 }
 
 pub(crate) fn insert_user(

@@ -3,6 +3,7 @@
 
 use crate::support::*;
 use serde_json::json;
+use std::time::Duration;
 
 #[test]
 fn the_key_comes_from_a_file_or_a_systemd_credential() {
@@ -128,26 +129,31 @@ fn metrics_count_requests_keys_and_the_phase_and_promtool_accepts_them() {
     assert_eq!(s.get("/no/such/path", None).status, 404);
     assert_eq!(s.get("/user/api-keys/17", None).status, 405);
 
-    // A request is counted once its answer is written, a moment after the client has it: the
-    // scrape waits (briefly) for the last of them.
-    let mut text = String::new();
-    poll_until(std::time::Duration::from_secs(5), || {
-        text = s.get("/metrics", Some("metrics-admin-token")).raw;
-        sample(
-            &text,
-            "keyrack_http_requests_total{route=\"/user/api-keys/{id}\",status=\"405\"}",
-        )
-        .is_some()
-            && sample(
-                &text,
-                "keyrack_http_requests_total{route=\"other\",status=\"404\"}",
-            )
-            .is_some()
-            && sample(
-                &text,
-                "keyrack_http_request_duration_seconds_count{route=\"/healthz\"}",
-            ) == Some(3.0)
-    });
+    // A request is counted once its answer is written: the client can have an answer before
+    // its worker has counted it. Scrape until the requests above are all counted.
+    let scrape = || s.get("/metrics", Some("metrics-admin-token")).raw;
+    let counted = |text: &str| {
+        [
+            ("/healthz", "200", 3.0),
+            ("other", "404", 1.0),
+            ("/user/api-keys/{id}", "405", 1.0),
+        ]
+        .iter()
+        .all(|(route, status, n)| {
+            let series =
+                format!("keyrack_http_requests_total{{route=\"{route}\",status=\"{status}\"}}");
+            sample(text, &series) == Some(*n)
+        }) && sample(
+            text,
+            "keyrack_http_request_duration_seconds_count{route=\"/healthz\"}",
+        ) == Some(3.0)
+    };
+    assert!(
+        poll_until(Duration::from_secs(5), || counted(&scrape())),
+        "not all counted:\n{}",
+        scrape()
+    );
+    let text = scrape();
     let get = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
     assert_eq!(
         get("keyrack_http_requests_total{route=\"/healthz\",status=\"200\"}"),

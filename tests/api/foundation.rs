@@ -216,6 +216,34 @@ fn register_login_me_logout() {
     assert_eq!(r.code(), "unauthorized");
 }
 
+/// The default key and the listing check the session inside their own read: a bad token is
+/// still 401 before any check of the query, and a good one still gets the query's 422.
+#[test]
+fn the_session_is_checked_before_the_query_of_a_key_read() {
+    let s = Env::new().serve();
+    let t = s.user("ada@example.com");
+    for path in [
+        "/user/api-key?reveal=maybe",
+        "/user/api-key?provider=Not%20A%20Provider",
+    ] {
+        for bad in [None, Some("kr_not-a-real-token")] {
+            let r = s.get(path, bad);
+            assert_eq!(
+                (r.status, r.code()),
+                (401, "unauthorized"),
+                "{path} {bad:?}"
+            );
+        }
+        let r = s.get(path, Some(&t));
+        assert_eq!((r.status, r.code()), (422, "validation_failed"), "{path}");
+    }
+    for path in ["/user/api-key?reveal=true", "/user/api-keys"] {
+        let r = s.get(path, Some("kr_not-a-real-token"));
+        assert_eq!((r.status, r.code()), (401, "unauthorized"), "{path}");
+        assert_eq!(s.get(path, Some(&t)).status, 200, "{path}");
+    }
+}
+
 #[test]
 fn tokens_are_stored_only_as_hashes_and_expire() {
     let env = Env::new().var("KEYRACK_SESSION_TTL", "1");

@@ -464,6 +464,32 @@ fn a_500_names_its_request_id_in_the_log() {
         .expect("request line");
     assert_eq!(request_id(key_line), request_id(answer_line));
     assert!(key_line.contains(" user="), "{key_line}");
+    // The listing logs the same key from inside its read (the session checked in the same
+    // transaction): that line names the user too.
+    let before = logs.matches("does not decrypt").count();
+    assert_eq!(s.get("/user/api-keys", Some(&t)).status, 200);
+    assert!(poll_until(Duration::from_secs(10), || {
+        s.logs().matches("does not decrypt").count() > before
+    }));
+    let logs = s.logs();
+    let listing_line = logs
+        .lines()
+        .filter(|l| l.contains("does not decrypt"))
+        .nth(before)
+        .expect("the listing's key line");
+    let listing_answer = logs
+        .lines()
+        .find(|l| l.contains("] GET /user/api-keys 200 "));
+    if let Some(answer) = listing_answer {
+        assert_eq!(request_id(listing_line), request_id(answer));
+    }
+    assert!(
+        listing_line.ends_with(&format!(
+            " user={}",
+            key_line.rsplit("user=").next().unwrap()
+        )),
+        "{listing_line}"
+    );
     for debug_text in ["Some(", "None", "Column", "Table"] {
         assert!(!logs.contains(debug_text), "{debug_text} in {logs}");
     }

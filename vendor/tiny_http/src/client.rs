@@ -127,7 +127,9 @@ impl ClientConnection {
 
         ClientConnection {
             source,
-            sink: SequentialWriterBuilder::new(BufWriter::with_capacity(1024, write_socket)),
+            // keyrack patch: 4 KiB (the original 1 KiB): a response's head and a body of a few
+            // KiB (a listing of keys) leave in one write, not two.
+            sink: SequentialWriterBuilder::new(BufWriter::with_capacity(4096, write_socket)),
             remote_addr,
             next_header_source: first_header,
             no_more_requests: false,

@@ -85,9 +85,19 @@ fn write_message_header<W>(
 where
     W: Write,
 {
+    // keyrack patch: the head is put together in memory and written at once; the original
+    // made four writes per header, each taking the connection's writer lock
+    // (`SequentialWriter`).
+    let mut head = Vec::with_capacity(
+        64 + headers
+            .iter()
+            .map(|h| h.field.as_str().len() + h.value.len() + 4)
+            .sum::<usize>(),
+    );
+
     // writing status line
     write!(
-        &mut writer,
+        &mut head,
         "HTTP/{}.{} {} {}\r\n",
         http_version.0,
         http_version.1,
@@ -97,16 +107,16 @@ where
 
     // writing headers
     for header in headers.iter() {
-        writer.write_all(header.field.as_str().as_ref())?;
-        write!(&mut writer, ": ")?;
-        writer.write_all(header.value.as_str().as_ref())?;
-        write!(&mut writer, "\r\n")?;
+        head.extend_from_slice(header.field.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(header.value.as_bytes());
+        head.extend_from_slice(b"\r\n");
     }
 
     // separator between header and data
-    write!(&mut writer, "\r\n")?;
+    head.extend_from_slice(b"\r\n");
 
-    Ok(())
+    writer.write_all(&head)
 }
 
 fn choose_transfer_encoding(
