@@ -116,17 +116,8 @@ BASE=$SERVER_URL
 start_server keyrack "$BIN" --db "$WORK/serve.db" serve --listen 127.0.0.1:0 --workers "$WORKERS"
 KEYRACK_PID=$SERVER_PID
 URL=$SERVER_URL
-api() { curl -sf -X "$1" "$URL$2" -H 'Content-Type: application/json' ${3:+-H "Authorization: Bearer $3"} ${4:+-d "$4"}; }
-token_of() { python3 -c 'import json,sys;print(json.load(sys.stdin)["token"])'; }
-PW='"password":"correct horse battery"'
-api POST /auth/register "" "{\"email\":\"reveal@example.com\",$PW}" >/dev/null
-api POST /auth/register "" "{\"email\":\"list@example.com\",$PW}" >/dev/null
-T_REVEAL=$(api POST /auth/login "" "{\"email\":\"reveal@example.com\",$PW}" | token_of)
-T_LIST=$(api POST /auth/login "" "{\"email\":\"list@example.com\",$PW}" | token_of)
-api POST /user/api-key "$T_REVEAL" '{"api_key":"sk-bench-0123456789abcdef"}' >/dev/null
-for i in $(seq 1 10); do
-  api POST /user/api-keys "$T_LIST" "{\"provider\":\"p$(( i % 3 ))\",\"api_key\":\"sk-list-$i-0123456789\"}" >/dev/null
-done
+. benches/seed.sh
+seed_bench_users
 record rss_idle_kib "$(peak_rss_kib "$KEYRACK_PID")"
 # The machine is noisy: the baseline is measured right before and right after each group of
 # keyrack runs with the same connection count, and the ratios use the mean of the two.
