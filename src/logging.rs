@@ -108,21 +108,44 @@ fn write_line(
     out.write_all(b"\n")
 }
 
-/// Whether `s` holds a control character (`char::is_control`: C0, DEL and C1), looked for in
-/// its bytes: C1 characters are the two-byte sequences `C2 80` to `C2 9F`.
+/// Whether a character is escaped in a log line: a control character (`char::is_control`: C0,
+/// DEL and C1), a line or paragraph separator (U+2028, U+2029: a line end to editors and log
+/// viewers), or a bidirectional mark, embedding, override or isolate (U+061C, U+200E, U+200F,
+/// U+202A to U+202E, U+2066 to U+2069: they reorder what a terminal shows, so that a line reads
+/// as another).
+fn escaped(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// Whether `s` holds a character to escape (`escaped`), looked for in its bytes: C1 characters
+/// are `C2 80` to `C2 9F`, U+061C is `D8 9C`, U+200E and U+200F are `E2 80 8E` and `E2 80 8F`,
+/// U+2028 to U+202E are `E2 80 A8` to `E2 80 AE`, U+2066 to U+2069 are `E2 81 A6` to `E2 81 A9`.
 fn has_control(s: &str) -> bool {
     let b = s.as_bytes();
     b.iter().enumerate().any(|(i, &c)| {
+        let next = |k: usize| b.get(i + k).copied().unwrap_or(0);
         c < 0x20
             || c == 0x7f
-            || (c == 0xc2 && b.get(i + 1).is_some_and(|n| (0x80..0xa0).contains(n)))
+            || (c == 0xc2 && (0x80..0xa0).contains(&next(1)))
+            || (c == 0xd8 && next(1) == 0x9c)
+            || (c == 0xe2
+                && match next(1) {
+                    0x80 => matches!(next(2), 0x8e | 0x8f | 0xa8..=0xae),
+                    0x81 => (0xa6..=0xa9).contains(&next(2)),
+                    _ => false,
+                })
     })
 }
 
-/// Appends `s` with its control characters escaped (`\r`, `\n`, `\u{1b}`).
+/// Appends `s` with its control characters, line separators and bidirectional controls escaped
+/// (`\r`, `\n`, `\u{1b}`, `\u{2028}`, `\u{202e}`).
 fn push_printable(out: &mut String, s: &str) {
     for c in s.chars() {
-        if c.is_control() {
+        if escaped(c) {
             let _ = write!(out, "{}", c.escape_default());
         } else {
             out.push(c);
@@ -230,10 +253,29 @@ mod tests {
     }
 
     #[test]
+    fn line_separators_and_bidirectional_overrides_are_escaped() {
+        // U+2028/U+2029 end a line in editors and log viewers; U+202E and the other bidi
+        // controls reorder what a terminal shows, so a line could pass for another. Neither is a
+        // `char::is_control` character.
+        let l = line(
+            "GET /a\u{2028}2026 FAKE\u{2029}\u{202e}x\u{2066}\u{200f} 404",
+            None,
+            false,
+        );
+        for c in ['\u{2028}', '\u{2029}', '\u{202e}', '\u{2066}', '\u{200f}'] {
+            assert!(!l.contains(c), "{c:?} in {l:?}");
+        }
+        assert!(
+            l.contains(r"/a\u{2028}2026 FAKE\u{2029}\u{202e}x\u{2066}\u{200f} 404"),
+            "{l:?}"
+        );
+    }
+
+    #[test]
     fn control_characters_are_found_in_the_bytes() {
         for c in (0..=0x10ffff_u32).filter_map(char::from_u32) {
             let s = format!("a{c}b");
-            assert_eq!(has_control(&s), c.is_control(), "{c:?}");
+            assert_eq!(has_control(&s), escaped(c), "{c:?}");
         }
     }
 
