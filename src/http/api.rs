@@ -95,12 +95,18 @@ pub struct Reply {
     pub close: bool,
 }
 
+/// The room a JSON reply body starts with: enough for the largest reveal (a key of at most 512
+/// characters, each `"` or backslash taking two bytes, and the rest of its fields), so that a
+/// revealed key's body never grows and leaves an unwiped copy of the key in the allocation it
+/// frees. Larger bodies (listings, which carry no secret) grow as usual.
+pub(crate) const BODY_CAPACITY: usize = 2048;
+
 impl Reply {
     /// A reply with `body` serialized as JSON.
     pub fn of<T: Serialize>(status: u16, body: &T) -> Reply {
-        // Serializing plain structs and maps into memory cannot fail. Room for most bodies at
-        // once: fewer reallocations, and no copies of a revealed key left behind by them.
-        let mut bytes = Vec::with_capacity(1024);
+        // Serializing plain structs and maps into memory cannot fail. Room for any reveal at
+        // once: no copies of a revealed key left behind by a reallocation.
+        let mut bytes = Vec::with_capacity(BODY_CAPACITY);
         if serde_json::to_writer(&mut bytes, body).is_err() {
             bytes.clear();
         }

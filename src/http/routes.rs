@@ -628,6 +628,32 @@ fn admin_events(
 mod tests {
     use super::*;
 
+    /// A revealed key is serialized into the reply's buffer: were the buffer to grow, the
+    /// allocation it leaves behind (a copy of the key, JSON-escaped) would be freed unwiped. The
+    /// largest reveal body (a key of 512 characters that each take two bytes in JSON, the longest
+    /// provider) fits the buffer the reply starts with.
+    #[test]
+    fn the_largest_reveal_fits_the_reply_buffer_without_growing_it() {
+        let key = "\"".repeat(256) + &"\\".repeat(256);
+        assert!(crate::domain::ApiKey::parse(&key).is_ok());
+        let provider = "p".repeat(32);
+        let body = Reply::of(
+            200,
+            &KeyState {
+                has_key: true,
+                provider: &provider,
+                masked_key: Some(crate::domain::mask(&key)),
+                source: Some(crate::store::Source::Column.as_str()),
+                api_key: Some(&key),
+                expired: false,
+            },
+        )
+        .body
+        .unwrap_or_default();
+        assert!(body.len() > 1024, "{}", body.len());
+        assert_eq!(body.capacity(), super::super::api::BODY_CAPACITY);
+    }
+
     #[test]
     fn path_matching() {
         assert_eq!(
