@@ -30,6 +30,10 @@ const SESSION_PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Most connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 1024;
 
+/// Tries of the flush at a shutdown, each waiting up to `KEYRACK_BUSY_TIMEOUT` for a lock
+/// another process holds (the default 5 s: up to 50 s in all, within systemd's 90 s stop).
+const FINAL_FLUSH_TRIES: u32 = 10;
+
 /// `MAX_CONNECTIONS`, or in debug builds only `KEYRACK_TEST_MAX_CONNECTIONS` (a positive
 /// number), so the test suite goes past the cap without opening a thousand connections.
 /// Release builds ignore it.
@@ -118,15 +122,33 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
             }
             // Woken sooner when many events of reads are queued, or to stop.
             let done = flusher_store.wait_for_flush(Duration::from_secs(1));
-            if let Err(e) = flusher_store.flush_usage() {
+            let mut written = flusher_store.flush_usage();
+            if !done {
+                if let Err(e) = written {
+                    log::warn!(
+                        "could not write usage counters yet: {}",
+                        crate::error_chain(&e)
+                    );
+                }
+                continue;
+            }
+            // The last flush has no later one to catch up: while another process holds the
+            // write lock, it tries again (each try waits up to KEYRACK_BUSY_TIMEOUT).
+            for _ in 1..FINAL_FLUSH_TRIES {
+                let Err(e) = &written else { break };
                 log::warn!(
-                    "could not write usage counters yet: {}",
+                    "could not write usage counters and events of reads at shutdown yet, trying again: {}",
+                    crate::error_chain(e)
+                );
+                written = flusher_store.flush_usage();
+            }
+            if let Err(e) = written {
+                log::error!(
+                    "usage counters and events of reads not written at shutdown after {FINAL_FLUSH_TRIES} tries, they are lost: {}",
                     crate::error_chain(&e)
                 );
             }
-            if done {
-                return;
-            }
+            return;
         })
     };
 
