@@ -216,6 +216,20 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log once it holds each of `lines` (10 s at most). A request's line is written after
+    /// its answer (its duration covers the writing), so a client can hold the answer before the
+    /// line is in the log, and a later request's line can come first: a test that reads the log
+    /// right after its requests waits for their lines with this.
+    pub fn logs_with(&self, lines: &[&str]) -> String {
+        let all_in = |logs: &str| lines.iter().all(|l| logs.contains(l));
+        assert!(
+            poll_until(Duration::from_secs(10), || all_in(&self.logs())),
+            "not all of {lines:?} in the log:\n{}",
+            self.logs()
+        );
+        self.logs()
+    }
+
     pub fn request(
         &self,
         method: &str,
