@@ -257,12 +257,7 @@ fn foreign_column_writes_are_counted_and_hold_back_phase_3() {
     drop(server);
 
     let out = env.run(&["remove-legacy-column", "--yes"]);
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains("legacy reads     1"),
-        "{}",
-        stdout(&out)
-    );
+    says(&out, 3, "legacy reads     1");
     let err = stderr(&out);
     assert!(
         err.contains("1 times") && err.contains("--ignore-foreign-writes"),

@@ -39,11 +39,10 @@ fn migrate_backfills_reports_and_is_idempotent() {
     assert_eq!(st["table_keys"], 0);
 
     let out = env.run(&["migrate"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains("migrated 25, already migrated 0, conflicts 0, failed 0"),
-        "{}",
-        stdout(&out)
+    says(
+        &out,
+        0,
+        "migrated 25, already migrated 0, conflicts 0, failed 0",
     );
     assert!(stderr(&out).contains("migrated 25"), "logged too");
     let st = status_json(&env);
@@ -223,12 +222,7 @@ fn remove_legacy_column_needs_confirmation_backs_up_then_drops() {
 
     // Revert re-adds the column with each default key.
     let out = env.run(&["revert", "--yes"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains("10 keys in the legacy column"),
-        "{}",
-        stdout(&out)
-    );
+    says(&out, 0, "10 keys in the legacy column");
     assert_eq!(s.get("/healthz", None).body["phase"], "legacy");
     assert_eq!(
         s.reveal(&t, "openai").as_deref(),
@@ -515,12 +509,7 @@ fn rotate_encryption_key_reseals_everything() {
     let id_of = |key: &str| seal_like_keyrack(key, 1, "openai", "x")[..21].to_owned();
     assert_eq!(sealed_with("mistral"), id_of(KEY_A));
     let out = rotated.run(&["rotate-encryption-key"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains("re-encrypted 4, already under the current key 0"),
-        "{}",
-        stdout(&out)
-    );
+    says(&out, 0, "re-encrypted 4, already under the current key 0");
     // The running server follows: what it writes now is sealed with B, and it says so once.
     assert_eq!(
         during

@@ -381,6 +381,13 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A command ended with `code` (else its stderr is shown) and its stdout holds `needle`.
+#[track_caller]
+pub fn says(out: &Output, code: i32, needle: &str) {
+    assert_eq!(out.status.code(), Some(code), "{}", stderr(out));
+    assert!(stdout(out).contains(needle), "{}", stdout(out));
+}
+
 /// Every byte of the database files (main file, WAL, shared memory), for plaintext greps.
 pub fn db_bytes(db: &Path) -> Vec<u8> {
     let mut all = Vec::new();
