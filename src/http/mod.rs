@@ -1,6 +1,7 @@
-//! The HTTP server: a listener, a fixed pool of worker threads each with its own database
-//! connection, and the loop that turns a tiny_http request into an `Incoming`, routes it, and
-//! writes the reply. Shutdown on SIGINT/SIGTERM: stop accepting, close idle keep-alive
+//! The HTTP server: a listener, two fixed pools of worker threads each with its own database
+//! connection (readers take every request from the connections and serve the reads; writers
+//! serve the writes the readers pass them), and the loop that turns a tiny_http request into
+//! an `Incoming`, routes it, and writes the reply. Shutdown on SIGINT/SIGTERM: stop accepting, close idle keep-alive
 //! connections, read and answer every request that had begun to arrive, flush usage counters,
 //! return. The HTTP layer's timeouts are settings (`HttpTimeouts`).
 
@@ -11,12 +12,13 @@ pub(crate) mod routes;
 use std::io::{Cursor, Read, Write};
 use std::net::TcpListener;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
-use tiny_http::{ConnectionOptions, Header, Response, Server, StatusCode};
+use tiny_http::{ConnectionOptions, Header, Method, Response, Server, StatusCode};
 use zeroize::Zeroizing;
 
 use crate::app::App;
@@ -51,6 +53,9 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     let stores = (0..cfg.workers)
         .map(|_| app.store())
         .collect::<Result<Vec<_>, _>>()?;
+    let write_stores = (0..cfg.write_workers)
+        .map(|_| app.store())
+        .collect::<Result<Vec<_>, _>>()?;
     let mut flusher_store = app.store()?;
 
     let listener = TcpListener::bind(cfg.listen)
@@ -78,22 +83,51 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
 
+    // Writes wait for their group's commit to reach the disk; the more writers wait, the larger
+    // the group. They wait in a pool of their own, so the readers stay few (as many as keep the
+    // cores busy) and a burst of writes never holds them.
+    let (to_writers, writes) = mpsc::channel::<tiny_http::Request>();
+    let writes = Arc::new(Mutex::new(writes));
+    let writers: Vec<_> = write_stores
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut store)| {
+            let writes = writes.clone();
+            let app = app.clone();
+            thread::Builder::new()
+                .name(format!("writer-{i}"))
+                .spawn(move || loop {
+                    // Ends once every reader is gone and the queue is empty.
+                    let next = writes.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    let Ok(rq) = next else { return };
+                    handle(&app, &mut store, rq);
+                })
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
     let workers: Vec<_> = stores
         .into_iter()
         .enumerate()
         .map(|(i, mut store)| {
             let server = server.clone();
             let app = app.clone();
+            let to_writers = to_writers.clone();
             thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .spawn(move || {
                     while let Ok(rq) = server.recv() {
-                        handle(&app, &mut store, rq);
+                        if !is_write(rq.method()) {
+                            handle(&app, &mut store, rq);
+                        } else if let Err(mpsc::SendError(rq)) = to_writers.send(rq) {
+                            // No writer left (only if one died): served here.
+                            handle(&app, &mut store, rq);
+                        }
                     }
                 })
         })
         .collect::<Result<_, _>>()
         .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
+    drop(to_writers);
 
     let flusher = {
         let audit_days = app.audit_days;
@@ -157,7 +191,11 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
         let _ = writeln!(out, "keyrack listening on http://{addr}");
         let _ = out.flush();
     }
-    log::info!("serving on http://{addr} with {} workers", cfg.workers);
+    log::info!(
+        "serving on http://{addr} with {} workers and {} writers",
+        cfg.workers,
+        cfg.write_workers
+    );
 
     // Wait for SIGINT or SIGTERM.
     if let Some(sig) = signals.forever().next() {
@@ -176,10 +214,23 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     for w in workers {
         let _ = w.join();
     }
+    // The readers are gone: the writers answer what was passed to them, then stop.
+    for w in writers {
+        let _ = w.join();
+    }
     app.shared.stop_flusher();
     let _ = flusher.join();
     log::info!("stopped");
     Ok(())
+}
+
+/// Whether a request goes to the writers' pool: the methods that change something. A read that
+/// happens to write (a key moved from the legacy column on read) stays with the readers.
+fn is_write(method: &Method) -> bool {
+    matches!(
+        method,
+        Method::Post | Method::Put | Method::Patch | Method::Delete
+    )
 }
 
 /// Serves one request: never panics, always answers.

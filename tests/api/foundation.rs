@@ -606,6 +606,51 @@ fn a_database_locked_too_long_answers_503_busy() {
 }
 
 #[test]
+fn reads_are_served_while_writes_wait_for_the_database() {
+    use std::time::{Duration, Instant};
+    // One reader; the writes have a pool of their own.
+    let env = Env::new()
+        .var("KEYRACK_BUSY_TIMEOUT", "30")
+        .var("KEYRACK_WRITE_WORKERS", "2");
+    let s = env.serve_with(&["--workers", "1"]);
+    let t = s.user("ada@example.com");
+    // Another process holds the write lock: the write below waits for it.
+    let mut holder = rusqlite::Connection::open(env.db()).unwrap();
+    let tx = holder
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .unwrap();
+    let writer = {
+        let (base, t) = (s.base.clone(), t.clone());
+        std::thread::spawn(move || {
+            ureq::post(&format!("{base}/user/api-key"))
+                .set("Authorization", &format!("Bearer {t}"))
+                .send_json(json!({"api_key": "sk-waiting-0123456789"}))
+                .map(|r| r.status())
+                .map_err(|e| e.to_string())
+        })
+    };
+    // For a second and a half, reads come one after another: each is answered at once, not
+    // after the write (which would hold the one reader for the 30 s busy timeout).
+    let start = Instant::now();
+    let mut reads = 0;
+    while start.elapsed() < Duration::from_millis(1500) {
+        let asked = Instant::now();
+        let r = s.get("/user/api-keys", Some(&t));
+        assert_eq!(r.status, 200, "{}", r.raw);
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "a read waited {:?} behind a write",
+            asked.elapsed()
+        );
+        reads += 1;
+    }
+    assert!(!writer.is_finished(), "the write did not wait for the lock");
+    tx.rollback().unwrap();
+    assert_eq!(writer.join().unwrap(), Ok(200));
+    assert!(reads > 1);
+}
+
+#[test]
 fn an_idle_keep_alive_connection_is_closed() {
     use std::io::Read;
     let s = Env::new().var("KEYRACK_IDLE_TIMEOUT", "0.3").serve();

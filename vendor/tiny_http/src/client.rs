@@ -1,7 +1,7 @@
 
 use std::io::Error as IoError;
 use std::io::Result as IoResult;
-use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Read, Write};
 
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
@@ -155,12 +155,12 @@ impl ClientConnection {
         self.deadline.store(at, AtomicOrdering::Relaxed);
     }
 
-    fn read_byte(&mut self) -> IoResult<Option<u8>> {
-        let mut b = [0u8; 1];
+    /// keyrack patch: how many bytes are buffered for this connection, read from the socket
+    /// when there are none; 0 when the client has closed it.
+    fn fill(&mut self) -> IoResult<usize> {
         loop {
-            match self.next_header_source.read(&mut b) {
-                Ok(0) => return Ok(None),
-                Ok(_) => return Ok(Some(b[0])),
+            match self.next_header_source.fill_buf() {
+                Ok(buf) => return Ok(buf.len()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
@@ -172,67 +172,62 @@ impl ClientConnection {
     /// applies, and a graceful shutdown closes it. From its first byte on, the head (and a
     /// small body, read with it) must arrive within the head timeout. Lines may end in CRLF
     /// or a bare LF (both are accepted, here and by the parser). The original read lines
-    /// without any limit or deadline.
+    /// without any limit or deadline. The head is scanned in the connection's buffer and only
+    /// its own bytes are consumed: what follows it stays buffered for the body or the next
+    /// request.
     fn read_head(&mut self) -> Result<Vec<u8>, ReadError> {
         if !self.tracker.enter_idle(self.id, self.accepted, self.close_handle.as_ref()) {
             return Err(ReadError::Closed);
         }
         self.set_deadline(self.options.idle_timeout);
-        let first = self.read_byte();
+        let first = self.fill();
         self.tracker.begin_head(self.id);
         self.accepted = None;
-        let mut byte = match first {
-            Ok(Some(b)) => b,
-            Ok(None) => return Err(ReadError::Closed),
+        match first {
+            Ok(0) => return Err(ReadError::Closed),
+            Ok(_) => {}
             // an idle keep-alive connection is closed without an answer
             Err(e) if e.kind() == ErrorKind::TimedOut => return Err(ReadError::Closed),
             Err(e) => return Err(ReadError::ReadIoError(e)),
-        };
+        }
         self.set_deadline(self.options.head_timeout);
 
-        let mut head = Vec::with_capacity(256);
-        let mut line_start = 0;
-        let mut request_line_len = None;
-        let mut header_lines = 0;
-        let mut empty_lines = 0;
+        let mut scan = HeadScan {
+            head: Vec::with_capacity(256),
+            line_start: 0,
+            request_line_len: None,
+            header_lines: 0,
+            empty_lines: 0,
+        };
         loop {
-            head.push(byte);
-            if byte == b'\n' {
-                let line = &head[line_start..head.len() - 1];
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if line.is_empty() {
-                    if request_line_len.is_some() {
-                        return Ok(head);
-                    }
-                    empty_lines += 1;
-                    if empty_lines > MAX_LEADING_EMPTY_LINES {
-                        return Err(ReadError::BadRequest("the request line is missing"));
-                    }
-                    head.clear();
-                } else if request_line_len.is_none() {
-                    request_line_len = Some(head.len());
-                } else {
-                    header_lines += 1;
-                    if header_lines > MAX_HEADERS {
-                        return Err(ReadError::HeadersTooLarge);
+            let (used, done) = {
+                match self.fill() {
+                    Ok(0) => return Err(ReadError::Closed),
+                    Ok(_) => {}
+                    Err(e) => return Err(ReadError::ReadIoError(e)),
+                }
+                // buffered now: no read from the socket
+                let buf = match self.next_header_source.fill_buf() {
+                    Ok(buf) => buf,
+                    Err(e) => return Err(ReadError::ReadIoError(e)),
+                };
+                let mut used = 0;
+                let mut done = None;
+                for &byte in buf {
+                    used += 1;
+                    done = scan.push(byte);
+                    if done.is_some() {
+                        break;
                     }
                 }
-                line_start = head.len();
-            } else {
-                let line_len = head.len() - line_start;
-                match request_line_len {
-                    None if line_len > MAX_REQUEST_LINE => return Err(ReadError::UriTooLong),
-                    Some(first) if line_len > MAX_HEADER_LINE || head.len() - first > MAX_HEADER_BYTES => {
-                        return Err(ReadError::HeadersTooLarge)
-                    }
-                    _ => {}
-                }
-            }
-            byte = match self.read_byte() {
-                Ok(Some(b)) => b,
-                Ok(None) => return Err(ReadError::Closed),
-                Err(e) => return Err(ReadError::ReadIoError(e)),
+                (used, done)
             };
+            self.next_header_source.consume(used);
+            match done {
+                Some(Ok(())) => return Ok(scan.head),
+                Some(Err(e)) => return Err(e),
+                None => {}
+            }
         }
     }
 
@@ -344,6 +339,58 @@ impl ClientConnection {
             writer.flush().ok();
         }
         self.linger();
+    }
+}
+
+/// keyrack patch: a request head as it arrives, byte by byte, with the limits on its lines.
+struct HeadScan {
+    head: Vec<u8>,
+    line_start: usize,
+    request_line_len: Option<usize>,
+    header_lines: usize,
+    empty_lines: usize,
+}
+
+impl HeadScan {
+    /// Takes the next byte: `Some(Ok(()))` when it ended the head, `Some(Err(_))` when the
+    /// head broke a limit, `None` to go on.
+    #[inline]
+    fn push(&mut self, byte: u8) -> Option<Result<(), ReadError>> {
+        self.head.push(byte);
+        if byte == b'\n' {
+            let line = &self.head[self.line_start..self.head.len() - 1];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.is_empty() {
+                if self.request_line_len.is_some() {
+                    return Some(Ok(()));
+                }
+                self.empty_lines += 1;
+                if self.empty_lines > MAX_LEADING_EMPTY_LINES {
+                    return Some(Err(ReadError::BadRequest("the request line is missing")));
+                }
+                self.head.clear();
+            } else if self.request_line_len.is_none() {
+                self.request_line_len = Some(self.head.len());
+            } else {
+                self.header_lines += 1;
+                if self.header_lines > MAX_HEADERS {
+                    return Some(Err(ReadError::HeadersTooLarge));
+                }
+            }
+            self.line_start = self.head.len();
+        } else {
+            let line_len = self.head.len() - self.line_start;
+            match self.request_line_len {
+                None if line_len > MAX_REQUEST_LINE => return Some(Err(ReadError::UriTooLong)),
+                Some(first)
+                    if line_len > MAX_HEADER_LINE || self.head.len() - first > MAX_HEADER_BYTES =>
+                {
+                    return Some(Err(ReadError::HeadersTooLarge))
+                }
+                _ => {}
+            }
+        }
+        None
     }
 }
 
