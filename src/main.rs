@@ -21,6 +21,7 @@ else ./.env when it exists), the file over the default. An empty variable counts
   KEYRACK_DB                   database file, or :memory: (default keyrack.db)
   KEYRACK_LISTEN               serve: address to listen on (default 127.0.0.1:8080; port 0: any)
   KEYRACK_WORKERS              serve: worker threads (default twice the cores, at least 4)
+  KEYRACK_WRITE_WORKERS        serve: threads that serve writes (default 16)
   KEYRACK_ENCRYPTION_KEY       32 random bytes in standard base64, as `keyrack gen-key` prints;
                                unset: KEYRACK_ENCRYPTION_KEY_FILE, else the systemd credential
                                keyrack-encryption-key in $CREDENTIALS_DIRECTORY, else the key file
