@@ -223,7 +223,23 @@ impl Provider {
     }
 }
 
-/// An optional label for a key: trimmed, 1 to 100 characters without control characters.
+/// Whether a character makes text break or display as other text: a control character
+/// (`char::is_control`: C0, DEL and C1), a line or paragraph separator (U+2028, U+2029: a line
+/// end to editors and log viewers), or a bidirectional mark, embedding, override or isolate
+/// (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069: they reorder what a terminal or
+/// a page shows, so that `txt.exe` can read as `exe.txt`). Log lines escape these; key names
+/// refuse them.
+pub fn disguises_text(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// An optional label for a key: trimmed, 1 to 100 characters, none of them a control,
+/// line-separator or bidirectional formatting character (`disguises_text`): a name is shown
+/// on the page, by `inspect` and in listings, and must read as what it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyName(String);
 
@@ -231,10 +247,11 @@ impl KeyName {
     pub fn parse(raw: &str) -> Result<KeyName, Invalid> {
         let name = raw.trim();
         let n = name.chars().count();
-        if !(1..=100).contains(&n) || name.chars().any(char::is_control) {
+        if !(1..=100).contains(&n) || name.chars().any(disguises_text) {
             return Err(Invalid::new(
                 "name",
-                "name must be 1 to 100 characters without control characters",
+                "name must be 1 to 100 characters without control, line-separator or \
+                 bidirectional formatting characters",
             ));
         }
         Ok(KeyName(name.to_owned()))

@@ -108,17 +108,10 @@ fn write_line(
     out.write_all(b"\n")
 }
 
-/// Whether a character is escaped in a log line: a control character (`char::is_control`: C0,
-/// DEL and C1), a line or paragraph separator (U+2028, U+2029: a line end to editors and log
-/// viewers), or a bidirectional mark, embedding, override or isolate (U+061C, U+200E, U+200F,
-/// U+202A to U+202E, U+2066 to U+2069: they reorder what a terminal shows, so that a line reads
-/// as another).
+/// Whether a character is escaped in a log line: those that make a line break or read as
+/// another (`domain::disguises_text`).
 fn escaped(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
-        )
+    crate::domain::disguises_text(c)
 }
 
 /// Whether `s` holds a character to escape (`escaped`), looked for in its bytes: C1 characters

@@ -199,6 +199,35 @@ fn several_keys_defaults_and_delete_by_id() {
         .as_str()
         .unwrap()
         .contains("is_default"));
+    // A name that would display as another (a right-to-left override, a line separator) is
+    // refused, naming the field; an ordinary non-Latin name is not.
+    for disguised in [
+        "work\u{202e}txt.exe",
+        "a\u{2028}b",
+        "x\u{2066}y\u{2069}",
+        "tab\there",
+    ] {
+        let r = add(
+            "openai",
+            "sk-valid-0123456789",
+            json!({ "name": disguised }),
+        );
+        assert_eq!(
+            (r.status, r.code()),
+            (422, "validation_failed"),
+            "{disguised:?}"
+        );
+        assert!(r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("name"));
+    }
+    let r = add(
+        "openai",
+        "sk-valid-0123456789",
+        json!({"name": "עבודה مفتاح"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.raw);
     let r = s.get("/user/api-key?provider=Bad%20Provider", Some(&t));
     assert_eq!((r.status, r.code()), (422, "validation_failed"));
     let r = s.get("/user/api-key?reveal=maybe", Some(&t));
