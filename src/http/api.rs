@@ -17,11 +17,18 @@ pub struct Incoming {
     pub method: String,
     pub path: String,
     pub query: Vec<(String, String)>,
-    pub authorization: Option<String>,
-    pub body: Vec<u8>,
+    /// The `Authorization` header (a bearer token): wiped when the request is dropped.
+    pub authorization: Option<Zeroizing<String>>,
+    /// The body (a key or a password, often): wiped when the request is dropped.
+    pub body: Zeroizing<Vec<u8>>,
 }
 
 impl Incoming {
+    /// The `Authorization` header's value, if one was sent.
+    pub fn authorization(&self) -> Option<&str> {
+        self.authorization.as_deref().map(String::as_str)
+    }
+
     pub fn query_param(&self, name: &str) -> Option<&str> {
         self.query
             .iter()
@@ -47,8 +54,26 @@ impl Incoming {
     }
 }
 
-/// The fields of a JSON object body, read with errors that name the field.
+/// The fields of a JSON object body, read with errors that name the field. Every string in it
+/// is wiped when it is dropped: the body's keys and passwords are parsed into these.
 pub struct Fields(Map<String, Value>);
+
+impl Drop for Fields {
+    fn drop(&mut self) {
+        self.0.values_mut().for_each(wipe);
+    }
+}
+
+/// Zeroes every string of a JSON value in place.
+fn wipe(v: &mut Value) {
+    use zeroize::Zeroize;
+    match v {
+        Value::String(s) => s.zeroize(),
+        Value::Array(a) => a.iter_mut().for_each(wipe),
+        Value::Object(m) => m.values_mut().for_each(wipe),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
 
 impl Fields {
     pub fn required_str(&self, name: &str) -> Result<&str, ApiError> {
@@ -320,13 +345,26 @@ mod tests {
     }
 
     #[test]
+    fn every_string_of_a_body_is_wiped() {
+        let mut v: Value = serde_json::json!({
+            "api_key": "sk-secret-0123456789",
+            "nested": {"password": "correct horse", "list": ["a", 1, true, null]},
+        });
+        wipe(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({"api_key": "", "nested": {"password": "", "list": ["", 1, true, null]}})
+        );
+    }
+
+    #[test]
     fn field_errors_name_the_field() {
         let inc = Incoming {
             method: "POST".into(),
             path: "/".into(),
             query: vec![],
             authorization: None,
-            body: br#"{"email": 5}"#.to_vec(),
+            body: Zeroizing::new(br#"{"email": 5}"#.to_vec()),
         };
         let f = inc.json().unwrap();
         let e = f.required_str("email").unwrap_err();

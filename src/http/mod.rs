@@ -284,13 +284,17 @@ fn read_incoming(
                     "send one Authorization header, not several",
                 ));
             }
-            authorization = Some(h.value.as_str().to_owned());
+            authorization = Some(Zeroizing::new(h.value.as_str().to_owned()));
         }
     }
     if rq.body_length().is_some_and(|n| n > MAX_BODY) {
         return Err(ApiError::payload_too_large());
     }
-    let mut body = Vec::new();
+    // Room for the declared length at once (bounded above): a body that grows leaves unwiped
+    // copies of itself in the allocations it outgrows.
+    let mut body = Zeroizing::new(Vec::with_capacity(
+        rq.body_length().unwrap_or(0).min(MAX_BODY),
+    ));
     if let Err(e) = rq
         .as_reader()
         .take(MAX_BODY as u64 + 1)

@@ -138,8 +138,7 @@ fn authenticate(store: &mut Store, req: &Incoming) -> Result<User, ApiError> {
 /// reads (the default key, the listing) check it in their own read transaction.
 fn session_token(req: &Incoming) -> Result<[u8; 32], ApiError> {
     let header = req
-        .authorization
-        .as_deref()
+        .authorization()
         .ok_or_else(|| ApiError::unauthorized("this route needs an Authorization: Bearer token"))?;
     let token = bearer(header).ok_or_else(|| {
         ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
@@ -293,11 +292,7 @@ fn upgrade_hash(store: &mut Store, c: &Credentials, password: &crate::domain::Se
 
 fn logout(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
     authenticate(store, req)?;
-    let token = req
-        .authorization
-        .as_deref()
-        .and_then(bearer)
-        .unwrap_or_default();
+    let token = req.authorization().and_then(bearer).unwrap_or_default();
     store.delete_session(&auth::token_hash(token))?;
     Ok(Reply::no_content())
 }
@@ -561,11 +556,7 @@ fn metrics(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<R
 /// The admin routes' check: 404 without an admin token configured, 401 for a wrong one.
 fn check_admin(app: &App, req: &Incoming) -> Result<(), ApiError> {
     let expected = app.admin_token.as_ref().ok_or_else(ApiError::not_found)?;
-    let given = req
-        .authorization
-        .as_deref()
-        .and_then(bearer)
-        .unwrap_or_default();
+    let given = req.authorization().and_then(bearer).unwrap_or_default();
     if !auth::constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) {
         return Err(ApiError::unauthorized(
             "the admin token is missing or wrong",
