@@ -6,6 +6,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use crate::support::*;
 
 /// Short timeouts, so that a test never waits for production values.
@@ -326,6 +328,53 @@ fn a_refused_pipelined_request_is_answered_after_the_one_before_it() {
             .expect("a 501 after the 401");
         assert!(first.ends_with("}"), "{ans}");
         assert!(rest.contains("not_implemented"), "{ans}");
+    }
+}
+
+#[test]
+fn pipelined_writes_never_wedge_a_single_writer() {
+    // One writer thread. Pipelined writes used to be handed to it by the readers in whatever
+    // order they raced: a write taken before the one ahead of it on its connection waited for
+    // that one's answer, which only the same writer could give; every write of every client
+    // then hung, and so did SIGTERM. Many readers make the race likely.
+    let s = fast_env()
+        .var("KEYRACK_WRITE_WORKERS", "1")
+        .serve_with(&["--workers", "16"]);
+    let one: &[u8] = b"POST /nowhere HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+    for round in 0..30 {
+        let mut req = one.repeat(99);
+        req.extend_from_slice(b"DELETE /nowhere HTTP/1.1\r\nConnection: close\r\n\r\n");
+        let (ans, closed) = exchange_within(&s.addr, &req, Duration::from_secs(5));
+        assert!(
+            closed && count_responses(&ans) == 100,
+            "round {round}: {} of 100 answers",
+            count_responses(&ans)
+        );
+    }
+    let r = s.post_raw("/auth/login", "{}");
+    assert_eq!(r.status, 400, "{}", r.raw);
+    assert_eq!(s.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_pipelined_read_sees_the_write_before_it() {
+    let s = fast_env().serve();
+    let t = s.user("ada@example.com");
+    for i in 0..5 {
+        // A write, then a read of what it wrote, in one segment of one connection.
+        let key = format!("sk-pipelined-{i}-0123456789");
+        let body = json!({"api_key": key, "provider": "openai"}).to_string();
+        let req = format!(
+            "POST /user/api-key HTTP/1.1\r\nAuthorization: Bearer {t}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}\
+             GET /user/api-key?provider=openai&reveal=true HTTP/1.1\r\n\
+             Authorization: Bearer {t}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let ans = answer_and_close(&s.addr, req.as_bytes());
+        assert_eq!(count_responses(&ans), 2, "{ans}");
+        let read = ans.rsplit("HTTP/1.1 ").next().unwrap_or_default();
+        assert!(read.starts_with("200") && read.contains(&key), "{ans}");
     }
 }
 
