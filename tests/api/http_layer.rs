@@ -378,6 +378,68 @@ fn a_pipelined_read_sees_the_write_before_it() {
     }
 }
 
+/// Whether the server's thread named `name` waits in the kernel function named like `wchan`.
+fn thread_waits_in(pid: u32, name: &str, wchan: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        read("comm").trim() == name && read("wchan").contains(wchan)
+    })
+}
+
+#[test]
+fn sigterm_answers_a_read_pipelined_behind_a_waiting_write() {
+    let env = fast_env()
+        .var("KEYRACK_BUSY_TIMEOUT", "30")
+        .var("KEYRACK_WRITE_WORKERS", "1");
+    let mut s = env.serve();
+    // The flusher's pruning at start is done (it waits for its next flush), so that the only
+    // write that meets the lock below is the request's.
+    assert!(poll_until(Duration::from_secs(10), || thread_waits_in(
+        s.child.id(),
+        "flusher",
+        "futex"
+    )));
+    // Another process holds the write lock: the write waits for it.
+    let mut holder = rusqlite::Connection::open(env.db()).unwrap();
+    let tx = holder
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .unwrap();
+    let body = r#"{"email":"ada@example.com","password":"correct horse battery"}"#;
+    let req = format!(
+        "POST /auth/register HTTP/1.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut c = connect(&s.addr, Duration::from_secs(10));
+    c.write_all(req.as_bytes()).unwrap();
+    // The write waits in SQLite's busy handler; the read, behind it, in the connection's buffer.
+    assert!(
+        poll_until(Duration::from_secs(10), || thread_waits_in(
+            s.child.id(),
+            "writer-0",
+            "nanosleep"
+        )),
+        "{}",
+        s.logs()
+    );
+    signal(&s.child, libc::SIGTERM);
+    assert!(poll_until(Duration::from_secs(10), || s
+        .logs()
+        .contains("signal 15")));
+    tx.rollback().unwrap();
+    // Both had arrived before the signal: both are answered.
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.starts_with("HTTP/1.1 201"), "{out}");
+    assert_eq!(count_responses(&out), 2, "{out}");
+    let status = wait_timeout(&mut s.child, Duration::from_secs(10)).expect("exit after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+}
+
 #[test]
 fn a_response_that_closes_ends_the_connection() {
     let s = fast_env().serve();
