@@ -219,3 +219,47 @@ fn a_request_after_one_that_changes_something_waits_for_its_answer() {
         .collect();
     assert_eq!(bodies, ["1", "2", "3"], "{out:?}");
 }
+
+#[test]
+fn a_pipelined_stream_cut_anywhere_is_framed_the_same() {
+    let (server, addr) = server(ConnectionOptions {
+        read_timeout: Some(Duration::from_secs(5)),
+        ..Default::default()
+    });
+    // Each request is answered with its method, path and body.
+    thread::spawn(move || {
+        while let Ok(mut rq) = server.recv() {
+            let mut body = String::new();
+            let _ = rq.as_reader().read_to_string(&mut body);
+            let text = format!("{} {} {}", rq.method(), rq.url(), body);
+            let _ = rq.respond(Response::from_string(text));
+        }
+    });
+    // Leading empty lines, a body followed at once by the next head, bare LF line ends, a
+    // chunked body, and the last request closing the connection.
+    let stream: &[u8] = b"\r\n\nPOST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
+        GET /b HTTP/1.1\nHost: x\n\n\
+        PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+        GET /d HTTP/1.1\r\nConnection: close\r\n\r\n";
+    // Sent in two writes, cut after every byte: each cut is a different place where the
+    // server's reads can end.
+    for cut in 1..stream.len() {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_nodelay(true).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(&stream[..cut]).unwrap();
+        c.write_all(&stream[cut..]).unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        let bodies: Vec<_> = out
+            .split("HTTP/1.1 200")
+            .skip(1)
+            .map(|r| r.rsplit("\r\n\r\n").next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            bodies,
+            ["POST /a hello", "GET /b ", "PUT /c abc", "GET /d "],
+            "cut after {cut} bytes: {out:?}"
+        );
+    }
+}
