@@ -134,7 +134,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
         // Expired sessions and events older than KEYRACK_AUDIT_DAYS are pruned at start and
         // then every hour, on the flusher's thread.
         let mut pruned_at: Option<Instant> = None;
-        thread::spawn(move || loop {
+        let run = move || loop {
             if pruned_at.is_none_or(|t| t.elapsed() >= SESSION_PRUNE_EVERY) {
                 pruned_at = Some(Instant::now());
                 match flusher_store.prune_sessions() {
@@ -183,7 +183,11 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                 );
             }
             return;
-        })
+        };
+        thread::Builder::new()
+            .name("flusher".into())
+            .spawn(run)
+            .map_err(|e| Failure::Runtime(format!("cannot start the flusher thread: {e}")))?
     };
 
     {

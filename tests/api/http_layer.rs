@@ -6,6 +6,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use crate::support::*;
 
 /// Short timeouts, so that a test never waits for production values.
@@ -327,6 +329,115 @@ fn a_refused_pipelined_request_is_answered_after_the_one_before_it() {
         assert!(first.ends_with("}"), "{ans}");
         assert!(rest.contains("not_implemented"), "{ans}");
     }
+}
+
+#[test]
+fn pipelined_writes_never_wedge_a_single_writer() {
+    // One writer thread. Pipelined writes used to be handed to it by the readers in whatever
+    // order they raced: a write taken before the one ahead of it on its connection waited for
+    // that one's answer, which only the same writer could give; every write of every client
+    // then hung, and so did SIGTERM. Many readers make the race likely.
+    let s = fast_env()
+        .var("KEYRACK_WRITE_WORKERS", "1")
+        .serve_with(&["--workers", "16"]);
+    let one: &[u8] = b"POST /nowhere HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+    for round in 0..30 {
+        let mut req = one.repeat(99);
+        req.extend_from_slice(b"DELETE /nowhere HTTP/1.1\r\nConnection: close\r\n\r\n");
+        let (ans, closed) = exchange_within(&s.addr, &req, Duration::from_secs(5));
+        assert!(
+            closed && count_responses(&ans) == 100,
+            "round {round}: {} of 100 answers",
+            count_responses(&ans)
+        );
+    }
+    let r = s.post_raw("/auth/login", "{}");
+    assert_eq!(r.status, 400, "{}", r.raw);
+    assert_eq!(s.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_pipelined_read_sees_the_write_before_it() {
+    let s = fast_env().serve();
+    let t = s.user("ada@example.com");
+    for i in 0..5 {
+        // A write, then a read of what it wrote, in one segment of one connection.
+        let key = format!("sk-pipelined-{i}-0123456789");
+        let body = json!({"api_key": key, "provider": "openai"}).to_string();
+        let req = format!(
+            "POST /user/api-key HTTP/1.1\r\nAuthorization: Bearer {t}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}\
+             GET /user/api-key?provider=openai&reveal=true HTTP/1.1\r\n\
+             Authorization: Bearer {t}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let ans = answer_and_close(&s.addr, req.as_bytes());
+        assert_eq!(count_responses(&ans), 2, "{ans}");
+        let read = ans.rsplit("HTTP/1.1 ").next().unwrap_or_default();
+        assert!(read.starts_with("200") && read.contains(&key), "{ans}");
+    }
+}
+
+/// Whether the server's thread named `name` waits in the kernel function named like `wchan`.
+fn thread_waits_in(pid: u32, name: &str, wchan: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        read("comm").trim() == name && read("wchan").contains(wchan)
+    })
+}
+
+#[test]
+fn sigterm_answers_a_read_pipelined_behind_a_waiting_write() {
+    let env = fast_env()
+        .var("KEYRACK_BUSY_TIMEOUT", "30")
+        .var("KEYRACK_WRITE_WORKERS", "1");
+    let mut s = env.serve();
+    // The flusher's pruning at start is done (it waits for its next flush), so that the only
+    // write that meets the lock below is the request's.
+    assert!(poll_until(Duration::from_secs(10), || thread_waits_in(
+        s.child.id(),
+        "flusher",
+        "futex"
+    )));
+    // Another process holds the write lock: the write waits for it.
+    let mut holder = rusqlite::Connection::open(env.db()).unwrap();
+    let tx = holder
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .unwrap();
+    let body = r#"{"email":"ada@example.com","password":"correct horse battery"}"#;
+    let req = format!(
+        "POST /auth/register HTTP/1.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut c = connect(&s.addr, Duration::from_secs(10));
+    c.write_all(req.as_bytes()).unwrap();
+    // The write waits in SQLite's busy handler; the read, behind it, in the connection's buffer.
+    assert!(
+        poll_until(Duration::from_secs(10), || thread_waits_in(
+            s.child.id(),
+            "writer-0",
+            "nanosleep"
+        )),
+        "{}",
+        s.logs()
+    );
+    signal(&s.child, libc::SIGTERM);
+    assert!(poll_until(Duration::from_secs(10), || s
+        .logs()
+        .contains("signal 15")));
+    tx.rollback().unwrap();
+    // Both had arrived before the signal: both are answered.
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.starts_with("HTTP/1.1 201"), "{out}");
+    assert_eq!(count_responses(&out), 2, "{out}");
+    let status = wait_timeout(&mut s.child, Duration::from_secs(10)).expect("exit after SIGTERM");
+    assert_eq!(status.code(), Some(0));
 }
 
 #[test]

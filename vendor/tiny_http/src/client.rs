@@ -176,7 +176,13 @@ impl ClientConnection {
     /// its own bytes are consumed: what follows it stays buffered for the body or the next
     /// request.
     fn read_head(&mut self) -> Result<Vec<u8>, ReadError> {
-        if !self.tracker.enter_idle(self.id, self.accepted, self.close_handle.as_ref()) {
+        // A request pipelined behind the previous one has begun to arrive: a graceful shutdown
+        // reads and answers it (the connection thread waits for a write's answer before it
+        // reads on, so the shutdown can begin meanwhile).
+        let pipelined = self.next_header_source.has_buffered();
+        if !self.tracker.enter_idle(self.id, self.accepted, self.close_handle.as_ref())
+            && !pipelined
+        {
             return Err(ReadError::Closed);
         }
         self.set_deadline(self.options.idle_timeout);

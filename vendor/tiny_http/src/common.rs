@@ -287,6 +287,15 @@ pub enum Method {
 }
 
 impl Method {
+    /// keyrack patch: whether the method is safe (RFC 9110 section 9.2.1): GET, HEAD, OPTIONS
+    /// and TRACE change nothing on the server.
+    pub fn is_safe(&self) -> bool {
+        matches!(
+            self,
+            Method::Get | Method::Head | Method::Options | Method::Trace
+        )
+    }
+
     pub fn as_str(&self) -> &str {
         match *self {
             Method::Get => "GET",

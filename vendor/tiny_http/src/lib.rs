@@ -581,7 +581,22 @@ impl Server {
                                     }
                                 } else {
                                     for rq in client {
-                                        messages.push(rq.into());
+                                        // keyrack patch: a request that may change something
+                                        // is answered before the next request on its
+                                        // connection is read (RFC 9112 section 9.3.2: only
+                                        // safe requests may be handled in parallel). A read
+                                        // after it then sees what it did, and two writes of
+                                        // one connection never wait for each other's answers
+                                        // in the same pool of handlers.
+                                        if rq.method().is_safe() {
+                                            messages.push(rq.into());
+                                            continue;
+                                        }
+                                        let (sender, receiver) = mpsc::channel();
+                                        messages.push(rq.with_notify_sender(sender).into());
+                                        if receiver.recv().is_err() {
+                                            break;
+                                        }
                                     }
                                 }
                             }

@@ -178,3 +178,88 @@ fn an_unread_huge_body_is_drained_through_a_small_buffer() {
     let _ = c.read_to_end(&mut out);
     assert!(out.starts_with(b"HTTP/1.1 200"));
 }
+
+#[test]
+fn a_request_after_one_that_changes_something_waits_for_its_answer() {
+    let (server, addr) = server(ConnectionOptions::default());
+    let mut c = TcpStream::connect(addr).unwrap();
+    // A write, a read and a write, pipelined in one segment.
+    c.write_all(
+        b"POST /1 HTTP/1.1\r\nContent-Length: 1\r\n\r\nx\
+          GET /2 HTTP/1.1\r\n\r\n\
+          DELETE /3 HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let post = server.recv().unwrap();
+    assert_eq!(post.url(), "/1");
+    // While the POST is unanswered, nothing after it is read: a handler of the GET would see
+    // the state before the POST, and one of a later write could run before it.
+    let early = server.recv_timeout(Duration::from_millis(300)).unwrap();
+    let early_url = early.as_ref().map(|rq| rq.url().to_owned());
+    post.respond(Response::from_string("1")).unwrap();
+    // (Dropped only now: its 500 waits for the POST's answer.)
+    drop(early);
+    assert_eq!(early_url, None, "read while the POST was unanswered");
+    let get = server.recv_timeout(Duration::from_secs(5)).unwrap().expect("the GET");
+    assert_eq!(get.url(), "/2");
+    // A GET changes nothing: the request after it is read while it is still unanswered.
+    let delete = server.recv_timeout(Duration::from_secs(5)).unwrap().expect("the DELETE");
+    assert_eq!(delete.url(), "/3");
+    // Answered in reverse, written in order.
+    let last = thread::spawn(move || delete.respond(Response::from_string("3")).unwrap());
+    get.respond(Response::from_string("2")).unwrap();
+    last.join().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    let bodies: Vec<_> = out
+        .split("HTTP/1.1 200")
+        .skip(1)
+        .map(|r| r.rsplit("\r\n\r\n").next().unwrap_or(""))
+        .collect();
+    assert_eq!(bodies, ["1", "2", "3"], "{out:?}");
+}
+
+#[test]
+fn a_pipelined_stream_cut_anywhere_is_framed_the_same() {
+    let (server, addr) = server(ConnectionOptions {
+        read_timeout: Some(Duration::from_secs(5)),
+        ..Default::default()
+    });
+    // Each request is answered with its method, path and body.
+    thread::spawn(move || {
+        while let Ok(mut rq) = server.recv() {
+            let mut body = String::new();
+            let _ = rq.as_reader().read_to_string(&mut body);
+            let text = format!("{} {} {}", rq.method(), rq.url(), body);
+            let _ = rq.respond(Response::from_string(text));
+        }
+    });
+    // Leading empty lines, a body followed at once by the next head, bare LF line ends, a
+    // chunked body, and the last request closing the connection.
+    let stream: &[u8] = b"\r\n\nPOST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
+        GET /b HTTP/1.1\nHost: x\n\n\
+        PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+        GET /d HTTP/1.1\r\nConnection: close\r\n\r\n";
+    // Sent in two writes, cut after every byte: each cut is a different place where the
+    // server's reads can end.
+    for cut in 1..stream.len() {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_nodelay(true).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(&stream[..cut]).unwrap();
+        c.write_all(&stream[cut..]).unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        let bodies: Vec<_> = out
+            .split("HTTP/1.1 200")
+            .skip(1)
+            .map(|r| r.rsplit("\r\n\r\n").next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            bodies,
+            ["POST /a hello", "GET /b ", "PUT /c abc", "GET /d "],
+            "cut after {cut} bytes: {out:?}"
+        );
+    }
+}

@@ -126,6 +126,14 @@ impl<R: Read + Send> SequentialReader<R> {
     }
 }
 
+impl<R: Read + Send> SequentialReader<std::io::BufReader<R>> {
+    /// keyrack patch: whether bytes of the stream are buffered here already (a request
+    /// pipelined behind the previous one), without reading or waiting.
+    pub fn has_buffered(&self) -> bool {
+        matches!(self.inner, SequentialReaderInner::MyTurn(ref r) if !r.buffer().is_empty())
+    }
+}
+
 impl<R: Read + Send> SequentialReader<R> {
     /// Waits for the reader before this one to finish, then holds the stream.
     fn take_turn(&mut self) -> IoResult<&mut R> {
