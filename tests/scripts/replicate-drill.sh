@@ -37,27 +37,41 @@ if [ "$REPLICA" = s3 ]; then
     "$MOTO/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6'
   fi
   moto_log=$(mktemp -t keyrack-drill-moto-XXXXXX.log)
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  "$MOTO/bin/moto_server" -H 127.0.0.1 -p "$port" >"$moto_log" 2>&1 &
-  moto_pid=$!
-  trap 'kill "$moto_pid" 2>/dev/null || true; wait "$moto_pid" 2>/dev/null || true' EXIT
-  for _ in $(seq 300); do
-    if ! kill -0 "$moto_pid" 2>/dev/null; then
-      echo "moto_server exited (log: $moto_log):" >&2
-      cat "$moto_log" >&2
-      exit 1
-    fi
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
-    sleep 0.1
+  moto_pid=
+  trap '[ -z "$moto_pid" ] || { kill "$moto_pid" 2>/dev/null; wait "$moto_pid" 2>/dev/null; } || true' EXIT
+  trap 'exit 130' INT TERM
+  # A free port, then moto on it (again on another one should something take it in between),
+  # until it accepts connections.
+  for _ in 1 2 3; do
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    "$MOTO/bin/moto_server" -H 127.0.0.1 -p "$port" >"$moto_log" 2>&1 &
+    moto_pid=$!
+    for _ in $(seq 600); do
+      kill -0 "$moto_pid" 2>/dev/null || break
+      if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break 2; fi
+      sleep 0.1
+    done
+    kill "$moto_pid" 2>/dev/null || true
+    wait "$moto_pid" 2>/dev/null || true
+    moto_pid=
   done
-  export DRILL_S3_ENDPOINT="http://127.0.0.1:$port" DRILL_S3_BUCKET=keyrack-drill
+  if [ -z "$moto_pid" ]; then
+    echo "moto_server did not start (log: $moto_log):" >&2
+    cat "$moto_log" >&2
+    exit 1
+  fi
+  # By name, as a deployment's endpoint is: Litestream addresses the bucket by path (it does so
+  # whenever an endpoint is set), not as keyrack-drill.localhost.
+  export DRILL_S3_ENDPOINT="http://localhost:$port" DRILL_S3_BUCKET=keyrack-drill
   # Dummy credentials (moto takes any), read by Litestream as a deployment would give them; and
   # no probe of a cloud's instance metadata for others.
   export LITESTREAM_ACCESS_KEY_ID=keyrack-drill LITESTREAM_SECRET_ACCESS_KEY=keyrack-drill-secret
   export AWS_EC2_METADATA_DISABLED=true
   "$MOTO/bin/python" -c '
 import os, boto3
+from botocore.config import Config
 boto3.client("s3", endpoint_url=os.environ["DRILL_S3_ENDPOINT"], region_name="us-east-1",
+             config=Config(s3={"addressing_style": "path"}),
              aws_access_key_id=os.environ["LITESTREAM_ACCESS_KEY_ID"],
              aws_secret_access_key=os.environ["LITESTREAM_SECRET_ACCESS_KEY"],
              ).create_bucket(Bucket=os.environ["DRILL_S3_BUCKET"])'

@@ -118,13 +118,20 @@ def s3_config(db):
     return yaml.safe_dump(config, sort_keys=False)
 
 
+def s3_client():
+    """A boto3 client of the drill's S3 server (moto's environment has boto3)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=os.environ["DRILL_S3_ENDPOINT"],
+                        region_name="us-east-1", config=Config(s3={"addressing_style": "path"}),
+                        aws_access_key_id=os.environ["LITESTREAM_ACCESS_KEY_ID"],
+                        aws_secret_access_key=os.environ["LITESTREAM_SECRET_ACCESS_KEY"])
+
+
 def save_bucket(into):
     """Copies the drill's bucket (the S3 replica) into a directory."""
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=os.environ["DRILL_S3_ENDPOINT"], region_name="us-east-1",
-                      aws_access_key_id=os.environ["LITESTREAM_ACCESS_KEY_ID"],
-                      aws_secret_access_key=os.environ["LITESTREAM_SECRET_ACCESS_KEY"])
+    s3 = s3_client()
     bucket = os.environ["DRILL_S3_BUCKET"]
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
