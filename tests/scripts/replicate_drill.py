@@ -140,8 +140,12 @@ def save_bucket(into):
             s3.download_file(bucket, obj["Key"], path)
 
 
+WORK = None  # the drill's directory, kept when it fails
+
+
 def main():
-    work = tempfile.mkdtemp(prefix="keyrack-drill-")
+    global WORK
+    work = WORK = tempfile.mkdtemp(prefix="keyrack-drill-")
     primary = os.path.join(work, "primary")
     replica = os.path.join(work, "replica")
     restored_dir = os.path.join(work, "restored")
@@ -297,13 +301,20 @@ def main():
     ok = (not past_bound and integrity == "ok" and status["undecryptable"] == 0
           and refused.returncode == 2 and len(acked) > 0)
     if not ok:
-        if REPLICA == "s3":
-            save_bucket(replica)  # moto keeps it in memory only: a copy for the post-mortem
-        print(f"DRILL FAILED (files kept in {work})", file=sys.stderr)
         sys.exit(1)
     shutil.rmtree(work)
     print("drill passed")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException as e:
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        if WORK:
+            if REPLICA == "s3":
+                # moto keeps the bucket in memory only: a copy for the post-mortem.
+                save_bucket(os.path.join(WORK, "replica"))
+            print(f"DRILL FAILED (files kept in {WORK})", file=sys.stderr)
+        raise
