@@ -1,5 +1,5 @@
 # keyrack: the everyday commands. The README gives the same ones.
-.PHONY: run test browser-test slow-tests bench cost fmt lint ci fuzz-api faults load fuzz fuzz-http replicate-drill check-unit
+.PHONY: run test browser-test slow-tests bench cost fmt lint ci fuzz-api faults load fuzz fuzz-http replicate-drill replicate-drill-s3 check-unit
 
 run:
 	cargo run --release
@@ -45,6 +45,10 @@ faults:
 # keyrack under Litestream, kill -9 of both, restore, count: see tests/scripts/replicate_drill.py.
 replicate-drill:
 	bash tests/scripts/replicate-drill.sh
+
+# The same with an S3 replica (moto's S3-compatible server on 127.0.0.1) and deploy/litestream.yml.
+replicate-drill-s3:
+	DRILL_REPLICA=s3 bash tests/scripts/replicate-drill.sh
 
 # deploy/keyrack.service: systemd-analyze verify and security (exposure at most 2.0).
 check-unit:

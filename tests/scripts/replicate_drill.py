@@ -1,7 +1,13 @@
 """The Litestream drill (tests/scripts/replicate-drill.sh runs it).
 
-keyrack serves under `litestream replicate -exec` with a file replica while writers add keys;
-the whole process group (Litestream and keyrack) is killed with SIGKILL, as when the machine
+keyrack serves under `litestream replicate -exec` while writers add keys, with a file replica
+(DRILL_REPLICA=file, the default) or an S3 one (DRILL_REPLICA=s3: the shell script starts an
+S3-compatible server, moto, on 127.0.0.1 and gives its address in DRILL_S3_ENDPOINT and the
+bucket in DRILL_S3_BUCKET). The S3 configuration is deploy/litestream.yml itself with only the
+database's path, the bucket, the endpoint and the intervals replaced, so the drill also proves the
+example users deploy; the restore reads the same configuration, as on a new machine.
+
+The whole process group (Litestream and keyrack) is killed with SIGKILL, as when the machine
 dies. The replica is restored into a new directory and served with the same key (a key file that
 travels on its own: it is not in the replica). Then:
 
@@ -38,6 +44,9 @@ SYNC_INTERVAL = sys.argv[4]
 WRITERS = int(sys.argv[5])
 MONITOR_INTERVAL = sys.argv[6]
 SLACK_INTERVAL = sys.argv[7]
+REPLICA = os.environ.get("DRILL_REPLICA", "file")
+if REPLICA not in ("file", "s3"):
+    raise SystemExit(f"DRILL_REPLICA={REPLICA!r}: file or s3")
 
 
 def seconds_of(interval):
@@ -91,8 +100,52 @@ def wait_healthy(port, proc, limit=60):
     raise SystemExit("the server did not answer /healthz in time")
 
 
+def s3_config(db):
+    """deploy/litestream.yml with the drill's database, bucket, endpoint and intervals."""
+    import yaml  # the S3 drill runs in moto's virtual environment, which has PyYAML
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "litestream.yml")) as f:
+        config = yaml.safe_load(f)
+    (entry,) = config["dbs"]
+    replica = entry["replica"]
+    if replica.get("type") != "s3":
+        raise SystemExit("deploy/litestream.yml: the drill expects its replica to be of type s3")
+    entry["path"] = db
+    entry["monitor-interval"] = MONITOR_INTERVAL
+    replica["bucket"] = os.environ["DRILL_S3_BUCKET"]
+    replica["endpoint"] = os.environ["DRILL_S3_ENDPOINT"]
+    replica["sync-interval"] = SYNC_INTERVAL
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def s3_client():
+    """A boto3 client of the drill's S3 server (moto's environment has boto3)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=os.environ["DRILL_S3_ENDPOINT"],
+                        region_name="us-east-1", config=Config(s3={"addressing_style": "path"}),
+                        aws_access_key_id=os.environ["LITESTREAM_ACCESS_KEY_ID"],
+                        aws_secret_access_key=os.environ["LITESTREAM_SECRET_ACCESS_KEY"])
+
+
+def save_bucket(into):
+    """Copies the drill's bucket (the S3 replica) into a directory."""
+    s3 = s3_client()
+    bucket = os.environ["DRILL_S3_BUCKET"]
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            path = os.path.join(into, obj["Key"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            s3.download_file(bucket, obj["Key"], path)
+
+
+WORK = None  # the drill's directory, kept when it fails
+
+
 def main():
-    work = tempfile.mkdtemp(prefix="keyrack-drill-")
+    global WORK
+    work = WORK = tempfile.mkdtemp(prefix="keyrack-drill-")
     primary = os.path.join(work, "primary")
     replica = os.path.join(work, "replica")
     restored_dir = os.path.join(work, "restored")
@@ -109,11 +162,14 @@ def main():
 
     config = os.path.join(work, "litestream.yml")
     with open(config, "w") as f:
-        f.write(
-            f"dbs:\n  - path: {db}\n    monitor-interval: {MONITOR_INTERVAL}\n"
-            f"    replica:\n      type: file\n      path: {replica}\n"
-            f"      sync-interval: {SYNC_INTERVAL}\n"
-        )
+        if REPLICA == "s3":
+            f.write(s3_config(db))
+        else:
+            f.write(
+                f"dbs:\n  - path: {db}\n    monitor-interval: {MONITOR_INTERVAL}\n"
+                f"    replica:\n      type: file\n      path: {replica}\n"
+                f"      sync-interval: {SYNC_INTERVAL}\n"
+            )
     # The database exists before Litestream watches it.
     fixtures = os.path.join(work, "none.json")
     with open(fixtures, "w") as f:
@@ -179,7 +235,12 @@ def main():
     os.makedirs(restored_dir)
     copy = os.path.join(restored_dir, "keyrack.db")
     t0 = time.monotonic()
-    subprocess.run([LITESTREAM, "restore", "-o", copy, f"file://{replica}"], check=True,
+    if REPLICA == "s3":
+        # As on a new machine: the same configuration, the database's path names the replica.
+        source = ["-config", config, db]
+    else:
+        source = [f"file://{replica}"]
+    subprocess.run([LITESTREAM, "restore", "-o", copy, *source], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     restore_seconds = time.monotonic() - t0
 
@@ -217,7 +278,7 @@ def main():
     lag = killed_at - max(kept_times) if kept_times else float("nan")
 
     print(f"litestream {subprocess.check_output([LITESTREAM, 'version'], text=True).strip()}, "
-          f"file replica, sync-interval {SYNC_INTERVAL}, monitor-interval {MONITOR_INTERVAL}, "
+          f"{REPLICA} replica, sync-interval {SYNC_INTERVAL}, monitor-interval {MONITOR_INTERVAL}, "
           f"{WRITERS} writers, bound {BOUND * 1000:.0f} ms (slack {SLACK_INTERVAL})")
     print(f"writes acknowledged: {len(acked)} in {load_seconds:.1f} s "
           f"({len(acked) / load_seconds:.0f}/s)")
@@ -240,11 +301,20 @@ def main():
     ok = (not past_bound and integrity == "ok" and status["undecryptable"] == 0
           and refused.returncode == 2 and len(acked) > 0)
     if not ok:
-        print(f"DRILL FAILED (files kept in {work})", file=sys.stderr)
         sys.exit(1)
     shutil.rmtree(work)
     print("drill passed")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException as e:
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        if WORK:
+            if REPLICA == "s3":
+                # moto keeps the bucket in memory only: a copy for the post-mortem.
+                save_bucket(os.path.join(WORK, "replica"))
+            print(f"DRILL FAILED (files kept in {WORK})", file=sys.stderr)
+        raise
