@@ -283,8 +283,10 @@ fn migrate_killed_at_random_moments_then_rerun_finishes() {
     let mut interrupted = 0;
     // Each round starts from the legacy database again, so that every kill can land inside a
     // run (once a run has finished, later ones have nothing left to do). Six rounds, one in each
-    // sixth of the measured run; when the measurement ran slow (other tests share the cores) and
-    // no kill landed inside a run, up to eight more over ever shorter spans.
+    // sixth of the measured run; when none of them landed between two batches (the measurement
+    // and the runs take different times when other tests share the cores: a CI run saw all six
+    // land before the first batch or after the last), up to eight more that watch the table and
+    // kill as soon as a batch has committed and others are left.
     let pristine = env.path("pristine.db");
     std::fs::copy(env.db(), &pristine).unwrap();
     let rounds = 6;
@@ -299,12 +301,8 @@ fn migrate_killed_at_random_moments_then_rerun_finishes() {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        let wait = if round < rounds {
-            // One kill at a random moment of each sixth of the measured run.
-            Duration::from_micros((round * full + seed % full.max(1)) / rounds)
-        } else {
-            Duration::from_micros(seed % (full >> (round - rounds + 1)).max(1))
-        };
+        // One kill at a random moment of each sixth of the measured run.
+        let wait = Duration::from_micros((round * full + seed % full.max(1)) / rounds);
         let mut child = std::process::Command::new(BIN)
             .current_dir(env.dir.path())
             .args(["--db", env.db().to_str().unwrap(), "migrate"])
@@ -315,14 +313,36 @@ fn migrate_killed_at_random_moments_then_rerun_finishes() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(wait);
+        if round < rounds {
+            std::thread::sleep(wait);
+        } else {
+            let watcher = rusqlite::Connection::open(env.db()).unwrap();
+            watcher.busy_timeout(Duration::from_secs(10)).unwrap();
+            // Every millisecond (a batch takes a few here), for at most 30 s.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                let moved: i64 = watcher
+                    .query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))
+                    .unwrap_or(0);
+                if moved > 0 && moved < n as i64 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         let _ = child.kill();
         let finished = child.wait().unwrap().success();
         assert!(integrity_ok(&env.db()), "round {round}");
         let Sql::Integer(moved) = sql_value(&env.db(), "SELECT COUNT(*) FROM api_keys") else {
             panic!()
         };
-        eprintln!("round {round}: killed after {wait:?} of {full}us, {moved} keys in the table");
+        if round < rounds {
+            eprintln!(
+                "round {round}: killed after {wait:?} of {full}us, {moved} keys in the table"
+            );
+        } else {
+            eprintln!("round {round}: killed after a batch, {moved} keys in the table");
+        }
         if !finished && moved > 0 && moved < n {
             interrupted += 1;
             // Every run killed between two batches is finished by a rerun.
