@@ -324,7 +324,7 @@ fn migrate_killed_at_random_moments_then_rerun_finishes() {
                 let moved: i64 = watcher
                     .query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))
                     .unwrap_or(0);
-                if moved > 0 && moved < n as i64 {
+                if moved > 0 && moved < n {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(1));
