@@ -30,10 +30,7 @@ const BATCH: i64 = 2_000;
 /// `BATCH`, or in debug builds only `KEYRACK_TEST_BATCH` (a positive number), so the test suite
 /// can kill a run between two batches without building tens of thousands of users.
 fn batch() -> i64 {
-    crate::config::test_switch("BATCH")
-        .and_then(|v| v.parse::<i64>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(BATCH)
+    crate::config::test_switch_positive("BATCH").unwrap_or(BATCH)
 }
 
 pub(crate) fn db_err(e: rusqlite::Error) -> Failure {

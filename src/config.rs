@@ -185,6 +185,16 @@ pub(crate) fn test_switch(name: &str) -> Option<String> {
     }
 }
 
+/// A test switch holding a positive number (`test_switch`); `None` when unset, not a number, or
+/// not above zero.
+pub(crate) fn test_switch_positive<T: std::str::FromStr + PartialOrd + Default>(
+    name: &str,
+) -> Option<T> {
+    test_switch(name)
+        .and_then(|v| v.parse::<T>().ok())
+        .filter(|n| *n > T::default())
+}
+
 /// How long the HTTP layer waits for a client (`KEYRACK_SOCKET_TIMEOUT`,
 /// `KEYRACK_HEAD_TIMEOUT`, `KEYRACK_IDLE_TIMEOUT`).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -18,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
-use tiny_http::{ConnectionOptions, Header, Method, Response, Server, StatusCode};
+use tiny_http::{ConnectionOptions, Header, Response, Server, StatusCode};
 use zeroize::Zeroizing;
 
 use crate::app::App;
@@ -40,10 +40,7 @@ const FINAL_FLUSH_TRIES: u32 = 10;
 /// number), so the test suite goes past the cap without opening a thousand connections.
 /// Release builds ignore it.
 fn max_connections() -> usize {
-    crate::config::test_switch("MAX_CONNECTIONS")
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(MAX_CONNECTIONS)
+    crate::config::test_switch_positive("MAX_CONNECTIONS").unwrap_or(MAX_CONNECTIONS)
 }
 
 /// Binds, prints the ready line, serves until SIGINT or SIGTERM.
@@ -116,7 +113,11 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                 .name(format!("worker-{i}"))
                 .spawn(move || {
                     while let Ok(rq) = server.recv() {
-                        if !is_write(rq.method()) {
+                        // The writers take what may change something (the methods that are
+                        // not safe, as the connection's reader also counts them). A read that
+                        // happens to write (a key moved from the legacy column on read) stays
+                        // here.
+                        if rq.method().is_safe() {
                             handle(&app, &mut store, rq);
                         } else if let Err(mpsc::SendError(rq)) = to_writers.send(rq) {
                             // No writer left (only if one died): served here.
@@ -226,15 +227,6 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     let _ = flusher.join();
     log::info!("stopped");
     Ok(())
-}
-
-/// Whether a request goes to the writers' pool: the methods that change something. A read that
-/// happens to write (a key moved from the legacy column on read) stays with the readers.
-fn is_write(method: &Method) -> bool {
-    matches!(
-        method,
-        Method::Post | Method::Put | Method::Patch | Method::Delete
-    )
 }
 
 /// Serves one request: never panics, always answers.

@@ -117,12 +117,9 @@ impl<W: Write + Send> Iterator for SequentialWriterBuilder<W> {
 
 impl<R: Read + Send> SequentialReader<R> {
     /// keyrack patch: blocks until the previous reader is done, without reading.
+    /// A reader gone before its turn is met again at the next read, as an error.
     pub fn wait_turn(&mut self) {
-        if let SequentialReaderInner::Waiting(ref mut recv) = self.inner {
-            if let Ok(reader) = recv.recv() {
-                self.inner = SequentialReaderInner::MyTurn(reader);
-            }
-        }
+        let _ = self.take_turn();
     }
 }
 
