@@ -11,12 +11,19 @@
 //!   always starts on its own line;
 //! - a panic is logged as one such line (with its request id), not as the default hook's text.
 //!
-//! The line is written into env_logger's per-record buffer (one `write` to stderr per line),
-//! the message formatted through a reused per-thread buffer.
+//! The line is written into env_logger's per-record buffer, the message formatted through a
+//! reused per-thread buffer. Commands write each line to stderr at once. The server, from its
+//! ready line to its exit, hands lines to a writer thread of its own (`serve_batched`): a line
+//! logged while the writer is idle is written at once, and the lines logged while it writes (or
+//! in the `BATCH_GAP` after) go together in the next `write` — under load, one system call for
+//! hundreds of lines instead of one each. A `kill -9` can lose the lines of that last gap.
 
 use std::cell::Cell;
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use log::Level;
 
@@ -36,6 +43,7 @@ pub fn init(spec: &str) {
     let _ = env_logger::Builder::new()
         .parse_filters(spec)
         .write_style(env_logger::WriteStyle::Never)
+        .target(env_logger::Target::Pipe(Box::new(Sink)))
         .format(|buf, record| {
             write_line(
                 buf,
@@ -69,13 +77,10 @@ fn write_line(
         static MESSAGE: std::cell::RefCell<(String, String)> =
             const { std::cell::RefCell::new((String::new(), String::new())) };
     }
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
     if close_progress {
         out.write_all(b"\n")?;
     }
-    at.format_into(out, &fmt).map_err(std::io::Error::other)?;
+    write_time(out, at)?;
     // ` [INFO  target] `: the level padded to 5, written without the formatting machinery.
     let level = level.as_str();
     out.write_all(b" [")?;
@@ -106,6 +111,39 @@ fn write_line(
         }
     }
     out.write_all(b"\n")
+}
+
+/// `2026-11-25T20:09:15.713Z`: the part up to the second formatted by `time` once per second
+/// and thread, the milliseconds appended.
+fn write_time(out: &mut impl std::io::Write, at: time::OffsetDateTime) -> std::io::Result<()> {
+    thread_local! {
+        /// The last second formatted on this thread: its Unix time and its text.
+        static SECOND: std::cell::RefCell<(i64, Vec<u8>)> =
+            const { std::cell::RefCell::new((i64::MIN, Vec::new())) };
+    }
+    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+    let ms = at.millisecond();
+    let millis = [
+        b'.',
+        b'0' + (ms / 100) as u8,
+        b'0' + (ms / 10 % 10) as u8,
+        b'0' + (ms % 10) as u8,
+        b'Z',
+    ];
+    SECOND.with(|cell| {
+        let Ok(mut second) = cell.try_borrow_mut() else {
+            at.format_into(out, &fmt).map_err(std::io::Error::other)?;
+            return out.write_all(&millis);
+        };
+        let (unix, text) = &mut *second;
+        if *unix != at.unix_timestamp() {
+            text.clear();
+            at.format_into(text, &fmt).map_err(std::io::Error::other)?;
+            *unix = at.unix_timestamp();
+        }
+        out.write_all(text)?;
+        out.write_all(&millis)
+    })
 }
 
 /// Whether a character is escaped in a log line: those that make a line break or read as
@@ -186,6 +224,128 @@ impl Drop for RequestScope {
     }
 }
 
+/// Where env_logger writes each formatted line: stderr at once, or the server's writer thread
+/// while `serve_batched` runs.
+struct Sink;
+
+/// The lines waiting for the server's writer thread, and whether it is running.
+struct Batch {
+    lines: Vec<u8>,
+    /// The writer thread runs; lines go through `lines`.
+    on: bool,
+    /// The writer thread waits for a line (`LOG.wake`).
+    idle: bool,
+    /// `serve_batched`'s guard asks the writer to write what is left and stop.
+    stop: bool,
+}
+
+struct Log {
+    batch: Mutex<Batch>,
+    /// Wakes the writer thread (a first line, or stop).
+    wake: Condvar,
+    /// Wakes a thread waiting for room (`MAX_WAITING`) once the writer took the lines.
+    room: Condvar,
+}
+
+static LOG: Log = Log {
+    batch: Mutex::new(Batch {
+        lines: Vec::new(),
+        on: false,
+        idle: false,
+        stop: false,
+    }),
+    wake: Condvar::new(),
+    room: Condvar::new(),
+};
+
+/// How long the writer thread gathers lines after a write before the next one.
+const BATCH_GAP: Duration = Duration::from_millis(5);
+/// Most bytes waiting for the writer: past this, a thread logging waits for it (as it would
+/// wait for a stderr that is slow to read).
+const MAX_WAITING: usize = 1 << 20;
+
+fn batch() -> MutexGuard<'static, Batch> {
+    LOG.batch.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut b = batch();
+        if !b.on {
+            // Written under the lock, so a line never lands between two of a batch.
+            return std::io::stderr().lock().write_all(buf).map(|()| buf.len());
+        }
+        while b.lines.len() >= MAX_WAITING && b.on {
+            b = LOG.room.wait(b).unwrap_or_else(PoisonError::into_inner);
+        }
+        b.lines.extend_from_slice(buf);
+        if b.idle {
+            b.idle = false;
+            LOG.wake.notify_one();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Until the guard is dropped, log lines go to stderr through a writer thread of this
+/// process (see the module's text). Dropping the guard writes every line still waiting.
+pub fn serve_batched() -> std::io::Result<BatchedLog> {
+    batch().on = true;
+    let writer = std::thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(write_batches)
+        .inspect_err(|_| batch().on = false)?;
+    Ok(BatchedLog {
+        writer: Some(writer),
+    })
+}
+
+fn write_batches() {
+    let mut taken = Vec::new();
+    loop {
+        {
+            let mut b = batch();
+            while b.lines.is_empty() && !b.stop {
+                b.idle = true;
+                b = LOG.wake.wait(b).unwrap_or_else(PoisonError::into_inner);
+            }
+            b.idle = false;
+            if b.lines.is_empty() {
+                // Stopped with nothing left: lines are written directly from now on.
+                b.on = false;
+                b.stop = false;
+                LOG.room.notify_all();
+                return;
+            }
+            std::mem::swap(&mut taken, &mut b.lines);
+            LOG.room.notify_all();
+        }
+        // Nothing to do when stderr is gone: the lines are dropped, as a direct write's are.
+        let _ = std::io::stderr().lock().write_all(&taken);
+        taken.clear();
+        std::thread::sleep(BATCH_GAP);
+    }
+}
+
+/// See `serve_batched`.
+pub struct BatchedLog {
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for BatchedLog {
+    fn drop(&mut self) {
+        batch().stop = true;
+        LOG.wake.notify_one();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
 /// Tells the logger whether a progress line without a line end is on stderr.
 pub fn set_progress_open(open: bool) {
     PROGRESS_OPEN.store(open, Ordering::Relaxed);
@@ -208,6 +368,23 @@ mod tests {
         )
         .unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    /// The time as `time` formats it whole, whatever second the thread formatted last.
+    #[test]
+    fn the_time_is_the_same_as_formatted_whole() {
+        let whole = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        );
+        let start = time::macros::datetime!(2026-12-31 23:59:58.000 UTC);
+        for ms in [
+            0, 1, 9, 10, 99, 100, 998, 999, 1000, 1001, 1999, 2000, 2001, 5, 61_000,
+        ] {
+            let at = start + time::Duration::milliseconds(ms);
+            let mut out = Vec::new();
+            write_time(&mut out, at).unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), at.format(&whole).unwrap());
+        }
     }
 
     #[test]

@@ -196,6 +196,11 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
         let _ = writeln!(out, "keyrack listening on http://{addr}");
         let _ = out.flush();
     }
+    // From here on log lines are written by a thread of their own, many in one write; every
+    // line still waiting is written when this guard drops, as `serve` returns.
+    let _log_writer = crate::logging::serve_batched()
+        .inspect_err(|e| log::warn!("cannot start the log writer thread, logging directly: {e}"))
+        .ok();
     log::info!(
         "serving on http://{addr} with {} workers and {} writers",
         cfg.workers,

@@ -418,7 +418,8 @@ fn lookup(
     provider: &Provider,
     may_move: bool,
 ) -> Result<Lookup> {
-    let phase = meta::phase(tx)?;
+    let settled = meta::settled(tx, ctx.memo)?;
+    let phase = settled.phase;
     let p = provider.as_str();
     let found = |row: Option<DefaultKeyRow>| -> Result<Lookup> {
         Ok(match row {
@@ -453,7 +454,7 @@ fn lookup(
         Phase::Dual if provider.is_openai() => {
             // The default row is read once: for the check, and as the answer when no move is
             // needed.
-            let pending = meta::backfill_pending(tx, user_id)?;
+            let pending = settled.backfill_pending(tx, user_id)?;
             let row = default_key_row(tx, user_id, p)?;
             if !needs_move(pending, row.is_some(), || {
                 Ok(column_get(tx, user_id)?.is_some())
@@ -860,9 +861,10 @@ fn list_in(
     user_id: i64,
     check_move: bool,
 ) -> Result<Option<KeyList>> {
-    let phase = meta::phase(tx)?;
+    let settled = meta::settled(tx, ctx.memo)?;
+    let phase = settled.phase;
     let must_check = check_move && phase == Phase::Dual;
-    let pending = must_check && meta::backfill_pending(tx, user_id)?;
+    let pending = must_check && settled.backfill_pending(tx, user_id)?;
     let column = if phase.has_column() {
         column_get(tx, user_id)?
     } else {

@@ -1,7 +1,8 @@
 //! `keyrack_meta`: the phase, the identity of the database's current encryption key, and the
 //! users still pending a backfill from phase legacy (`legacy_backfill`).
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionState, MAIN_DB};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::{Result, StoreError};
@@ -98,6 +99,78 @@ pub(crate) fn key_id(conn: &Connection) -> Result<Option<String>> {
 
 pub(crate) fn set_key_id(conn: &Connection, id: &str) -> Result<()> {
     set(conn, KEY_ID, id)
+}
+
+/// What a key operation reads of `keyrack_meta` and `legacy_backfill` before anything else: the
+/// phase, and whether any user at all is still pending a backfill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Settled {
+    pub(crate) phase: Phase,
+    /// False only when no user is pending (then nobody's check needs a statement); true when
+    /// some user is, or when it was not read.
+    any_pending: bool,
+}
+
+impl Settled {
+    /// `backfill_pending`, without a statement when no user is pending.
+    pub(crate) fn backfill_pending(&self, conn: &Connection, user_id: i64) -> Result<bool> {
+        Ok(self.any_pending && backfill_pending(conn, user_id)?)
+    }
+}
+
+/// One connection's last `Settled`, with the SQLite data version of the database file it was
+/// read at. The data version changes with every commit to the file, by this connection, another
+/// one or another process, so while it is unchanged the rows are unchanged and the values need
+/// no statement: a read request then runs two statements fewer.
+#[derive(Debug, Default)]
+pub(crate) struct Memo(Cell<Option<(u32, Settled)>>);
+
+/// The phase and whether any backfill is pending, inside the caller's transaction. With a memo
+/// (read-only snapshots only: a write's own uncommitted changes do not move the data version),
+/// taken from it while the database is unchanged since it was filled.
+pub(crate) fn settled(conn: &Connection, memo: Option<&Memo>) -> Result<Settled> {
+    let Some(memo) = memo else {
+        return Ok(Settled {
+            phase: phase(conn)?,
+            any_pending: true,
+        });
+    };
+    // Before the snapshot's first read the data version is the previous snapshot's.
+    if conn.transaction_state(Some(MAIN_DB))? != TransactionState::None {
+        if let (Some((seen, settled)), Some(now)) = (memo.0.get(), data_version(conn)) {
+            if seen == now {
+                return Ok(settled);
+            }
+        }
+    }
+    let settled = Settled {
+        phase: phase(conn)?,
+        any_pending: conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM legacy_backfill)")?
+            .query_row([], |r| r.get(0))?,
+    };
+    // Read after the statements above: the version of the snapshot they read.
+    memo.0.set(data_version(conn).map(|v| (v, settled)));
+    Ok(settled)
+}
+
+/// SQLite's data version of the main database file (`SQLITE_FCNTL_DATA_VERSION`): changes
+/// whenever the file's content changes, through this connection or any other. `None` when it
+/// cannot be read (then nothing is remembered).
+fn data_version(conn: &Connection) -> Option<u32> {
+    let mut version: u32 = 0;
+    // SAFETY: the handle is this open connection's; the call only reads a counter of its pager
+    // into `version`, a u32 as SQLITE_FCNTL_DATA_VERSION requires; the connection is not used
+    // concurrently (`&Connection` on this thread, rusqlite connections are not Sync).
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_DATA_VERSION,
+            (&mut version as *mut u32).cast(),
+        )
+    };
+    (rc == rusqlite::ffi::SQLITE_OK).then_some(version)
 }
 
 /// Whether the user is still pending a backfill from phase legacy: their column value wins.
@@ -236,6 +309,76 @@ mod tests {
         }
         set_phase(&conn, Phase::NewOnly, "test")?;
         assert_eq!(phase(&conn)?, Phase::NewOnly);
+        Ok(())
+    }
+
+    /// `settled` where the memo may answer: after another statement of the same snapshot.
+    fn settled_in_a_read(store: &mut crate::store::Store) -> Result<Settled> {
+        store.read(|c, ctx| {
+            c.query_row("SELECT count(*) FROM users", [], |_| Ok(()))?;
+            let first = settled(c, ctx.memo)?;
+            // Asked twice in one snapshot: the same answer.
+            assert_eq!(settled(c, ctx.memo)?, first);
+            Ok(first)
+        })
+    }
+
+    /// The memo of the phase is dropped by every commit to the database: another connection's,
+    /// another process's (the same file), and the connection's own.
+    #[test]
+    fn the_memo_follows_every_commit_to_the_database(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        use crate::crypto::{EncryptionKey, KeyRing};
+        use crate::store::{Shared, Store};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir()?;
+        for location in [
+            DbLocation::Memory,
+            DbLocation::File(dir.path().join("memo.db")),
+        ] {
+            let db = Database::new(&location)?;
+            let mut other = db.connect()?;
+            db::migrate_schema(&mut other)?;
+            let ring = Arc::new(KeyRing::new(EncryptionKey::generate(), vec![]));
+            let mut store = Store::new(db.connect()?, ring, Arc::new(Shared::default()));
+            let unchanged = Settled {
+                phase: Phase::Dual,
+                any_pending: false,
+            };
+            assert_eq!(settled_in_a_read(&mut store)?, unchanged);
+            assert_eq!(settled_in_a_read(&mut store)?, unchanged);
+
+            set(&other, PHASE, "new_only")?;
+            assert_eq!(
+                settled_in_a_read(&mut store)?.phase,
+                Phase::NewOnly,
+                "{location:?}"
+            );
+            // The first statement of a snapshot: the data version is still the last snapshot's.
+            set(&other, PHASE, "dual")?;
+            let first = store.read(|c, ctx| settled(c, ctx.memo))?;
+            assert_eq!(first.phase, Phase::Dual, "{location:?}");
+
+            other.execute(
+                "INSERT INTO users(email, password_hash, created_at) VALUES ('a@x.org', 'h', 0)",
+                [],
+            )?;
+            let user = other.last_insert_rowid();
+            other.execute("INSERT INTO legacy_backfill(user_id) VALUES (?1)", [user])?;
+            let now = settled_in_a_read(&mut store)?;
+            assert!(now.any_pending, "{location:?}");
+            assert!(store.read(|c, ctx| settled(c, ctx.memo)?.backfill_pending(c, user))?);
+
+            // The store's own connection commits (a write of its own, or a group it led).
+            store.write_alone(|tx, _| set(tx, PHASE, "legacy"))?;
+            assert_eq!(
+                settled_in_a_read(&mut store)?.phase,
+                Phase::Legacy,
+                "{location:?}"
+            );
+            other.execute("DELETE FROM legacy_backfill", [])?;
+            assert!(!settled_in_a_read(&mut store)?.any_pending, "{location:?}");
+        }
         Ok(())
     }
 }

@@ -139,6 +139,8 @@ pub(crate) struct Store {
     shared: Arc<Shared>,
     /// Most `api_keys` rows a user may create through the API.
     key_limit: i64,
+    /// The phase and pending backfill as this connection's read snapshots last saw them.
+    memo: meta::Memo,
 }
 
 impl Store {
@@ -148,6 +150,7 @@ impl Store {
             ring,
             shared,
             key_limit: crate::config::DEFAULT_MAX_KEYS_PER_USER,
+            memo: meta::Memo::default(),
         }
     }
 
@@ -207,6 +210,7 @@ impl Store {
             ring: &self.ring,
             usage: &self.shared.usage,
             actor: None,
+            memo: None,
         };
         self.shared.writes.write(&mut self.conn, &ctx, f)
     }
@@ -222,6 +226,7 @@ impl Store {
             ring: &self.ring,
             usage: &self.shared.usage,
             actor: None,
+            memo: Some(&self.memo),
         };
         let snapshot = ReadSnapshot::begin(&self.conn)?;
         let out = f(&self.conn, &ctx)?;
@@ -239,6 +244,7 @@ impl Store {
             ring: &self.ring,
             usage: &self.shared.usage,
             actor: None,
+            memo: None,
         };
         let out = f(&tx, &ctx)?;
         tx.commit()?;
@@ -281,6 +287,8 @@ pub(crate) struct Ctx<'a> {
     /// Who acts, for the events: a command's name (`command:<name>`), or `None` for the user
     /// whose keys a request touches (`user:<id>`).
     pub(crate) actor: Option<&'a str>,
+    /// The connection's memo of the phase (`meta::settled`), in read-only snapshots only.
+    pub(crate) memo: Option<&'a meta::Memo>,
 }
 
 impl Ctx<'_> {

@@ -273,6 +273,7 @@ pub(crate) fn backfill_batch(
         ring,
         usage: &shared.usage,
         actor: Some("command:migrate"),
+        memo: None,
     };
     let mut b = Backfill::default();
     let batch: Vec<i64> = tx

@@ -250,7 +250,7 @@ fn tokens_are_stored_only_as_hashes_and_expire() {
     let s = env.serve();
     let t = s.user("ada@example.com");
     assert!(!contains(&db_bytes(&env.db()), &t));
-    assert!(!s.logs().contains(&t));
+    assert!(!s.logs_settled().contains(&t));
     assert!(
         poll_until(std::time::Duration::from_secs(5), || s
             .get("/user/me", Some(&t))
@@ -410,6 +410,65 @@ fn payload_too_large_one_mib_body() {
     let ans = exchange(&s.addr, &chunked);
     assert!(ans.starts_with("HTTP/1.1 413"), "{ans}");
     assert_eq!(s.get("/healthz", None).status, 200);
+}
+
+/// The server writes its log lines from a thread of its own, many in one write: under
+/// requests from many threads at once every line is there, whole and one to a line, and a
+/// graceful stop writes the ones still waiting.
+#[test]
+fn every_request_line_is_written_whole_by_the_stop() {
+    let env = Env::new();
+    let s = env.serve();
+    let (base, threads, each) = (s.base.clone(), 8, 50);
+    let workers: Vec<_> = (0..threads)
+        .map(|i| {
+            let base = base.clone();
+            std::thread::spawn(move || {
+                let agent = ureq::agent();
+                for j in 0..each {
+                    let url = format!("{base}/healthz-{i}-{j}");
+                    assert!(matches!(
+                        agent.get(&url).call(),
+                        Err(ureq::Error::Status(404, _))
+                    ));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let log = s.log.clone();
+    assert!(s.terminate().success());
+    let logs = std::fs::read_to_string(log).unwrap();
+    let request_lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("] GET /healthz-"))
+        .collect();
+    assert_eq!(request_lines.len(), threads * each, "{logs}");
+    for i in 0..threads {
+        for j in 0..each {
+            let path = format!(" GET /healthz-{i}-{j} 404 ");
+            assert_eq!(
+                request_lines.iter().filter(|l| l.contains(&path)).count(),
+                1,
+                "{path}"
+            );
+        }
+    }
+    // The server's last line, logged just before it exits, is written too.
+    assert!(
+        logs.lines()
+            .last()
+            .is_some_and(|l| l.ends_with("] stopped")),
+        "{logs}"
+    );
+    for line in logs.lines() {
+        assert!(
+            line.len() > 24 && line.as_bytes()[23] == b'Z' && line[24..].starts_with(" ["),
+            "not a whole line: {line:?}"
+        );
+    }
 }
 
 #[test]

@@ -287,7 +287,7 @@ fn a_ciphertext_copied_to_another_user_does_not_decrypt() {
     let r = s.get("/user/api-key?reveal=true", Some(&bob));
     assert_eq!((r.status, r.code()), (500, "key_unreadable"));
     assert!(!r.raw.contains("sk-ada"), "never the other user's key");
-    let logs = s.logs();
+    let logs = s.logs_settled();
     assert!(
         logs.contains("user 2") && logs.contains("in api_keys (key "),
         "{logs}"
@@ -591,7 +591,7 @@ fn admin_status_needs_the_admin_token() {
     assert_eq!(s.get("/admin/status", Some("wrong")).status, 401);
     assert_eq!(s.get("/admin/status", Some(&t)).status, 401);
     assert_eq!(s.get("/admin/status", None).status, 401);
-    assert!(!s.logs().contains("admin-secret-token"));
+    assert!(!s.logs_settled().contains("admin-secret-token"));
 }
 
 #[test]
@@ -636,7 +636,7 @@ fn concurrent_writes_commit_in_groups_each_with_its_own_answer() {
     let created: i64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(created, 120);
     // Writes of different workers shared a commit: at least one group held more than one.
-    let logs = s.logs();
+    let logs = s.logs_settled();
     let groups: Vec<usize> = logs
         .lines()
         .filter_map(|l| l.split("] committed ").nth(1))

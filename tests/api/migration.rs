@@ -536,7 +536,7 @@ fn a_rotation_under_a_server_without_the_new_key_refuses_writes_and_says_to_rest
             "{msg}"
         );
     }
-    let logs = s.logs();
+    let logs = s.logs_settled();
     assert_eq!(
         logs.matches("which this server does not hold").count(),
         1,

@@ -480,7 +480,7 @@ fn phase_commands_under_a_serving_server_fail_no_request() {
         "a request failed or answered wrong"
     );
     // The server logged each phase change it followed.
-    let logs = s.logs();
+    let logs = s.logs_settled();
     for change in [
         "the phase changed from dual to new_only",
         "the phase changed from new_only to legacy",
@@ -540,7 +540,7 @@ fn rotate_encryption_key_reseals_everything() {
     assert_eq!(sealed_with("groq"), id_of(KEY_B));
     assert!(
         during
-            .logs()
+            .logs_settled()
             .contains("the database's current key is now key id"),
         "{}",
         during.logs()

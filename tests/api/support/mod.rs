@@ -230,6 +230,19 @@ impl Server {
         self.logs()
     }
 
+    /// The log holding every line logged before this call: the server writes its lines from a
+    /// thread of its own, in order, so once the line of a request made now is in, so is every
+    /// line logged before it.
+    pub fn logs_settled(&self) -> String {
+        static MARKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mark = format!(
+            "/log-mark-{}",
+            MARKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        assert_eq!(self.get(&mark, None).status, 404);
+        self.logs_with(&[&format!("] GET {mark} 404 ")])
+    }
+
     pub fn request(
         &self,
         method: &str,
