@@ -324,16 +324,40 @@ fn read_incoming(
 pub const CONTENT_SECURITY_POLICY: &str =
     "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
+/// The headers of every answer, built once (a copy costs less than checking the text again).
+fn every_answer() -> &'static [Header] {
+    static HEADERS: std::sync::OnceLock<Vec<Header>> = std::sync::OnceLock::new();
+    HEADERS.get_or_init(|| {
+        [
+            // Responses may carry key data; nothing is to be cached anywhere.
+            ("Cache-Control", "no-store"),
+            // Every answer, the page's and the API's: scripts and styles from this server's own
+            // files only (none inline), no framing, no sniffing of types, no Referer leaving
+            // the page.
+            ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "no-referrer"),
+        ]
+        .iter()
+        .filter_map(|(name, value)| Header::from_bytes(name.as_bytes(), value.as_bytes()).ok())
+        .collect()
+    })
+}
+
 fn to_response(reply: Reply) -> Response<Cursor<Zeroizing<Vec<u8>>>> {
     let body = reply.body.unwrap_or_default();
     let len = body.len();
     let mut resp = Response::new(
         StatusCode(reply.status),
-        Vec::with_capacity(4),
+        // Room for the headers tiny_http adds (Date, Server, Content-Length) too.
+        Vec::with_capacity(12),
         Cursor::new(body),
         Some(len),
         None,
     );
+    for h in every_answer() {
+        resp.add_header(h.clone());
+    }
     let mut add = |name: &str, value: &str| {
         if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
             resp.add_header(h);
@@ -342,13 +366,6 @@ fn to_response(reply: Reply) -> Response<Cursor<Zeroizing<Vec<u8>>>> {
     if reply.status != 204 {
         add("Content-Type", reply.content_type);
     }
-    // Responses may carry key data; nothing is to be cached anywhere.
-    add("Cache-Control", "no-store");
-    // Every answer, the page's and the API's: scripts and styles from this server's own files
-    // only (none inline), no framing, no sniffing of types, no Referer leaving the page.
-    add("Content-Security-Policy", CONTENT_SECURITY_POLICY);
-    add("X-Content-Type-Options", "nosniff");
-    add("Referrer-Policy", "no-referrer");
     for (name, value) in &reply.headers {
         add(name, value);
     }
