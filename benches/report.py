@@ -13,17 +13,49 @@ for line in open(raw_path):
     raw[key] = value
 
 
+def rounds(label, conns):
+    """The runs of `label` at `conns` connections, by round."""
+    out = {}
+    for key, value in raw.items():
+        parts = key.split(":")
+        if len(parts) == 4 and parts[0] == "wrk" and parts[1] == label and parts[2] == str(conns):
+            out[int(parts[3])] = json.loads(value)
+    return out
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return (xs[n // 2] + xs[(n - 1) // 2]) / 2 if xs else None
+
+
+def baseline_rounds(conns):
+    """Each round's baseline: the mean of its runs before and after the keyrack runs."""
+    before, after = rounds("baseline_before", conns), rounds("baseline_after", conns)
+    out = {}
+    for r in before:
+        runs = [x for x in (before.get(r), after.get(r)) if x]
+        out[r] = {k: sum(x[k] for x in runs) / len(runs) for k in runs[0]}
+    return out
+
+
 def wrk(label, conns):
-    if label == "baseline":
-        runs = [wrk(f"baseline_{w}", conns) for w in ("before", "after")]
-        runs = [r for r in runs if r]
-        if not runs:
-            return None
-        mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
-        mean["runs"] = [r["rps"] for r in runs]
-        return mean
-    v = raw.get(f"wrk:{label}:{conns}")
-    return json.loads(v) if v else None
+    """Medians over the rounds of req/s and latencies; for keyrack's measures also the median
+    of each round's ratio to that round's baseline, and the ratios of every round."""
+    runs = baseline_rounds(conns) if label == "baseline" else rounds(label, conns)
+    if not runs:
+        return None
+    out = {k: median([r[k] for r in runs.values()]) for k in next(iter(runs.values()))}
+    out["runs"] = [runs[r]["rps"] for r in sorted(runs)]
+    for k in ("non2xx", "socket_errors"):
+        # Every round's errors count.
+        out[k] = sum(r.get(k, 0) for r in runs.values())
+    if label != "baseline":
+        base = baseline_rounds(conns)
+        ratios = [runs[r]["rps"] / base[r]["rps"] for r in sorted(runs) if r in base and base[r]["rps"]]
+        out["ratios"] = ratios
+        out["ratio_to_baseline"] = median(ratios)
+    return out
 
 
 def cpu_model():
@@ -64,7 +96,6 @@ for label in ["healthz", "reveal", "post_dual", "list10", "login"]:
         if not r:
             continue
         entry = dict(r)
-        entry["ratio_to_baseline"] = r["rps"] / b["rps"] if b and b["rps"] else None
         if label == "post_dual":
             entry["ratio_to_sync_ceiling"] = r["rps"] / sync_ceiling
         results["throughput"][f"{label}@{c}"] = entry
@@ -83,6 +114,7 @@ for label in ["migrate", "status", "remove_legacy_column"]:
 json.dump(results, open(json_path, "w"), indent=2)
 
 print(f"keyrack benchmark, {results['date']}, {results['machine']}\n")
+print("Medians over the rounds; the ratio is the median of each round's ratio (every round's in brackets).\n")
 print("| measure | connections | req/s | p50 ms | p99 ms | ratio to baseline | target | non-2xx |")
 print("|---|---|---|---|---|---|---|---|")
 for c in [1, 16, 64]:
@@ -97,8 +129,9 @@ for label, c, e in rows:
     if label == "post_dual":
         extra = f" ({e['ratio_to_sync_ceiling']:.2f} of sync ceiling, target 0.8)"
     tgt = f"≥ {target}" if target else "(argon2, on its own)"
-    shown = "—" if label == "login" else f"{ratio:.2f}{extra}"
-    print(f"| {label} | {c} | {e['rps']:.0f} | {e['p50_us']/1000:.2f} | {e['p99_us']/1000:.2f} | {shown} | {tgt} | {e['non2xx']} |")
+    each = "/".join(f"{x:.2f}" for x in e.get("ratios", []))
+    shown = "—" if label == "login" else f"{ratio:.2f} ({each}){extra}"
+    print(f"| {label} | {c} | {e['rps']:.0f} | {e['p50_us']/1000:.2f} | {e['p99_us']/1000:.2f} | {shown} | {tgt} | {e['non2xx']:.0f} |")
 s = results["start_to_ready_ms"]
 print()
 print(f"- start to ready line (median of 20): fresh {s['fresh']:.1f} ms (target < 20), "

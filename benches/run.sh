@@ -10,11 +10,19 @@
 #   - the server's peak RSS idle and after the 64-connection loads
 # Prints a table and writes target/bench/results.json. Not a test; CI does not run it.
 #
-# Knobs: BENCH_SECONDS (per wrk run, default 5), BENCH_MIGRATE_KEYS (default 1000000).
+# Knobs: BENCH_SECONDS (per wrk run, default 3), BENCH_ROUNDS (default 3), BENCH_MIGRATE_KEYS
+# (default 1000000).
+#
+# The machine is noisy (on a shared 2-core VM, one binary measured twice in a row gave ratios
+# from 0.57 to 0.85): each connection count runs BENCH_ROUNDS rounds, each round the baseline
+# right before and right after the keyrack runs, and the table gives the median over rounds of
+# each round's ratio (keyrack's req/s over the mean of that round's two baseline runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SECONDS_PER_RUN=${BENCH_SECONDS:-5}
+SECONDS_PER_RUN=${BENCH_SECONDS:-3}
+ROUNDS=${BENCH_ROUNDS:-3}
+ROUND=1
 MIGRATE_KEYS=${BENCH_MIGRATE_KEYS:-1000000}
 
 need=()
@@ -72,8 +80,8 @@ run_wrk() { # label, connections, url, env assignments...
   local line
   line=$(env "$@" wrk -t"$threads" -c"$conns" -d"${SECONDS_PER_RUN}s" --latency \
     -s benches/wrk/request.lua "$url" | sed -n 's/^WRKJSON //p')
-  record "wrk:$label:$conns" "$line"
-  echo "  $label c=$conns $line" >&2
+  record "wrk:$label:$conns:$ROUND" "$line"
+  echo "  $label c=$conns round $ROUND $line" >&2
 }
 
 echo "== start to ready line" >&2
@@ -119,19 +127,22 @@ URL=$SERVER_URL
 . benches/seed.sh
 seed_bench_users
 record rss_idle_kib "$(peak_rss_kib "$KEYRACK_PID")"
-# The machine is noisy: the baseline is measured right before and right after each group of
-# keyrack runs with the same connection count, and the ratios use the mean of the two.
+# The machine is noisy: the baseline is measured right before and right after each round of
+# keyrack runs with the same connection count, and each round's ratios use the mean of the two.
 for c in 1 16 64; do
-  run_wrk baseline_before "$c" "$BASE"
-  run_wrk healthz "$c" "$URL"
-  run_wrk reveal "$c" "$URL" KR_PATH="/user/api-key?reveal=true" KR_TOKEN="$T_REVEAL"
-  run_wrk list10 "$c" "$URL" KR_PATH=/user/api-keys KR_TOKEN="$T_LIST"
-  run_wrk post_dual "$c" "$URL" KR_METHOD=POST KR_PATH=/user/api-key KR_TOKEN="$T_REVEAL" \
-    KR_BODY='{"api_key":"sk-bench-0123456789abcdef"}'
-  run_wrk baseline_after "$c" "$BASE"
+  for ROUND in $(seq 1 "$ROUNDS"); do
+    run_wrk baseline_before "$c" "$BASE"
+    run_wrk healthz "$c" "$URL"
+    run_wrk reveal "$c" "$URL" KR_PATH="/user/api-key?reveal=true" KR_TOKEN="$T_REVEAL"
+    run_wrk list10 "$c" "$URL" KR_PATH=/user/api-keys KR_TOKEN="$T_LIST"
+    run_wrk post_dual "$c" "$URL" KR_METHOD=POST KR_PATH=/user/api-key KR_TOKEN="$T_REVEAL" \
+      KR_BODY='{"api_key":"sk-bench-0123456789abcdef"}'
+    run_wrk baseline_after "$c" "$BASE"
+  done
 done
 record rss_peak_kib "$(peak_rss_kib "$KEYRACK_PID")"
-# Logins last: argon2 is slow and memory-hungry on purpose; reported on their own.
+# Logins last, one round: argon2 is slow and memory-hungry on purpose; reported on their own.
+ROUND=1
 for c in 1 16 64; do
   run_wrk login "$c" "$URL" KR_METHOD=POST KR_PATH=/auth/login \
     KR_BODY='{"email":"list@example.com","password":"correct horse battery"}'
