@@ -237,6 +237,8 @@ struct Batch {
     idle: bool,
     /// `serve_batched`'s guard asks the writer to write what is left and stop.
     stop: bool,
+    /// Threads waiting for room (`MAX_WAITING`).
+    waiting: usize,
 }
 
 struct Log {
@@ -253,6 +255,7 @@ static LOG: Log = Log {
         on: false,
         idle: false,
         stop: false,
+        waiting: 0,
     }),
     wake: Condvar::new(),
     room: Condvar::new(),
@@ -271,12 +274,19 @@ fn batch() -> MutexGuard<'static, Batch> {
 impl std::io::Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut b = batch();
-        if !b.on {
-            // Written under the lock, so a line never lands between two of a batch.
-            return std::io::stderr().lock().write_all(buf).map(|()| buf.len());
-        }
-        while b.lines.len() >= MAX_WAITING && b.on {
+        loop {
+            if !b.on {
+                // Written under the lock, so a line never lands between two of a batch. Also
+                // after waiting for room: the writer thread may have stopped meanwhile, and a
+                // line left in `lines` then would never be written.
+                return std::io::stderr().lock().write_all(buf).map(|()| buf.len());
+            }
+            if b.lines.len() < MAX_WAITING {
+                break;
+            }
+            b.waiting += 1;
             b = LOG.room.wait(b).unwrap_or_else(PoisonError::into_inner);
+            b.waiting -= 1;
         }
         b.lines.extend_from_slice(buf);
         if b.idle {
@@ -368,6 +378,40 @@ mod tests {
         )
         .unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    /// A line whose thread waited for room while the server's writer thread stopped is written
+    /// (directly, as batching is over), not left in a batch nobody writes any more. The writer's
+    /// steps are taken by hand: it took the lines and woke the waiting thread, then found
+    /// nothing left and stopped, all before the waiting thread ran again.
+    #[test]
+    fn a_line_waiting_for_room_when_the_writer_stops_is_written() {
+        {
+            let mut b = batch();
+            b.on = true;
+            b.lines = vec![b'.'; MAX_WAITING];
+        }
+        let logging = std::thread::spawn(|| {
+            Sink.write_all(b"(a logging unit test's line, written directly)\n")
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while batch().waiting == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never waited for room"
+            );
+            std::thread::yield_now();
+        }
+        {
+            let mut b = batch();
+            b.lines.clear();
+            LOG.room.notify_all();
+            b.on = false;
+        }
+        logging.join().unwrap().unwrap();
+        let b = batch();
+        assert!(b.lines.is_empty(), "{} bytes left behind", b.lines.len());
+        assert_eq!(b.waiting, 0);
     }
 
     /// The time as `time` formats it whole, whatever second the thread formatted last.
