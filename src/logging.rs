@@ -20,7 +20,6 @@
 
 use std::cell::Cell;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -237,6 +236,8 @@ struct Batch {
     idle: bool,
     /// `serve_batched`'s guard asks the writer to write what is left and stop.
     stop: bool,
+    /// Threads waiting for room (`MAX_WAITING`).
+    waiting: usize,
 }
 
 struct Log {
@@ -253,6 +254,7 @@ static LOG: Log = Log {
         on: false,
         idle: false,
         stop: false,
+        waiting: 0,
     }),
     wake: Condvar::new(),
     room: Condvar::new(),
@@ -271,12 +273,20 @@ fn batch() -> MutexGuard<'static, Batch> {
 impl std::io::Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut b = batch();
-        if !b.on {
-            // Written under the lock, so a line never lands between two of a batch.
-            return std::io::stderr().lock().write_all(buf).map(|()| buf.len());
-        }
-        while b.lines.len() >= MAX_WAITING && b.on {
+        loop {
+            if !b.on {
+                // Written under the lock, so a line never lands between two of a batch. Also
+                // after waiting for room: the writer thread may have stopped meanwhile, and a
+                // line left in `lines` then would never be written.
+                write_to_stderr(buf);
+                return Ok(buf.len());
+            }
+            if b.lines.len() < MAX_WAITING {
+                break;
+            }
+            b.waiting += 1;
             b = LOG.room.wait(b).unwrap_or_else(PoisonError::into_inner);
+            b.waiting -= 1;
         }
         b.lines.extend_from_slice(buf);
         if b.idle {
@@ -288,6 +298,37 @@ impl std::io::Write for Sink {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// Writes `lines` to stderr whole. A stderr that is full and non-blocking (`O_NONBLOCK`, set by
+/// whatever shares it) is waited for, like a blocking one: giving up there would drop the rest
+/// of a batch and leave its first line torn, the next write then continuing that line. When
+/// stderr is gone the lines are dropped: nothing else can be done with them.
+fn write_to_stderr(lines: &[u8]) {
+    write_patiently(&mut std::io::stderr().lock(), lines, || {
+        let mut fd = libc::pollfd {
+            fd: libc::STDERR_FILENO,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call. An error or a timeout only
+        // means the write is tried again.
+        unsafe { libc::poll(&mut fd, 1, 100) };
+    });
+}
+
+/// Writes all of `buf` to `out`, calling `wait` whenever it would block; stops at any other
+/// error or when `out` takes nothing.
+fn write_patiently(out: &mut impl std::io::Write, mut buf: &[u8], mut wait: impl FnMut()) {
+    while !buf.is_empty() {
+        match out.write(buf) {
+            Ok(0) => return,
+            Ok(n) => buf = buf.get(n..).unwrap_or_default(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
     }
 }
 
@@ -324,8 +365,7 @@ fn write_batches() {
             std::mem::swap(&mut taken, &mut b.lines);
             LOG.room.notify_all();
         }
-        // Nothing to do when stderr is gone: the lines are dropped, as a direct write's are.
-        let _ = std::io::stderr().lock().write_all(&taken);
+        write_to_stderr(&taken);
         taken.clear();
         std::thread::sleep(BATCH_GAP);
     }
@@ -354,6 +394,7 @@ pub fn set_progress_open(open: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
 
     fn line(msg: &str, request: Option<(u64, Option<i64>)>, close: bool) -> String {
         let mut out = Vec::new();
@@ -368,6 +409,78 @@ mod tests {
         )
         .unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    /// A line whose thread waited for room while the server's writer thread stopped is written
+    /// (directly, as batching is over), not left in a batch nobody writes any more. The writer's
+    /// steps are taken by hand: it took the lines and woke the waiting thread, then found
+    /// nothing left and stopped, all before the waiting thread ran again.
+    #[test]
+    fn a_line_waiting_for_room_when_the_writer_stops_is_written() {
+        {
+            let mut b = batch();
+            b.on = true;
+            b.lines = vec![b'.'; MAX_WAITING];
+        }
+        let logging = std::thread::spawn(|| {
+            Sink.write_all(b"(a logging unit test's line, written directly)\n")
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while batch().waiting == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never waited for room"
+            );
+            std::thread::yield_now();
+        }
+        {
+            let mut b = batch();
+            b.lines.clear();
+            LOG.room.notify_all();
+            b.on = false;
+        }
+        logging.join().unwrap().unwrap();
+        let b = batch();
+        assert!(b.lines.is_empty(), "{} bytes left behind", b.lines.len());
+        assert_eq!(b.waiting, 0);
+    }
+
+    /// A stderr that takes a few bytes at a time and would block every other write (full and
+    /// non-blocking) gets every byte, in order, once.
+    #[test]
+    fn a_full_non_blocking_stderr_is_waited_for() {
+        struct Slow {
+            got: Vec<u8>,
+            calls: usize,
+        }
+        impl std::io::Write for Slow {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.calls += 1;
+                if self.calls % 2 == 0 {
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                let n = buf.len().min(7);
+                self.got.extend_from_slice(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines: Vec<u8> = (0..100)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
+        let mut out = Slow {
+            got: Vec::new(),
+            calls: 0,
+        };
+        let mut waits = 0;
+        write_patiently(&mut out, &lines, || waits += 1);
+        assert_eq!(
+            String::from_utf8_lossy(&out.got),
+            String::from_utf8_lossy(&lines)
+        );
+        assert!(waits > 0);
     }
 
     /// The time as `time` formats it whole, whatever second the thread formatted last.

@@ -70,6 +70,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                 max_connections: max_connections(),
                 head_timeout: Some(cfg.timeouts.head),
                 idle_timeout: Some(cfg.timeouts.idle),
+                answer_headers: every_answer(),
             },
         )
         .map_err(|e| Failure::Runtime(format!("cannot start the HTTP server: {e}")))?,

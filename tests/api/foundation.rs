@@ -412,6 +412,78 @@ fn payload_too_large_one_mib_body() {
     assert_eq!(s.get("/healthz", None).status, 200);
 }
 
+/// With stderr a pipe set non-blocking by whoever made it (the flag belongs to the pipe, so the
+/// server's writes see it) and read slowly: every request line still arrives, whole, none lost
+/// when the pipe is full, and the server stops.
+#[test]
+fn a_slow_non_blocking_stderr_gets_every_line_whole() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    // SAFETY: fcntl(2) on a pipe this test owns.
+    unsafe {
+        let flags = libc::fcntl(writer.as_raw_fd(), libc::F_GETFL);
+        assert!(flags >= 0);
+        assert_eq!(
+            libc::fcntl(writer.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK),
+            0
+        );
+    }
+    let env = Env::new();
+    let s = env.serve_logging_to(&[], writer.into(), env.path("no-log-file"));
+    // 4 KiB every 5 ms: slower than the requests below make lines, so the pipe fills.
+    let slow_reader = std::thread::spawn(move || {
+        let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    let (base, threads, each) = (s.base.clone(), 4, 100);
+    let long = "x".repeat(1000);
+    let workers: Vec<_> = (0..threads)
+        .map(|i| {
+            let (base, long) = (base.clone(), long.clone());
+            std::thread::spawn(move || {
+                let agent = ureq::agent();
+                for j in 0..each {
+                    let url = format!("{base}/slow-{i}-{j}-{long}");
+                    assert!(matches!(
+                        agent.get(&url).call(),
+                        Err(ureq::Error::Status(404, _))
+                    ));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(s.terminate().success());
+    let logs = String::from_utf8(slow_reader.join().unwrap()).unwrap();
+    for i in 0..threads {
+        for j in 0..each {
+            let line = format!("] GET /slow-{i}-{j}-{long} 404 ");
+            let n = logs.lines().filter(|l| l.contains(&line)).count();
+            assert_eq!(n, 1, "GET /slow-{i}-{j}-x...: {n} lines");
+        }
+    }
+    for line in logs.lines() {
+        assert!(
+            line.len() > 24 && line.as_bytes()[23] == b'Z' && line[24..].starts_with(" ["),
+            "not a whole line: {line:?}"
+        );
+    }
+    assert!(
+        logs.ends_with("] stopped\n"),
+        "{}",
+        &logs[logs.len().saturating_sub(300)..]
+    );
+}
+
 /// The server writes its log lines from a thread of its own, many in one write: under
 /// requests from many threads at once every line is there, whole and one to a line, and a
 /// graceful stop writes the ones still waiting.

@@ -540,3 +540,64 @@ fn a_healthy_client_is_served_with_1000_slow_connections_and_past_the_cap() {
     // 1,000, then 1,100 against the real cap of 1,024 connections.
     served_below_and_past_the_cap(&s, 1000, 100);
 }
+
+/// The four headers every answer carries, each once: on the answers keyrack writes (200, 204,
+/// HEAD, errors) and on those the HTTP layer writes itself before any handler runs (a malformed
+/// head, a version it does not speak, an unknown `Expect`, a request line or head over the
+/// limits, a transfer coding it does not know).
+#[test]
+fn every_answer_carries_the_security_headers_once() {
+    let s = fast_env().serve();
+    let token = s.user("headers@example.org");
+    let long_line = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9 * 1024));
+    let many_headers = format!("GET /healthz HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(101));
+    let delete = format!(
+        "DELETE /user/api-key HTTP/1.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let cases: [(&[u8], &str); 9] = [
+        (b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n", "200"),
+        (
+            b"HEAD /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "200",
+        ),
+        (b"GET /nowhere HTTP/1.1\r\nConnection: close\r\n\r\n", "404"),
+        (delete.as_bytes(), "204"),
+        (b"GET /health z HTTP/1.1\r\n\r\n", "400"),
+        (b"GET /healthz HTTP/9.9\r\n\r\n", "505"),
+        (b"GET /healthz HTTP/1.1\r\nExpect: tea\r\n\r\n", "417"),
+        (long_line.as_bytes(), "414"),
+        (many_headers.as_bytes(), "431"),
+    ];
+    let expected = [
+        "cache-control: no-store".to_owned(),
+        "content-security-policy: default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+            .to_owned(),
+        "x-content-type-options: nosniff".to_owned(),
+        "referrer-policy: no-referrer".to_owned(),
+    ];
+    let mut answers = cases
+        .iter()
+        .map(|(req, status)| (answer_and_close(&s.addr, req), *status))
+        .collect::<Vec<_>>();
+    answers.push((
+        answer_and_close(
+            &s.addr,
+            b"POST /auth/login HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ),
+        "501",
+    ));
+    for (ans, status) in answers {
+        assert!(ans.starts_with(&format!("HTTP/1.1 {status}")), "{ans}");
+        let head = ans.split("\r\n\r\n").next().unwrap_or_default();
+        let lines: Vec<String> = head.lines().map(str::to_ascii_lowercase).collect();
+        for want in &expected {
+            let n = lines.iter().filter(|l| *l == want).count();
+            let name = want.split(':').next().unwrap_or_default();
+            let any = lines
+                .iter()
+                .filter(|l| l.starts_with(&format!("{name}:")))
+                .count();
+            assert_eq!((n, any), (1, 1), "{want} in the {status} answer:\n{head}");
+        }
+    }
+}

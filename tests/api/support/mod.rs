@@ -115,8 +115,6 @@ impl Env {
     }
 
     pub fn serve_with(&self, extra: &[&str]) -> Server {
-        let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
-        args.extend_from_slice(extra);
         let log = self.dir.path().join(format!(
             "server-{}.log",
             std::time::SystemTime::now()
@@ -124,11 +122,20 @@ impl Env {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         ));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        self.serve_logging_to(extra, stderr.into(), log)
+    }
+
+    /// A server whose stderr is `stderr`; `log` is the file `Server::logs` reads (none when
+    /// the log goes elsewhere).
+    pub fn serve_logging_to(&self, extra: &[&str], stderr: Stdio, log: PathBuf) -> Server {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
         let child = self
             .command(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
+            .stderr(stderr)
             .spawn()
             .expect("spawn keyrack");
         Server::wait_ready(child, log)

@@ -336,9 +336,13 @@ impl ClientConnection {
 
     /// keyrack patch: answers a request that cannot be served, then closes the connection.
     /// The error responses of the original were written while the request that failed still
-    /// held the connection's writer (the 505 branch waited for it for ever).
+    /// held the connection's writer (the 505 branch waited for it for ever). The answer carries
+    /// `ConnectionOptions::answer_headers`.
     #[inline(never)]
-    fn refuse<R: Read>(&mut self, response: crate::Response<R>, version: HTTPVersion) {
+    fn refuse<R: Read>(&mut self, mut response: crate::Response<R>, version: HTTPVersion) {
+        for h in self.options.answer_headers {
+            response.add_header(h.clone());
+        }
         {
             let mut writer = self.sink.next().unwrap();
             response.raw_print(&mut writer, version, &[], false, None).ok();
