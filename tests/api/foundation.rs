@@ -412,6 +412,45 @@ fn payload_too_large_one_mib_body() {
     assert_eq!(s.get("/healthz", None).status, 200);
 }
 
+/// `threads` clients at once, each asking for `each` paths (`path(i, j)`) that answer 404, so
+/// that many request lines are logged from many threads together.
+fn many_404s_at_once(
+    base: &str,
+    threads: usize,
+    each: usize,
+    path: impl Fn(usize, usize) -> String + Send + Sync + 'static,
+) {
+    let path = std::sync::Arc::new(path);
+    let workers: Vec<_> = (0..threads)
+        .map(|i| {
+            let (base, path) = (base.to_owned(), path.clone());
+            std::thread::spawn(move || {
+                let agent = ureq::agent();
+                for j in 0..each {
+                    let url = format!("{base}{}", path(i, j));
+                    assert!(matches!(
+                        agent.get(&url).call(),
+                        Err(ureq::Error::Status(404, _))
+                    ));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
+/// Every line of `logs` is a whole log line: it starts with its timestamp and level.
+fn assert_whole_lines(logs: &str) {
+    for line in logs.lines() {
+        assert!(
+            line.len() > 24 && line.as_bytes()[23] == b'Z' && line[24..].starts_with(" ["),
+            "not a whole line: {line:?}"
+        );
+    }
+}
+
 /// With stderr a pipe set non-blocking by whoever made it (the flag belongs to the pipe, so the
 /// server's writes see it) and read slowly: every request line still arrives, whole, none lost
 /// when the pipe is full, and the server stops.
@@ -442,26 +481,12 @@ fn a_slow_non_blocking_stderr_gets_every_line_whole() {
             }
         }
     });
-    let (base, threads, each) = (s.base.clone(), 4, 100);
+    let (threads, each) = (4, 100);
     let long = "x".repeat(1000);
-    let workers: Vec<_> = (0..threads)
-        .map(|i| {
-            let (base, long) = (base.clone(), long.clone());
-            std::thread::spawn(move || {
-                let agent = ureq::agent();
-                for j in 0..each {
-                    let url = format!("{base}/slow-{i}-{j}-{long}");
-                    assert!(matches!(
-                        agent.get(&url).call(),
-                        Err(ureq::Error::Status(404, _))
-                    ));
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.join().unwrap();
-    }
+    let path_long = long.clone();
+    many_404s_at_once(&s.base, threads, each, move |i, j| {
+        format!("/slow-{i}-{j}-{path_long}")
+    });
     assert!(s.terminate().success());
     let logs = String::from_utf8(slow_reader.join().unwrap()).unwrap();
     for i in 0..threads {
@@ -471,12 +496,7 @@ fn a_slow_non_blocking_stderr_gets_every_line_whole() {
             assert_eq!(n, 1, "GET /slow-{i}-{j}-x...: {n} lines");
         }
     }
-    for line in logs.lines() {
-        assert!(
-            line.len() > 24 && line.as_bytes()[23] == b'Z' && line[24..].starts_with(" ["),
-            "not a whole line: {line:?}"
-        );
-    }
+    assert_whole_lines(&logs);
     assert!(
         logs.ends_with("] stopped\n"),
         "{}",
@@ -491,25 +511,8 @@ fn a_slow_non_blocking_stderr_gets_every_line_whole() {
 fn every_request_line_is_written_whole_by_the_stop() {
     let env = Env::new();
     let s = env.serve();
-    let (base, threads, each) = (s.base.clone(), 8, 50);
-    let workers: Vec<_> = (0..threads)
-        .map(|i| {
-            let base = base.clone();
-            std::thread::spawn(move || {
-                let agent = ureq::agent();
-                for j in 0..each {
-                    let url = format!("{base}/healthz-{i}-{j}");
-                    assert!(matches!(
-                        agent.get(&url).call(),
-                        Err(ureq::Error::Status(404, _))
-                    ));
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.join().unwrap();
-    }
+    let (threads, each) = (8, 50);
+    many_404s_at_once(&s.base, threads, each, |i, j| format!("/healthz-{i}-{j}"));
     let log = s.log.clone();
     assert!(s.terminate().success());
     let logs = std::fs::read_to_string(log).unwrap();
@@ -535,12 +538,7 @@ fn every_request_line_is_written_whole_by_the_stop() {
             .is_some_and(|l| l.ends_with("] stopped")),
         "{logs}"
     );
-    for line in logs.lines() {
-        assert!(
-            line.len() > 24 && line.as_bytes()[23] == b'Z' && line[24..].starts_with(" ["),
-            "not a whole line: {line:?}"
-        );
-    }
+    assert_whole_lines(&logs);
 }
 
 #[test]
