@@ -109,6 +109,9 @@ impl Fields {
     }
 }
 
+/// The type of a JSON body, the API's every answer but the page's files and the metrics.
+pub const JSON: &str = "application/json";
+
 /// A reply: status, serialized JSON body (none for 204), extra headers, and whether to close
 /// the connection. The body may hold a revealed key: it is wiped when the reply is dropped.
 #[derive(Debug)]
@@ -137,7 +140,7 @@ impl Reply {
         }
         Reply {
             status,
-            content_type: "application/json",
+            content_type: JSON,
             body: Some(Zeroizing::new(bytes)),
             headers: Vec::new(),
             close: false,
@@ -162,7 +165,7 @@ impl Reply {
     pub fn no_content() -> Reply {
         Reply {
             status: 204,
-            content_type: "application/json",
+            content_type: JSON,
             body: None,
             headers: Vec::new(),
             close: false,

@@ -70,7 +70,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                 max_connections: max_connections(),
                 head_timeout: Some(cfg.timeouts.head),
                 idle_timeout: Some(cfg.timeouts.idle),
-                answer_headers: every_answer(),
+                answer_head: every_answer(),
             },
         )
         .map_err(|e| Failure::Runtime(format!("cannot start the HTTP server: {e}")))?,
@@ -325,46 +325,65 @@ fn read_incoming(
 pub const CONTENT_SECURITY_POLICY: &str =
     "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
-/// The headers of every answer, built once (a copy costs less than checking the text again).
-fn every_answer() -> &'static [Header] {
-    static HEADERS: std::sync::OnceLock<Vec<Header>> = std::sync::OnceLock::new();
-    HEADERS.get_or_init(|| {
-        [
-            // Responses may carry key data; nothing is to be cached anywhere.
-            ("Cache-Control", "no-store"),
-            // Every answer, the page's and the API's: scripts and styles from this server's own
-            // files only (none inline), no framing, no sniffing of types, no Referer leaving
-            // the page.
-            ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
-            ("X-Content-Type-Options", "nosniff"),
-            ("Referrer-Policy", "no-referrer"),
-        ]
-        .iter()
-        .filter_map(|(name, value)| Header::from_bytes(name.as_bytes(), value.as_bytes()).ok())
-        .collect()
-    })
+/// The headers of every answer, each a `Name: value` line ending in CRLF.
+const EVERY_ANSWER: [(&str, &str); 4] = [
+    // Responses may carry key data; nothing is to be cached anywhere.
+    ("Cache-Control", "no-store"),
+    // Every answer, the page's and the API's: scripts and styles from this server's own files
+    // only (none inline), no framing, no sniffing of types, no Referer leaving the page.
+    ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+];
+
+/// `EVERY_ANSWER`'s lines, then `extra`'s, rendered once, checked as tiny_http checks a header.
+fn render_head(extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut head = Vec::new();
+    for (name, value) in EVERY_ANSWER.iter().chain(extra) {
+        if Header::from_bytes(name.as_bytes(), value.as_bytes()).is_ok() {
+            head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+    }
+    head
+}
+
+/// The lines of every answer (tiny_http's own answers included), built once.
+fn every_answer() -> &'static [u8] {
+    static HEAD: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    HEAD.get_or_init(|| render_head(&[]))
+}
+
+/// The lines of every answer and a JSON body's type, built once: most answers need no header
+/// of their own.
+fn every_json_answer() -> &'static [u8] {
+    static HEAD: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    HEAD.get_or_init(|| render_head(&[("Content-Type", api::JSON)]))
 }
 
 fn to_response(reply: Reply) -> Response<Cursor<Zeroizing<Vec<u8>>>> {
     let body = reply.body.unwrap_or_default();
     let len = body.len();
+    let typed = reply.status != 204;
+    let json = typed && reply.content_type == api::JSON;
     let mut resp = Response::new(
         StatusCode(reply.status),
         // Room for the headers tiny_http adds (Date, Server, Content-Length) too.
-        Vec::with_capacity(12),
+        Vec::with_capacity(8),
         Cursor::new(body),
         Some(len),
         None,
-    );
-    for h in every_answer() {
-        resp.add_header(h.clone());
-    }
+    )
+    .with_raw_head(if json {
+        every_json_answer()
+    } else {
+        every_answer()
+    });
     let mut add = |name: &str, value: &str| {
         if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
             resp.add_header(h);
         }
     };
-    if reply.status != 204 {
+    if typed && !json {
         add("Content-Type", reply.content_type);
     }
     for (name, value) in &reply.headers {

@@ -320,7 +320,7 @@ fn get_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
             return Err(e);
         }
     };
-    let (_, found) = store
+    let found = store
         .get_default_key(&session, &provider, reveal)?
         .ok_or_else(invalid_token)?;
     let body = match &found {

@@ -402,6 +402,7 @@ static KEY_CHANGE_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::Ato
 
 // ---- the key operations of the HTTP API ----------------------------------------------------
 
+#[derive(Debug)]
 enum Lookup {
     Found(FoundKey, Option<i64>),
     Missing,
@@ -421,72 +422,130 @@ fn lookup(
     let settled = meta::settled(tx, ctx.memo)?;
     let phase = settled.phase;
     let p = provider.as_str();
-    let found = |row: Option<DefaultKeyRow>| -> Result<Lookup> {
-        Ok(match row {
-            // Not opened, not served, and (dual) not replaced by the column's mirror of it.
-            Some(r) if expired(r.expires_at, now()) => Lookup::Expired(r.id),
-            Some(r) => Lookup::Found(
+    if phase == Phase::Legacy {
+        if !provider.is_openai() {
+            return Ok(Lookup::Missing);
+        }
+        return Ok(match column_get(tx, user_id)? {
+            Some(c) => Lookup::Found(
                 FoundKey {
-                    key: open(ctx, user_id, p, &r.sealed, (Source::Table, Some(r.id)))?,
-                    source: Source::Table,
+                    key: open(ctx, user_id, p, &c, (Source::Column, None))?,
+                    source: Source::Column,
                 },
-                Some(r.id),
+                None,
             ),
             None => Lookup::Missing,
-        })
-    };
-    match phase {
-        Phase::Legacy => {
-            if !provider.is_openai() {
-                return Ok(Lookup::Missing);
-            }
-            Ok(match column_get(tx, user_id)? {
-                Some(c) => Lookup::Found(
-                    FoundKey {
-                        key: open(ctx, user_id, p, &c, (Source::Column, None))?,
-                        source: Source::Column,
-                    },
-                    None,
-                ),
-                None => Lookup::Missing,
-            })
-        }
-        Phase::Dual if provider.is_openai() => {
-            // The default row is read once: for the check, and as the answer when no move is
-            // needed.
-            let pending = settled.backfill_pending(tx, user_id)?;
-            let row = default_key_row(tx, user_id, p)?;
-            if !needs_move(pending, row.is_some(), || {
-                Ok(column_get(tx, user_id)?.is_some())
-            })? {
-                return found(row);
-            }
-            // A column key the table lacks, or the user is pending backfill from legacy
-            // (the column wins): settled in a write transaction, then read from the table.
-            if !may_move {
-                return Ok(Lookup::MustMove);
-            }
-            let (verdict, _) = settle(tx, ctx, user_id)?;
-            let after = found(default_key_row(tx, user_id, p)?)?;
-            if verdict.needs_move() {
-                super::evidence::record_legacy_read(tx, now())?;
-                log::info!(
-                    "user {user_id}: moved the OpenAI key from the legacy column into api_keys on read"
-                );
-                if let Lookup::Found(key, id) = after {
-                    return Ok(Lookup::Found(
-                        FoundKey {
-                            source: Source::Column,
-                            ..key
-                        },
-                        id,
-                    ));
-                }
-            }
-            Ok(after)
-        }
-        Phase::Dual | Phase::NewOnly => found(default_key_row(tx, user_id, p)?),
+        });
     }
+    // The default row is read once: for the checks, and as the answer when no move is needed.
+    let pending =
+        phase == Phase::Dual && provider.is_openai() && settled.backfill_pending(tx, user_id)?;
+    let row = default_key_row(tx, user_id, p)?;
+    if row_alone_answers(phase, provider, pending, row.is_some()) {
+        return found_in_row(ctx, user_id, p, row);
+    }
+    // Dual, OpenAI, and the user is pending a backfill or has no default row.
+    if !needs_move(pending, row.is_some(), || {
+        Ok(column_get(tx, user_id)?.is_some())
+    })? {
+        return found_in_row(ctx, user_id, p, row);
+    }
+    // A column key the table lacks, or the user is pending backfill from legacy (the column
+    // wins): settled in a write transaction, then read from the table.
+    if !may_move {
+        return Ok(Lookup::MustMove);
+    }
+    let (verdict, _) = settle(tx, ctx, user_id)?;
+    let after = found_in_row(ctx, user_id, p, default_key_row(tx, user_id, p)?)?;
+    if verdict.needs_move() {
+        super::evidence::record_legacy_read(tx, now())?;
+        log::info!(
+            "user {user_id}: moved the OpenAI key from the legacy column into api_keys on read"
+        );
+        if let Lookup::Found(key, id) = after {
+            return Ok(Lookup::Found(
+                FoundKey {
+                    source: Source::Column,
+                    ..key
+                },
+                id,
+            ));
+        }
+    }
+    Ok(after)
+}
+
+/// Whether a read of the default key of `provider` is answered by its `api_keys` row, or its
+/// absence, alone: nothing to read from the column, nothing to move. Always in phase new_only
+/// and for providers other than OpenAI in phase dual; for OpenAI in phase dual when the user is
+/// not pending a backfill and has a default row (then `needs_move` is false whatever the column
+/// holds). Never in phase legacy (the column is the store).
+fn row_alone_answers(
+    phase: Phase,
+    provider: &Provider,
+    pending: bool,
+    has_default_row: bool,
+) -> bool {
+    match phase {
+        Phase::Legacy => false,
+        Phase::Dual if provider.is_openai() => !pending && has_default_row,
+        Phase::Dual | Phase::NewOnly => true,
+    }
+}
+
+/// The answer a default row (or its absence) gives: an expired key is neither opened nor served
+/// (and, in phase dual, not replaced by the column's mirror of it).
+fn found_in_row(
+    ctx: &Ctx<'_>,
+    user_id: i64,
+    provider: &str,
+    row: Option<DefaultKeyRow>,
+) -> Result<Lookup> {
+    Ok(match row {
+        Some(r) if expired(r.expires_at, now()) => Lookup::Expired(r.id),
+        Some(r) => Lookup::Found(
+            FoundKey {
+                key: open(
+                    ctx,
+                    user_id,
+                    provider,
+                    &r.sealed,
+                    (Source::Table, Some(r.id)),
+                )?,
+                source: Source::Table,
+            },
+            Some(r.id),
+        ),
+        None => Lookup::Missing,
+    })
+}
+
+/// The user of a live session and their default row of `provider`, in one statement: outside a
+/// transaction, its own snapshot. `None`: no live session has this token hash.
+fn session_and_default_row(
+    conn: &Connection,
+    session: &[u8],
+    provider: &str,
+) -> Result<Option<(i64, Option<DefaultKeyRow>)>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT u.id, k.id, k.sealed_key, k.expires_at
+             FROM sessions s JOIN users u ON u.id = s.user_id
+             LEFT JOIN api_keys k ON k.user_id = u.id AND k.provider = ?3 AND k.is_default = 1
+             WHERE s.token_hash = ?1 AND s.expires_at > ?2",
+        )?
+        .query_row(params![session, now(), provider], |r| {
+            let row = match r.get::<_, Option<i64>>(1)? {
+                Some(id) => Some(DefaultKeyRow {
+                    id,
+                    sealed: r.get(2)?,
+                    expires_at: r.get(3)?,
+                }),
+                None => None,
+            };
+            Ok((r.get(0)?, row))
+        })
+        .optional()?)
 }
 
 /// Runs a write that seals before its transaction, once more when the database's current key
@@ -500,25 +559,26 @@ fn sealing_again<T>(mut write: impl FnMut() -> Result<T>) -> Result<T> {
 
 impl Store {
     /// GET /user/api-key for the session whose token hashes to `session`: `None` when no live
-    /// session has it. The session is checked in the same read transaction as the key is read.
-    /// With `count_use`, a found table key counts one use.
+    /// session has it. The session is checked in the same snapshot as the key is read. With
+    /// `count_use`, a found table key counts one use.
     pub(crate) fn get_default_key(
         &mut self,
         session: &[u8],
         provider: &Provider,
         count_use: bool,
-    ) -> Result<Option<(User, DefaultKey)>> {
-        let first = self.read(|tx, ctx| {
-            let Some(user) = session_in(tx, session)? else {
-                return Ok(None);
-            };
-            let found = lookup(tx, ctx, user.id, provider, false)?;
-            Ok(Some((user, found)))
-        })?;
-        let Some((user, mut found)) = first else {
+    ) -> Result<Option<DefaultKey>> {
+        let first = match self.default_key_at_once(session, provider)? {
+            Some(first) => first,
+            None => self.read(|tx, ctx| {
+                let Some(user) = session_in(tx, session)? else {
+                    return Ok(None);
+                };
+                Ok(Some((user.id, lookup(tx, ctx, user.id, provider, false)?)))
+            })?,
+        };
+        let Some((user_id, mut found)) = first else {
             return Ok(None);
         };
-        let user_id = user.id;
         if let Lookup::MustMove = found {
             let provider = provider.clone();
             found = self.write(move |tx, ctx| lookup(tx, ctx, user_id, &provider, true))?;
@@ -552,7 +612,33 @@ impl Store {
             }
             Lookup::Missing | Lookup::MustMove => DefaultKey::Missing,
         };
-        Ok(Some((user, key)))
+        Ok(Some(key))
+    }
+
+    /// The common case of `get_default_key`'s read in one statement (no BEGIN and COMMIT around
+    /// it): the session's user and their default row together, answered from the row when the
+    /// connection's memo of the phase covers the statement's snapshot and `row_alone_answers`.
+    /// `Some(None)`: no live session; `None`: the read needs a snapshot of its own (the memo is
+    /// empty or stale, phase legacy, a backfill pending, no default row in phase dual).
+    fn default_key_at_once(
+        &mut self,
+        session: &[u8],
+        provider: &Provider,
+    ) -> Result<Option<Option<(i64, Lookup)>>> {
+        let p = provider.as_str();
+        let Some((user_id, row)) = session_and_default_row(&self.conn, session, p)? else {
+            return Ok(Some(None));
+        };
+        crate::logging::set_user(user_id);
+        let Some(settled) = meta::settled_at_last_statement(&self.conn, &self.memo) else {
+            return Ok(None);
+        };
+        let pending = !settled.nobody_pending();
+        if !row_alone_answers(settled.phase, provider, pending, row.is_some()) {
+            return Ok(None);
+        }
+        let found = found_in_row(&self.read_ctx(), user_id, p, row)?;
+        Ok(Some(Some((user_id, found))))
     }
 
     /// POST /user/api-key: sets the user's default key of the provider.
@@ -971,4 +1057,144 @@ pub(super) fn insert_extra_openai_row(
     sealed: &str,
 ) -> Result<i64> {
     insert_row(tx, user_id, OPENAI, Some(name), sealed, false, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::DbLocation;
+    use crate::crypto::EncryptionKey;
+    use crate::db::{self, Database};
+    use crate::domain::Email;
+    use crate::store::Shared;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    const SESSION: [u8; 32] = [7; 32];
+
+    /// What the one-statement read answers: `None` for "needs a snapshot", else whether a
+    /// session was found and the key it served with its store.
+    fn at_once(store: &mut Store, p: &Provider) -> Result<Option<Option<(String, Source)>>> {
+        Ok(store.default_key_at_once(&SESSION, p)?.map(|first| {
+            first.map(|(_, found)| match found {
+                Lookup::Found(f, _) => (f.key.expose().to_owned(), f.source),
+                other => (format!("{other:?}"), Source::Table),
+            })
+        }))
+    }
+
+    /// The read of a default key in one statement answers only while the connection's memo of
+    /// the phase covers that statement's snapshot: a phase change, a pending backfill or a
+    /// missing default row committed by another connection sends the very next read through a
+    /// snapshot of its own, which then answers as the phase rules say.
+    #[test]
+    fn a_read_at_once_answers_only_what_the_memo_covers() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        for location in [
+            DbLocation::Memory,
+            DbLocation::File(dir.path().join("at_once.db")),
+        ] {
+            let db = Database::new(&location)?;
+            let mut other = db.connect()?;
+            db::migrate_schema(&mut other)?;
+            let ring = Arc::new(KeyRing::new(EncryptionKey::generate(), vec![]));
+            let mut store = Store::new(db.connect()?, ring.clone(), Arc::new(Shared::default()));
+            let openai = Provider::openai();
+            let user = store.create_user(&Email::parse("a@x.org")?, "h")?;
+            store.create_session(user.id, &SESSION, now() + 3600)?;
+            store.set_default_key(
+                user.id,
+                &openai,
+                &ApiKey::parse("sk-table-0123456789")?,
+                None,
+            )?;
+
+            // Nothing in the memo yet: a snapshot of its own, which fills it.
+            assert_eq!(at_once(&mut store, &openai)?, None, "{location:?}");
+            let served = |store: &mut Store| -> Result<Option<(String, Source)>> {
+                Ok(match store.get_default_key(&SESSION, &openai, false)? {
+                    Some(DefaultKey::Found(f)) => Some((f.key.expose().to_owned(), f.source)),
+                    _ => None,
+                })
+            };
+            let table = Some(("sk-table-0123456789".to_owned(), Source::Table));
+            assert_eq!(served(&mut store)?, table);
+            assert_eq!(
+                at_once(&mut store, &openai)?,
+                Some(table.clone()),
+                "{location:?}"
+            );
+            // Another session: no user, whatever the memo.
+            assert_eq!(
+                store
+                    .default_key_at_once(&[8; 32], &openai)?
+                    .map(|f| f.is_some()),
+                Some(false)
+            );
+
+            // Another connection reverts to phase legacy, the column holding another key.
+            let sealed = ring.seal(
+                Binding {
+                    user_id: user.id,
+                    provider: "openai",
+                },
+                "sk-column-0123456789",
+            );
+            other.execute(
+                "UPDATE users SET openai_api_key = ?1 WHERE id = ?2",
+                params![sealed, user.id],
+            )?;
+            meta::set_phase(&other, Phase::Legacy, "test")?;
+            assert_eq!(at_once(&mut store, &openai)?, None, "{location:?}");
+            let column = Some(("sk-column-0123456789".to_owned(), Source::Column));
+            assert_eq!(served(&mut store)?, column, "{location:?}");
+            // Phase legacy is never answered from a row.
+            assert_eq!(at_once(&mut store, &openai)?, None, "{location:?}");
+
+            // Back to dual with the user pending a backfill: the column wins, so no answer from
+            // the row; the read moves the column's key.
+            meta::set_phase(&other, Phase::Dual, "test")?;
+            other.execute(
+                "INSERT INTO legacy_backfill(user_id) VALUES (?1)",
+                [user.id],
+            )?;
+            assert_eq!(served(&mut store)?, column, "{location:?}");
+            assert_eq!(at_once(&mut store, &openai)?, None, "{location:?}");
+            // Settled by another connection: the row answers again, after one snapshot.
+            other.execute("DELETE FROM legacy_backfill", [])?;
+            assert_eq!(at_once(&mut store, &openai)?, None, "{location:?}");
+            assert_eq!(
+                served(&mut store)?,
+                Some(("sk-column-0123456789".to_owned(), Source::Table))
+            );
+            let moved = Some(("sk-column-0123456789".to_owned(), Source::Table));
+            assert_eq!(at_once(&mut store, &openai)?, Some(moved), "{location:?}");
+
+            // No default row in phase dual: the column must be looked at.
+            other.execute("DELETE FROM api_keys", [])?;
+            assert_eq!(
+                served(&mut store)?,
+                Some(("sk-column-0123456789".to_owned(), Source::Column))
+            );
+            other.execute("DELETE FROM api_keys", [])?;
+            other.execute("UPDATE users SET openai_api_key = NULL", [])?;
+            assert_eq!(served(&mut store)?, None);
+            assert_eq!(at_once(&mut store, &openai)?, None, "{location:?}");
+            // Another provider in phase dual, or any in new_only: the row (or none) answers.
+            let other_provider = Provider::parse("anthropic")?;
+            assert!(matches!(
+                store.default_key_at_once(&SESSION, &other_provider)?,
+                Some(Some((_, Lookup::Missing)))
+            ));
+            meta::set_phase(&other, Phase::NewOnly, "test")?;
+            assert_eq!(served(&mut store)?, None);
+            assert!(matches!(
+                store.default_key_at_once(&SESSION, &openai)?,
+                Some(Some((_, Lookup::Missing)))
+            ));
+        }
+        Ok(())
+    }
 }

@@ -112,6 +112,11 @@ pub(crate) struct Settled {
 }
 
 impl Settled {
+    /// True when no user at all is pending a backfill (then nobody's check needs a statement).
+    pub(crate) fn nobody_pending(&self) -> bool {
+        !self.any_pending
+    }
+
     /// `backfill_pending`, without a statement when no user is pending.
     pub(crate) fn backfill_pending(&self, conn: &Connection, user_id: i64) -> Result<bool> {
         Ok(self.any_pending && backfill_pending(conn, user_id)?)
@@ -152,6 +157,19 @@ pub(crate) fn settled(conn: &Connection, memo: Option<&Memo>) -> Result<Settled>
     // Read after the statements above: the version of the snapshot they read.
     memo.0.set(data_version(conn).map(|v| (v, settled)));
     Ok(settled)
+}
+
+/// The memo's `Settled` for the statement that just ran on `conn` outside any transaction (in
+/// its own snapshot): the values as of that snapshot, or `None` when the memo is empty or the
+/// database changed since it was filled. Right after such a statement the data version is the
+/// one that statement's snapshot saw, and it stays so until the connection's next statement.
+/// Inside a transaction, `settled`.
+pub(crate) fn settled_at_last_statement(conn: &Connection, memo: &Memo) -> Option<Settled> {
+    if !conn.is_autocommit() {
+        return None;
+    }
+    let (seen, settled) = memo.0.get()?;
+    (data_version(conn)? == seen).then_some(settled)
 }
 
 /// SQLite's data version of the main database file (`SQLITE_FCNTL_DATA_VERSION`): changes

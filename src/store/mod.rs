@@ -222,16 +222,21 @@ impl Store {
         &mut self,
         f: impl FnOnce(&Connection, &Ctx<'_>) -> Result<T>,
     ) -> Result<T> {
-        let ctx = Ctx {
-            ring: &self.ring,
-            usage: &self.shared.usage,
-            actor: None,
-            memo: Some(&self.memo),
-        };
+        let ctx = self.read_ctx();
         let snapshot = ReadSnapshot::begin(&self.conn)?;
         let out = f(&self.conn, &ctx)?;
         snapshot.end()?;
         Ok(out)
+    }
+
+    /// What a read-only body may use: the memo of the phase included.
+    fn read_ctx(&self) -> Ctx<'_> {
+        Ctx {
+            ring: &self.ring,
+            usage: &self.shared.usage,
+            actor: None,
+            memo: Some(&self.memo),
+        }
     }
 
     fn in_transaction<T>(

@@ -541,8 +541,8 @@ fn a_healthy_client_is_served_with_1000_slow_connections_and_past_the_cap() {
     served_below_and_past_the_cap(&s, 1000, 100);
 }
 
-/// The four headers every answer carries, each once: on the answers keyrack writes (200, 204,
-/// HEAD, errors) and on those the HTTP layer writes itself before any handler runs (a malformed
+/// The four headers every answer carries, each once, and the body's type once: on the answers
+/// keyrack writes (200, 204, HEAD, errors) and on those the HTTP layer writes itself before any handler runs (a malformed
 /// head, a version it does not speak, an unknown `Expect`, a request line or head over the
 /// limits, a transfer coding it does not know).
 #[test]
@@ -599,5 +599,17 @@ fn every_answer_carries_the_security_headers_once() {
                 .count();
             assert_eq!((n, any), (1, 1), "{want} in the {status} answer:\n{head}");
         }
+        // Every answer with a body (all but the 204 and the layer's 417) has a JSON one, and
+        // says so once.
+        let types: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.starts_with("content-type:"))
+            .collect();
+        let want: &[&str] = if status == "204" || status == "417" {
+            &[]
+        } else {
+            &["content-type: application/json"]
+        };
+        assert_eq!(types, want, "the {status} answer:\n{head}");
     }
 }

@@ -337,12 +337,10 @@ impl ClientConnection {
     /// keyrack patch: answers a request that cannot be served, then closes the connection.
     /// The error responses of the original were written while the request that failed still
     /// held the connection's writer (the 505 branch waited for it for ever). The answer carries
-    /// `ConnectionOptions::answer_headers`.
+    /// `ConnectionOptions::answer_head`.
     #[inline(never)]
-    fn refuse<R: Read>(&mut self, mut response: crate::Response<R>, version: HTTPVersion) {
-        for h in self.options.answer_headers {
-            response.add_header(h.clone());
-        }
+    fn refuse<R: Read>(&mut self, response: crate::Response<R>, version: HTTPVersion) {
+        let response = response.with_raw_head(self.options.answer_head);
         {
             let mut writer = self.sink.next().unwrap();
             response.raw_print(&mut writer, version, &[], false, None).ok();

@@ -144,10 +144,11 @@ pub struct ConnectionOptions {
     /// Time a keep-alive connection may wait for the first byte of its next request; past it
     /// the connection closes without an answer (None: only the read timeout).
     pub idle_timeout: Option<Duration>,
-    /// Headers added to every answer this crate writes itself, before any handler sees the
-    /// request (its 400, 408, 414, 417, 431, 501 and 505), so that they carry the same
-    /// headers as the application's answers.
-    pub answer_headers: &'static [Header],
+    /// Header lines (each a whole `Name: value` line ending in CRLF, written as they are) added
+    /// to every answer this crate writes itself, before any handler sees the request (its 400,
+    /// 408, 414, 417, 431, 501 and 505), so that they carry the same headers as the
+    /// application's answers (which add them with `Response::with_raw_head`).
+    pub answer_head: &'static [u8],
 }
 
 /// keyrack patch: the register of live connections: their number (for `max_connections`,

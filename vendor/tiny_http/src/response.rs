@@ -43,6 +43,9 @@ pub struct Response<R> {
     headers: Vec<Header>,
     data_length: Option<usize>,
     chunked_threshold: Option<usize>,
+    /// keyrack patch: whole header lines written after `headers` as they are
+    /// (`with_raw_head`).
+    raw_head: &'static [u8],
 }
 
 /// A `Response` without a template parameter.
@@ -81,6 +84,7 @@ fn write_message_header<W>(
     http_version: &HTTPVersion,
     status_code: &StatusCode,
     headers: &[Header],
+    raw_head: &[u8],
 ) -> IoResult<()>
 where
     W: Write,
@@ -89,10 +93,11 @@ where
     // made four writes per header, each taking the connection's writer lock
     // (`SequentialWriter`).
     let mut head = Vec::with_capacity(
-        64 + headers
-            .iter()
-            .map(|h| h.field.as_str().len() + h.value.len() + 4)
-            .sum::<usize>(),
+        64 + raw_head.len()
+            + headers
+                .iter()
+                .map(|h| h.field.as_str().len() + h.value.len() + 4)
+                .sum::<usize>(),
     );
 
     // writing status line
@@ -112,6 +117,7 @@ where
         head.extend_from_slice(header.value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
+    head.extend_from_slice(raw_head);
 
     // separator between header and data
     head.extend_from_slice(b"\r\n");
@@ -216,6 +222,7 @@ where
             headers: Vec::with_capacity(16),
             data_length,
             chunked_threshold: None,
+            raw_head: b"",
         };
 
         for h in headers {
@@ -334,6 +341,16 @@ where
         self
     }
 
+    /// keyrack patch: header lines written after the other headers exactly as they are: each
+    /// a whole `Name: value` line ending in CRLF. Nothing looks inside them (for `Date`,
+    /// `Connection` or the framing headers): they are for headers that never change from one
+    /// response to the next, built once and written without a `Header` per response. Replaces
+    /// the lines set before.
+    pub fn with_raw_head(mut self, lines: &'static [u8]) -> Self {
+        self.raw_head = lines;
+        self
+    }
+
     /// Returns the same request, but with different data.
     pub fn with_data<S>(self, reader: S, data_length: Option<usize>) -> Response<S>
     where
@@ -345,6 +362,7 @@ where
             status_code: self.status_code,
             data_length,
             chunked_threshold: self.chunked_threshold,
+            raw_head: self.raw_head,
         }
     }
 
@@ -451,6 +469,7 @@ where
             &http_version,
             &self.status_code,
             &self.headers,
+            self.raw_head,
         )?;
 
         // sending the body
@@ -507,6 +526,7 @@ where
             headers: self.headers,
             data_length: self.data_length,
             chunked_threshold: self.chunked_threshold,
+            raw_head: self.raw_head,
         }
     }
 }
@@ -595,6 +615,7 @@ impl Clone for Response<io::Empty> {
             headers: self.headers.clone(),
             data_length: self.data_length,
             chunked_threshold: self.chunked_threshold,
+            raw_head: self.raw_head,
         }
     }
 }
