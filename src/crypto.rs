@@ -115,12 +115,46 @@ pub struct Binding<'a> {
 }
 
 impl Binding<'_> {
-    fn aad(&self) -> Vec<u8> {
-        format!(
+    /// The associated data every value of this binding is sealed with. Written on the stack when
+    /// it fits (a value is opened on every reveal): a user id has at most 20 characters and a
+    /// provider 32, so every binding keyrack makes does.
+    fn aad(&self) -> Aad {
+        let mut buf = [0; AAD_INLINE];
+        let mut rest = &mut buf[..];
+        if self.write_aad(&mut rest).is_ok() {
+            let len = AAD_INLINE - rest.len();
+            return Aad::Inline(buf, len);
+        }
+        let mut heap = Vec::new();
+        let _ = self.write_aad(&mut heap);
+        Aad::Heap(heap)
+    }
+
+    fn write_aad(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        write!(
+            out,
             "keyrack/v1/user:{}/provider:{}",
             self.user_id, self.provider
         )
-        .into_bytes()
+    }
+}
+
+const AAD_INLINE: usize = 128;
+
+/// `Binding::aad`'s bytes.
+enum Aad {
+    Inline([u8; AAD_INLINE], usize),
+    Heap(Vec<u8>),
+}
+
+impl std::ops::Deref for Aad {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Aad::Inline(buf, len) => buf.get(..*len).unwrap_or_default(),
+            Aad::Heap(v) => v,
+        }
     }
 }
 
@@ -319,6 +353,32 @@ mod tests {
         };
         assert_eq!(r.open(other_user, &sealed), Err(OpenError::Rejected));
         assert_eq!(r.open(other_provider, &sealed), Err(OpenError::Rejected));
+    }
+
+    /// The associated data is the same text whether it fits on the stack or not: values sealed
+    /// by any version open with it.
+    #[test]
+    fn the_associated_data_is_the_binding_as_text() {
+        let long = "p".repeat(200);
+        for (user_id, provider) in [(1, "openai"), (i64::MIN, &*"q".repeat(32)), (7, &*long)] {
+            let b = Binding { user_id, provider };
+            assert_eq!(
+                &*b.aad(),
+                format!("keyrack/v1/user:{user_id}/provider:{provider}").as_bytes()
+            );
+        }
+        assert!(matches!(ADA.aad(), Aad::Inline(..)));
+        let b = Binding {
+            user_id: 7,
+            provider: &long,
+        };
+        assert!(matches!(b.aad(), Aad::Heap(_)));
+        let r = ring();
+        assert_eq!(
+            r.open(b, &r.seal(b, "sk-long-provider"))
+                .map(|s| s.expose().to_owned()),
+            Ok("sk-long-provider".to_owned())
+        );
     }
 
     #[test]

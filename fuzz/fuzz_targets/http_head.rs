@@ -29,6 +29,7 @@ fn server() -> SocketAddr {
                 max_connections: 256,
                 head_timeout: Some(HEAD_TIMEOUT),
                 idle_timeout: Some(HEAD_TIMEOUT),
+                ..ConnectionOptions::default()
             },
         )
         .expect("server");

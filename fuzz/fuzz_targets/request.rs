@@ -43,13 +43,13 @@ fuzz_target!(|data: &[u8]| {
         check_str(k);
         check_str(v);
     }
-    let _ = Provider::parse_or_default(query.first().map(|(_, v)| v.as_str()));
+    let _ = Provider::parse_or_default(query.first().map(|(_, v)| v.as_ref()));
     let req = Incoming {
-        method: "POST".into(),
-        path: path.to_owned(),
+        method: "POST",
+        path: &path,
         query,
         authorization: None,
-        body: body.get(1..).unwrap_or_default().to_vec(),
+        body: body.get(1..).unwrap_or_default().to_vec().into(),
     };
     if let Ok(fields) = req.json() {
         for name in ["email", "password", "api_key", "provider", "name", "is_default"] {

@@ -1,6 +1,8 @@
 //! The HTTP vocabulary of keyrack: the request as handlers see it, the reply, the error body
 //! and its status codes (README, "HTTP API"), and the JSON field readers that name the bad field.
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
@@ -13,17 +15,17 @@ pub const MAX_BODY: usize = 64 * 1024;
 
 /// A request, read off the socket: method, path, query, the one header handlers use, the body.
 #[derive(Debug)]
-pub struct Incoming {
-    pub method: String,
-    pub path: String,
-    pub query: Vec<(String, String)>,
+pub struct Incoming<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     /// The `Authorization` header (a bearer token): wiped when the request is dropped.
     pub authorization: Option<Zeroizing<String>>,
     /// The body (a key or a password, often): wiped when the request is dropped.
     pub body: Zeroizing<Vec<u8>>,
 }
 
-impl Incoming {
+impl Incoming<'_> {
     /// The `Authorization` header's value, if one was sent.
     pub fn authorization(&self) -> Option<&str> {
         self.authorization.as_deref().map(String::as_str)
@@ -33,7 +35,7 @@ impl Incoming {
         self.query
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_ref())
     }
 
     /// The body as a JSON object.
@@ -123,18 +125,27 @@ pub struct Reply {
     pub close: bool,
 }
 
-/// The room a JSON reply body starts with: enough for the largest reveal (a key of at most 512
-/// characters, each `"` or backslash taking two bytes, and the rest of its fields), so that a
-/// revealed key's body never grows and leaves an unwiped copy of the key in the allocation it
-/// frees. Larger bodies (listings, which carry no secret) grow as usual.
-pub(crate) const BODY_CAPACITY: usize = 2048;
+/// The room a JSON reply body starts with: enough for every body that may hold a secret (a
+/// session token, a revealed key of usual length), so that such a body never grows and leaves an
+/// unwiped copy in the allocation it frees; small enough for the C library's per-thread cache
+/// of freed blocks (1,032 bytes at most), which serves it again without a lock. A revealed key
+/// asks for more room when it needs it (`Reply::of_secret`). Larger bodies (listings, which
+/// carry no secret) grow as usual.
+pub(crate) const BODY_CAPACITY: usize = 1024;
 
 impl Reply {
     /// A reply with `body` serialized as JSON.
     pub fn of<T: Serialize>(status: u16, body: &T) -> Reply {
-        // Serializing plain structs and maps into memory cannot fail. Room for any reveal at
-        // once: no copies of a revealed key left behind by a reallocation.
-        let mut bytes = Vec::with_capacity(BODY_CAPACITY);
+        Reply::of_secret(status, body, 0)
+    }
+
+    /// A reply with `body` serialized as JSON, holding a secret of `secret_len` bytes: room for
+    /// it at once, each byte escaped (two bytes in JSON: a key is printable ASCII), beside the
+    /// rest of a reply, so the buffer never grows.
+    pub fn of_secret<T: Serialize>(status: u16, body: &T, secret_len: usize) -> Reply {
+        // Serializing plain structs and maps into memory cannot fail.
+        let room = BODY_CAPACITY.max(BODY_CAPACITY / 2 + 2 * secret_len);
+        let mut bytes = Vec::with_capacity(room);
         if serde_json::to_writer(&mut bytes, body).is_err() {
             bytes.clear();
         }
@@ -312,10 +323,9 @@ impl From<StoreError> for ApiError {
 /// Splits `a=1&b=two%20words` into decoded pairs (`application/x-www-form-urlencoded`: `+` is
 /// a space, `%` takes exactly two hex digits or stays as it is, bytes that are not UTF-8 become
 /// U+FFFD).
-pub fn parse_query(q: &str) -> Vec<(String, String)> {
-    form_urlencoded::parse(q.as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
+/// The query's pairs, decoded; a pair that needs no decoding borrows from `q`.
+pub fn parse_query(q: &str) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
+    form_urlencoded::parse(q.as_bytes()).collect()
 }
 
 #[cfg(test)]
@@ -363,8 +373,8 @@ mod tests {
     #[test]
     fn field_errors_name_the_field() {
         let inc = Incoming {
-            method: "POST".into(),
-            path: "/".into(),
+            method: "POST",
+            path: "/",
             query: vec![],
             authorization: None,
             body: Zeroizing::new(br#"{"email": 5}"#.to_vec()),

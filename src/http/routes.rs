@@ -100,7 +100,7 @@ pub(crate) fn route(app: &App, store: &mut Store, req: &Incoming) -> Result<Repl
         panic!("deliberate panic for the test suite");
     }
     for (i, (pattern, methods)) in ROUTES.iter().enumerate() {
-        let Some(params) = match_path(pattern, &req.path) else {
+        let Some(params) = match_path(pattern, req.path) else {
             continue;
         };
         MATCHED.with(|m| m.set(Some(i)));
@@ -341,7 +341,8 @@ fn get_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
             expired: false,
         },
     };
-    Ok(Reply::of(200, &body))
+    let secret_len = body.api_key.map_or(0, str::len);
+    Ok(Reply::of_secret(200, &body, secret_len))
 }
 
 /// `?reveal=`: true or false (1 or 0), false when absent.
@@ -622,27 +623,36 @@ mod tests {
     /// A revealed key is serialized into the reply's buffer: were the buffer to grow, the
     /// allocation it leaves behind (a copy of the key, JSON-escaped) would be freed unwiped. The
     /// largest reveal body (a key of 512 characters that each take two bytes in JSON, the longest
-    /// provider) fits the buffer the reply starts with.
+    /// provider), and one of a usual key, fit the buffer the reply starts with.
     #[test]
-    fn the_largest_reveal_fits_the_reply_buffer_without_growing_it() {
-        let key = "\"".repeat(256) + &"\\".repeat(256);
-        assert!(crate::domain::ApiKey::parse(&key).is_ok());
+    fn a_reveal_fits_the_reply_buffer_without_growing_it() {
         let provider = "p".repeat(32);
-        let body = Reply::of(
-            200,
-            &KeyState {
+        let largest = "\"".repeat(256) + &"\\".repeat(256);
+        for key in [
+            largest.as_str(),
+            "sk-0123456789abcdef0123456789abcdef",
+            "\"\"\"\"\"\"\"\"",
+        ] {
+            assert!(crate::domain::ApiKey::parse(key).is_ok());
+            let state = KeyState {
                 has_key: true,
                 provider: &provider,
-                masked_key: Some(crate::domain::mask(&key)),
+                masked_key: Some(crate::domain::mask(key)),
                 source: Some(crate::store::Source::Column.as_str()),
-                api_key: Some(&key),
+                api_key: Some(key),
                 expired: false,
-            },
-        )
-        .body
-        .unwrap_or_default();
-        assert!(body.len() > 1024, "{}", body.len());
-        assert_eq!(body.capacity(), super::super::api::BODY_CAPACITY);
+            };
+            let secret_len = state.api_key.map_or(0, str::len);
+            let room = Reply::of_secret(200, &(), secret_len)
+                .body
+                .unwrap_or_default()
+                .capacity();
+            let body = Reply::of_secret(200, &state, secret_len)
+                .body
+                .unwrap_or_default();
+            assert!(body.len() > key.len(), "{}", body.len());
+            assert_eq!(body.capacity(), room, "{key}");
+        }
     }
 
     #[test]

@@ -104,7 +104,9 @@ impl ReadEvent {
         }
     }
 
-    /// The same event as every other one is written.
+    /// The same event as every other one is written: what `record_reads` writes (through
+    /// `columns`, without building it), as the tests check.
+    #[cfg(test)]
     pub(crate) fn to_event(self) -> Event {
         let mut e = Event::new(self.action, user_actor(self.user_id))
             .user(self.user_id)
@@ -149,7 +151,15 @@ impl std::fmt::Debug for ShortName {
 }
 
 pub(crate) fn user_actor(id: i64) -> String {
-    format!("user:{id}")
+    let mut actor = String::new();
+    write_user_actor(&mut actor, id);
+    actor
+}
+
+/// `user:<id>`, appended to `out`.
+fn write_user_actor(out: &mut String, id: i64) {
+    use std::fmt::Write;
+    let _ = write!(out, "user:{id}");
 }
 
 pub(crate) fn command_actor(name: &str) -> String {
@@ -175,12 +185,13 @@ const ROWS_AT_ONCE: usize = 32;
 
 pub(crate) fn record(conn: &Connection, e: &Event) -> Result<()> {
     let mut stmt = conn.prepare_cached(concat!(insert_into!(), one_row!()))?;
-    bind(&mut stmt, 0, e)?;
+    bind(&mut stmt, 0, &e.columns())?;
     stmt.raw_execute()?;
     Ok(())
 }
 
-/// Writes queued events of reads, in their order, `ROWS_AT_ONCE` rows per statement.
+/// Writes queued events of reads, in their order, `ROWS_AT_ONCE` rows per statement. Each is
+/// written as `ReadEvent::to_event` makes it, without making it (no allocation per event).
 pub(crate) fn record_reads(conn: &Connection, queued: &[ReadEvent]) -> Result<()> {
     static MANY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let many = MANY.get_or_init(|| {
@@ -190,24 +201,78 @@ pub(crate) fn record_reads(conn: &Connection, queued: &[ReadEvent]) -> Result<()
             [one_row!(); ROWS_AT_ONCE].join(", ")
         )
     });
+    // One actor text per event of the statement, reused from one statement to the next.
+    let mut actors = vec![String::new(); ROWS_AT_ONCE];
     let mut chunks = queued.chunks_exact(ROWS_AT_ONCE);
     if chunks.len() > 0 {
         let mut stmt = conn.prepare_cached(many)?;
         for chunk in &mut chunks {
-            for (i, e) in chunk.iter().enumerate() {
-                bind(&mut stmt, i * FIELDS, &e.to_event())?;
+            for (i, (e, actor)) in chunk.iter().zip(&mut actors).enumerate() {
+                bind(&mut stmt, i * FIELDS, &e.columns(actor))?;
             }
             stmt.raw_execute()?;
         }
     }
-    for e in chunks.remainder() {
-        record(conn, &e.to_event())?;
+    if !chunks.remainder().is_empty() {
+        let mut stmt = conn.prepare_cached(concat!(insert_into!(), one_row!()))?;
+        for e in chunks.remainder() {
+            bind(&mut stmt, 0, &e.columns(&mut actors[0]))?;
+            stmt.raw_execute()?;
+        }
     }
     Ok(())
 }
 
+/// One event's columns as `insert_into!` names them, borrowed from an `Event` or a `ReadEvent`.
+struct Columns<'a> {
+    at: i64,
+    action: &'a str,
+    actor: &'a str,
+    user_id: Option<i64>,
+    api_key_id: Option<i64>,
+    provider: Option<&'a str>,
+    source: Option<&'a str>,
+    from: Option<&'a str>,
+    to: Option<&'a str>,
+}
+
+impl Event {
+    fn columns(&self) -> Columns<'_> {
+        Columns {
+            at: self.at,
+            action: self.action,
+            actor: &self.actor,
+            user_id: self.user_id,
+            api_key_id: self.api_key_id,
+            provider: self.provider.as_deref(),
+            source: self.source,
+            from: self.from,
+            to: self.to,
+        }
+    }
+}
+
+impl ReadEvent {
+    /// The columns of `to_event`'s event, its actor written into `actor`.
+    fn columns<'a>(&'a self, actor: &'a mut String) -> Columns<'a> {
+        actor.clear();
+        write_user_actor(actor, self.user_id);
+        Columns {
+            at: self.at,
+            action: self.action,
+            actor,
+            user_id: Some(self.user_id),
+            api_key_id: self.api_key_id,
+            provider: Some(self.provider.as_str()),
+            source: Some(self.source.as_str()),
+            from: None,
+            to: None,
+        }
+    }
+}
+
 /// Binds `e` to the parameters after the first `before` of `stmt`.
-fn bind(stmt: &mut rusqlite::CachedStatement<'_>, before: usize, e: &Event) -> Result<()> {
+fn bind(stmt: &mut rusqlite::CachedStatement<'_>, before: usize, e: &Columns<'_>) -> Result<()> {
     let values: [&dyn rusqlite::ToSql; FIELDS] = [
         &e.at,
         &e.action,
