@@ -588,26 +588,32 @@ impl Store {
                 if count_use {
                     // Queued with the usage counters: a reveal costs no transaction of its own.
                     if let Some(id) = row_id {
-                        self.shared.usage.record(id, now());
+                        self.shared.usage.record(&self.uses, id, now());
                     }
-                    self.shared.usage.record_event(ev::ReadEvent::new(
-                        ev::KEY_REVEALED,
-                        user_id,
-                        row_id,
-                        provider.as_str(),
-                        key.source,
-                    ));
+                    self.shared.usage.record_event(
+                        &self.uses,
+                        ev::ReadEvent::new(
+                            ev::KEY_REVEALED,
+                            user_id,
+                            row_id,
+                            provider.as_str(),
+                            key.source,
+                        ),
+                    );
                 }
                 DefaultKey::Found(key)
             }
             Lookup::Expired(id) => {
-                self.shared.usage.record_event(ev::ReadEvent::new(
-                    ev::KEY_EXPIRED,
-                    user_id,
-                    Some(id),
-                    provider.as_str(),
-                    Source::Table,
-                ));
+                self.shared.usage.record_event(
+                    &self.uses,
+                    ev::ReadEvent::new(
+                        ev::KEY_EXPIRED,
+                        user_id,
+                        Some(id),
+                        provider.as_str(),
+                        Source::Table,
+                    ),
+                );
                 DefaultKey::Expired
             }
             Lookup::Missing | Lookup::MustMove => DefaultKey::Missing,

@@ -141,6 +141,8 @@ pub(crate) struct Store {
     key_limit: i64,
     /// The phase and pending backfill as this connection's read snapshots last saw them.
     memo: meta::Memo,
+    /// This connection's uses not yet written (`usage::UsageLog`).
+    uses: Arc<usage::Queue>,
 }
 
 impl Store {
@@ -148,6 +150,7 @@ impl Store {
         Store {
             conn,
             ring,
+            uses: shared.usage.queue(),
             shared,
             key_limit: crate::config::DEFAULT_MAX_KEYS_PER_USER,
             memo: meta::Memo::default(),

@@ -1,11 +1,15 @@
 //! Usage counters (`usage_count`, `last_used_at`), batched in memory and flushed to the
-//! database about once a second (sooner when `FLUSH_AT` events of reads are queued) and at a
-//! clean shutdown (the README's "Choices" explain the batching: a reveal then costs no disk
-//! sync). The listing adds what is still pending, so a
-//! client always sees its own uses.
+//! database about once a second (sooner when `FLUSH_AT` events of reads are queued on one
+//! connection) and at a clean shutdown (the README's "Choices" explain the batching: a reveal
+//! then costs no disk sync). The listing adds what is still pending, so a client always sees its
+//! own uses.
+//!
+//! Each connection that records uses queues them in a `Queue` of its own (a worker's `Store`
+//! holds it), so that the workers never wait for one another's lock on every reveal; the
+//! flusher takes every queue's contents in turn.
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
@@ -14,37 +18,57 @@ use super::events::{self, ReadEvent};
 use super::{GroupCommit, Result};
 use crate::lock;
 
-/// Queued events of reads past which the flusher is woken before its second is up, so that the
-/// queue (memory, and what a crash would lose) stays small under a stream of reveals.
+/// Events of reads queued on one connection past which the flusher is woken before its second
+/// is up, so that the queues (memory, and what a crash would lose) stay small under a stream of
+/// reveals.
 pub(crate) const FLUSH_AT: usize = 4096;
 
-/// Uses counted but not yet written, per `api_keys` row: (count, last time).
+/// Every queue of one database's connections, and the flusher's wake-up.
 #[derive(Debug, Default)]
 pub(crate) struct UsageLog {
-    pending: Mutex<HashMap<i64, (i64, i64)>>,
-    /// Events of reads (`key.revealed`, `key.expired`), written with the counters.
-    events: Mutex<Vec<ReadEvent>>,
+    /// One per connection that recorded a use; kept for the life of the process (a dropped
+    /// connection's uses are still written), so at most one per worker.
+    queues: Mutex<Vec<Arc<Queue>>>,
     /// What the flusher waits for: (a flush is wanted now, the flusher is to stop).
     wake: Mutex<(bool, bool)>,
     woken: Condvar,
 }
 
+/// One connection's uses not yet written.
+#[derive(Debug, Default)]
+pub(crate) struct Queue(Mutex<Queued>);
+
+#[derive(Debug, Default)]
+struct Queued {
+    /// Per `api_keys` row: (count, last time).
+    pending: HashMap<i64, (i64, i64)>,
+    /// Events of reads (`key.revealed`, `key.expired`), written with the counters.
+    events: Vec<ReadEvent>,
+}
+
 impl UsageLog {
+    /// A new queue for one connection's uses, taken by the flusher from now on.
+    pub(crate) fn queue(&self) -> Arc<Queue> {
+        let q = Arc::new(Queue::default());
+        lock(&self.queues).push(q.clone());
+        q
+    }
+
     /// Counts one use of the table key `id` at time `at`.
-    pub(crate) fn record(&self, id: i64, at: i64) {
-        let mut p = lock(&self.pending);
-        let e = p.entry(id).or_insert((0, at));
+    pub(crate) fn record(&self, queue: &Queue, id: i64, at: i64) {
+        let mut q = lock(&queue.0);
+        let e = q.pending.entry(id).or_insert((0, at));
         e.0 += 1;
         e.1 = e.1.max(at);
     }
 
-    /// Queues the event of a read; written at the next flush, which the `FLUSH_AT`th queued
-    /// event brings forward.
-    pub(crate) fn record_event(&self, e: ReadEvent) {
+    /// Queues the event of a read; written at the next flush, which the `FLUSH_AT`th event
+    /// queued on the connection brings forward.
+    pub(crate) fn record_event(&self, queue: &Queue, e: ReadEvent) {
         let queued = {
-            let mut q = lock(&self.events);
-            q.push(e);
-            q.len()
+            let mut q = lock(&queue.0);
+            q.events.push(e);
+            q.events.len()
         };
         if queued == FLUSH_AT {
             lock(&self.wake).0 = true;
@@ -52,8 +76,9 @@ impl UsageLog {
         }
     }
 
-    /// The flusher's wait: until `timeout` has passed, `FLUSH_AT` events are queued, or `stop`
-    /// was called. True when the flusher is to stop (after one last flush).
+    /// The flusher's wait: until `timeout` has passed, `FLUSH_AT` events are queued on one
+    /// connection, or `stop` was called. True when the flusher is to stop (after one last
+    /// flush).
     pub(crate) fn wait_for_flush(&self, timeout: Duration) -> bool {
         let mut wake = lock(&self.wake);
         if !wake.0 && !wake.1 {
@@ -72,22 +97,45 @@ impl UsageLog {
         self.woken.notify_one();
     }
 
-    /// Uses of key `id` not yet written: (count, last time).
-    pub(crate) fn pending(&self, id: i64) -> (i64, Option<i64>) {
-        lock(&self.pending)
-            .get(&id)
-            .map_or((0, None), |&(n, t)| (n, Some(t)))
+    fn queues(&self) -> Vec<Arc<Queue>> {
+        lock(&self.queues).clone()
     }
 
-    /// Writes the pending counts and the queued events of reads in one transaction, in turn
-    /// with the database's other writers of this process. On failure they are kept for the
-    /// next try.
+    /// Uses of key `id` not yet written, on every connection: (count, last time).
+    pub(crate) fn pending(&self, id: i64) -> (i64, Option<i64>) {
+        let mut total = (0, None::<i64>);
+        for q in self.queues() {
+            if let Some(&(n, t)) = lock(&q.0).pending.get(&id) {
+                total = (total.0 + n, Some(total.1.map_or(t, |u| u.max(t))));
+            }
+        }
+        total
+    }
+
+    /// Writes the pending counts and the queued events of reads of every connection in one
+    /// transaction, in turn with the database's other writers of this process; the events in
+    /// the order of their times (each connection's in the order it queued them). On failure
+    /// they are kept for the next try.
     pub(crate) fn flush(&self, conn: &mut Connection, writes: &GroupCommit) -> Result<usize> {
-        let batch: Vec<(i64, (i64, i64))> =
-            lock(&self.pending).iter().map(|(k, v)| (*k, *v)).collect();
-        let queued: Vec<ReadEvent> = std::mem::take(&mut *lock(&self.events));
-        if batch.is_empty() && queued.is_empty() {
+        let queues = self.queues();
+        // Each queue's counts as taken (subtracted from that queue once written), and every
+        // queue's events.
+        let mut taken: Vec<Vec<(i64, (i64, i64))>> = Vec::with_capacity(queues.len());
+        let mut queued: Vec<ReadEvent> = Vec::new();
+        for q in &queues {
+            let mut q = lock(&q.0);
+            taken.push(q.pending.iter().map(|(k, v)| (*k, *v)).collect());
+            queued.append(&mut q.events);
+        }
+        if taken.iter().all(Vec::is_empty) && queued.is_empty() {
             return Ok(0);
+        }
+        queued.sort_by_key(|e| e.at);
+        let mut batch: HashMap<i64, (i64, i64)> = HashMap::new();
+        for (id, (n, at)) in taken.iter().flatten() {
+            let e = batch.entry(*id).or_insert((0, *at));
+            e.0 += n;
+            e.1 = e.1.max(*at);
         }
         let written = (|| {
             let _serial = writes.serial();
@@ -100,19 +148,24 @@ impl UsageLog {
             Ok::<(), super::StoreError>(())
         })();
         if let Err(e) = written {
-            // Kept for the next try, before the events queued meanwhile.
-            let mut q = lock(&self.events);
-            let newer = std::mem::replace(&mut *q, queued);
-            q.extend(newer);
+            // Kept for the next try, before the events queued meanwhile (the next flush puts
+            // them in the order of their times again).
+            if let Some(first) = queues.first() {
+                let mut q = lock(&first.0);
+                queued.append(&mut q.events);
+                q.events = queued;
+            }
             return Err(e);
         }
         // Subtract what was written; uses recorded meanwhile stay pending.
-        let mut p = lock(&self.pending);
-        for (id, (n, _)) in &batch {
-            if let Some(e) = p.get_mut(id) {
-                e.0 -= n;
-                if e.0 <= 0 {
-                    p.remove(id);
+        for (q, taken) in queues.iter().zip(&taken) {
+            let mut q = lock(&q.0);
+            for (id, (n, _)) in taken {
+                if let Some(e) = q.pending.get_mut(id) {
+                    e.0 -= n;
+                    if e.0 <= 0 {
+                        q.pending.remove(id);
+                    }
                 }
             }
         }
@@ -157,8 +210,9 @@ mod tests {
                 (u.wait_for_flush(Duration::from_secs(30)), t.elapsed())
             })
         };
+        let q = u.queue();
         for i in 0..FLUSH_AT as i64 {
-            u.record_event(reveal(i));
+            u.record_event(&q, reveal(i));
         }
         let (stop, waited) = waiter.join().unwrap();
         assert!(!stop);
@@ -189,11 +243,81 @@ mod tests {
     }
 
     #[test]
-    fn records_and_reports_pending() {
+    fn records_and_reports_pending_over_every_connection() {
         let u = UsageLog::default();
-        u.record(7, 100);
-        u.record(7, 90);
+        let (a, b) = (u.queue(), u.queue());
+        u.record(&a, 7, 100);
+        u.record(&a, 7, 90);
         assert_eq!(u.pending(7), (2, Some(100)));
+        u.record(&b, 7, 120);
+        u.record(&b, 9, 80);
+        assert_eq!(u.pending(7), (3, Some(120)));
+        assert_eq!(u.pending(9), (1, Some(80)));
         assert_eq!(u.pending(8), (0, None));
+    }
+
+    /// A flush writes every connection's counts and events: the events in the order of their
+    /// times, the counts summed. A failed flush keeps them all for the next one, and uses
+    /// recorded after a flush took its counts stay pending.
+    #[test]
+    fn a_flush_takes_every_connection_s_queue_and_a_failed_one_keeps_it(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        use crate::config::DbLocation;
+        use crate::db::{self, Database};
+        let db = Database::new(&DbLocation::Memory)?;
+        let mut conn = db.connect()?;
+        db::migrate_schema(&mut conn)?;
+        conn.execute(
+            "INSERT INTO users(email, password_hash, created_at) VALUES ('a@x.org', 'h', 0)",
+            [],
+        )?;
+        conn.execute(
+            "INSERT INTO api_keys(user_id, provider, sealed_key, is_default, created_at, updated_at)
+             VALUES (1, 'openai', 'x', 1, 0, 0)",
+            [],
+        )?;
+        let key = conn.last_insert_rowid();
+        let u = UsageLog::default();
+        let (a, b) = (u.queue(), u.queue());
+        let at = |user_id: i64, at: i64| {
+            let mut e = reveal(user_id);
+            e.at = at;
+            e
+        };
+        u.record(&a, key, 50);
+        u.record_event(&a, at(1, 50));
+        u.record_event(&a, at(2, 70));
+        u.record(&b, key, 60);
+        u.record_event(&b, at(3, 60));
+
+        // The table the events go to is gone: the flush fails and keeps everything.
+        conn.execute_batch("ALTER TABLE events RENAME TO events_away")?;
+        let writes = GroupCommit::default();
+        assert!(u.flush(&mut conn, &writes).is_err());
+        assert_eq!(u.pending(key), (2, Some(60)));
+        conn.execute_batch("ALTER TABLE events_away RENAME TO events")?;
+
+        assert_eq!(u.flush(&mut conn, &writes)?, 1 + 3);
+        assert_eq!(u.pending(key), (0, None));
+        let written: Vec<(i64, i64)> = events::newest_first(
+            &conn,
+            &events::Query {
+                limit: 10,
+                ..events::Query::default()
+            },
+        )?
+        .iter()
+        .rev()
+        .map(|e| (e.at, e.user_id.unwrap_or_default()))
+        .collect();
+        assert_eq!(written, [(50, 1), (60, 3), (70, 2)]);
+        let (count, last): (i64, Option<i64>) = conn.query_row(
+            "SELECT usage_count, last_used_at FROM api_keys WHERE id = ?1",
+            [key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        assert_eq!((count, last), (2, Some(60)));
+        assert_eq!(u.flush(&mut conn, &writes)?, 0);
+        Ok(())
     }
 }
