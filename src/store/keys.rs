@@ -54,6 +54,7 @@ fn expired(expires_at: Option<i64>, now: i64) -> bool {
 }
 
 /// What reading a user's default key needs of its row (the reveal reads nothing more).
+#[derive(Debug)]
 struct DefaultKeyRow {
     id: i64,
     sealed: String,
@@ -442,13 +443,13 @@ fn lookup(
         phase == Phase::Dual && provider.is_openai() && settled.backfill_pending(tx, user_id)?;
     let row = default_key_row(tx, user_id, p)?;
     if row_alone_answers(phase, provider, pending, row.is_some()) {
-        return found_in_row(ctx, user_id, p, row);
+        return found_in_row(ctx, user_id, p, row.as_ref());
     }
     // Dual, OpenAI, and the user is pending a backfill or has no default row.
     if !needs_move(pending, row.is_some(), || {
         Ok(column_get(tx, user_id)?.is_some())
     })? {
-        return found_in_row(ctx, user_id, p, row);
+        return found_in_row(ctx, user_id, p, row.as_ref());
     }
     // A column key the table lacks, or the user is pending backfill from legacy (the column
     // wins): settled in a write transaction, then read from the table.
@@ -456,7 +457,7 @@ fn lookup(
         return Ok(Lookup::MustMove);
     }
     let (verdict, _) = settle(tx, ctx, user_id)?;
-    let after = found_in_row(ctx, user_id, p, default_key_row(tx, user_id, p)?)?;
+    let after = found_in_row(ctx, user_id, p, default_key_row(tx, user_id, p)?.as_ref())?;
     if verdict.needs_move() {
         super::evidence::record_legacy_read(tx, now())?;
         log::info!(
@@ -499,7 +500,7 @@ fn found_in_row(
     ctx: &Ctx<'_>,
     user_id: i64,
     provider: &str,
-    row: Option<DefaultKeyRow>,
+    row: Option<&DefaultKeyRow>,
 ) -> Result<Lookup> {
     Ok(match row {
         Some(r) if expired(r.expires_at, now()) => Lookup::Expired(r.id),
@@ -520,32 +521,96 @@ fn found_in_row(
     })
 }
 
-/// The user of a live session and their default row of `provider`, in one statement: outside a
-/// transaction, its own snapshot. `None`: no live session has this token hash.
+const SESSION_AND_DEFAULT_ROW: &str = "SELECT u.id, s.expires_at, k.id, k.sealed_key, k.expires_at
+     FROM sessions s JOIN users u ON u.id = s.user_id
+     LEFT JOIN api_keys k ON k.user_id = u.id AND k.provider = ?3 AND k.is_default = 1
+     WHERE s.token_hash = ?1 AND s.expires_at > ?2";
+
+/// The user of a live session, the session's expiry and the user's default row of `provider`,
+/// in one statement: outside a transaction, its own snapshot. `None`: no live session has this
+/// token hash.
 fn session_and_default_row(
     conn: &Connection,
     session: &[u8],
     provider: &str,
-) -> Result<Option<(i64, Option<DefaultKeyRow>)>> {
+) -> Result<Option<SessionRead>> {
     Ok(conn
-        .prepare_cached(
-            "SELECT u.id, k.id, k.sealed_key, k.expires_at
-             FROM sessions s JOIN users u ON u.id = s.user_id
-             LEFT JOIN api_keys k ON k.user_id = u.id AND k.provider = ?3 AND k.is_default = 1
-             WHERE s.token_hash = ?1 AND s.expires_at > ?2",
-        )?
+        .prepare_cached(SESSION_AND_DEFAULT_ROW)?
         .query_row(params![session, now(), provider], |r| {
-            let row = match r.get::<_, Option<i64>>(1)? {
+            let row = match r.get::<_, Option<i64>>(2)? {
                 Some(id) => Some(DefaultKeyRow {
                     id,
-                    sealed: r.get(2)?,
-                    expires_at: r.get(3)?,
+                    sealed: r.get(3)?,
+                    expires_at: r.get(4)?,
                 }),
                 None => None,
             };
-            Ok((r.get(0)?, row))
+            Ok(SessionRead {
+                user_id: r.get(0)?,
+                session_expires_at: r.get(1)?,
+                row,
+            })
         })
         .optional()?)
+}
+
+/// What `session_and_default_row` read.
+#[derive(Debug)]
+struct SessionRead {
+    user_id: i64,
+    session_expires_at: i64,
+    row: Option<DefaultKeyRow>,
+}
+
+/// This connection's last read of a session and its default row (`Store::default_key_at_once`),
+/// kept to be its answer again while the database is unchanged, that is while SQLite's data
+/// version of the file is the one it was read at (any commit, by any connection or process,
+/// changes it), and while the session has not expired. A client revealing the same key again
+/// and again then costs a statement that only opens a snapshot. It holds the token's hash and
+/// the sealed value, as the database does; never a plaintext key.
+#[derive(Debug, Default)]
+pub(crate) struct LastRead(Option<Kept>);
+
+#[derive(Debug)]
+struct Kept {
+    token_hash: Vec<u8>,
+    provider: String,
+    version: u32,
+    read: SessionRead,
+}
+
+impl LastRead {
+    /// Whether a read of this session and provider was kept and its session is live at `now`:
+    /// then the data version is worth checking.
+    fn may_answer(&self, token_hash: &[u8], provider: &str, now: i64) -> bool {
+        self.0.as_ref().is_some_and(|k| {
+            k.token_hash == token_hash && k.provider == provider && k.read.session_expires_at > now
+        })
+    }
+
+    /// The kept read of this session and provider, if the database is still at `version` and
+    /// the session is live at `now`.
+    fn answer(
+        &self,
+        token_hash: &[u8],
+        provider: &str,
+        version: u32,
+        now: i64,
+    ) -> Option<&SessionRead> {
+        self.0
+            .as_ref()
+            .filter(|k| k.version == version && self.may_answer(token_hash, provider, now))
+            .map(|k| &k.read)
+    }
+
+    fn keep(&mut self, token_hash: &[u8], provider: &str, version: u32, read: SessionRead) {
+        self.0 = Some(Kept {
+            token_hash: token_hash.to_vec(),
+            provider: provider.to_owned(),
+            version,
+            read,
+        });
+    }
 }
 
 /// Runs a write that seals before its transaction, once more when the database's current key
@@ -632,19 +697,40 @@ impl Store {
         provider: &Provider,
     ) -> Result<Option<Option<(i64, Lookup)>>> {
         let p = provider.as_str();
-        let Some((user_id, row)) = session_and_default_row(&self.conn, session, p)? else {
-            return Ok(Some(None));
+        let t = now();
+        // The kept read answers when no commit has happened since (the statement that checks
+        // this is then the one statement).
+        let unchanged = if self.last_read.may_answer(session, p, t) {
+            meta::current_version(&self.conn)?
+        } else {
+            None
         };
-        crate::logging::set_user(user_id);
+        if unchanged
+            .and_then(|v| self.last_read.answer(session, p, v, t))
+            .is_none()
+        {
+            let Some(read) = session_and_default_row(&self.conn, session, p)? else {
+                self.last_read = LastRead::default();
+                return Ok(Some(None));
+            };
+            match meta::current_version_after_statement(&self.conn) {
+                Some(v) => self.last_read.keep(session, p, v, read),
+                None => self.last_read = LastRead::default(),
+            }
+        }
+        let Some(read) = self.last_read.0.as_ref().map(|k| &k.read) else {
+            return Ok(None);
+        };
+        crate::logging::set_user(read.user_id);
         let Some(settled) = meta::settled_at_last_statement(&self.conn, &self.memo) else {
             return Ok(None);
         };
         let pending = !settled.nobody_pending();
-        if !row_alone_answers(settled.phase, provider, pending, row.is_some()) {
+        if !row_alone_answers(settled.phase, provider, pending, read.row.is_some()) {
             return Ok(None);
         }
-        let found = found_in_row(&self.read_ctx(), user_id, p, row)?;
-        Ok(Some(Some((user_id, found))))
+        let found = found_in_row(&self.read_ctx(), read.user_id, p, read.row.as_ref())?;
+        Ok(Some(Some((read.user_id, found))))
     }
 
     /// POST /user/api-key: sets the user's default key of the provider.
@@ -1091,6 +1177,46 @@ mod tests {
         }))
     }
 
+    /// A kept read answers only its own session and provider, at the data version it was read
+    /// at, while the session is live.
+    #[test]
+    fn a_kept_read_answers_only_while_nothing_changed_and_the_session_lives() {
+        let mut last = LastRead::default();
+        assert!(!last.may_answer(&SESSION, "openai", 100));
+        last.keep(
+            &SESSION,
+            "openai",
+            7,
+            SessionRead {
+                user_id: 3,
+                session_expires_at: 200,
+                row: None,
+            },
+        );
+        assert!(last.may_answer(&SESSION, "openai", 199));
+        assert_eq!(
+            last.answer(&SESSION, "openai", 7, 199).map(|r| r.user_id),
+            Some(3)
+        );
+        assert!(
+            last.answer(&SESSION, "openai", 8, 199).is_none(),
+            "a commit since"
+        );
+        assert!(
+            last.answer(&SESSION, "openai", 7, 200).is_none(),
+            "the session expired"
+        );
+        assert!(!last.may_answer(&SESSION, "openai", 200));
+        assert!(
+            last.answer(&[8; 32], "openai", 7, 199).is_none(),
+            "another session"
+        );
+        assert!(
+            last.answer(&SESSION, "anthropic", 7, 199).is_none(),
+            "another provider"
+        );
+    }
+
     /// The read of a default key in one statement answers only while the connection's memo of
     /// the phase covers that statement's snapshot: a phase change, a pending backfill or a
     /// missing default row committed by another connection sends the very next read through a
@@ -1127,6 +1253,42 @@ mod tests {
             };
             let table = Some(("sk-table-0123456789".to_owned(), Source::Table));
             assert_eq!(served(&mut store)?, table);
+            assert_eq!(
+                at_once(&mut store, &openai)?,
+                Some(table.clone()),
+                "{location:?}"
+            );
+            // Asked again with nothing committed since: the kept read answers, the session and
+            // key statement does not run again.
+            let runs = |store: &Store| -> Result<i32> {
+                Ok(store
+                    .conn
+                    .prepare_cached(SESSION_AND_DEFAULT_ROW)?
+                    .get_status(rusqlite::StatementStatus::Run))
+            };
+            let before = runs(&store)?;
+            assert_eq!(
+                at_once(&mut store, &openai)?,
+                Some(table.clone()),
+                "{location:?}"
+            );
+            assert_eq!(runs(&store)?, before, "{location:?}");
+            // The session deleted by another connection (a log-out elsewhere): no user at once.
+            other.execute("DELETE FROM sessions", [])?;
+            assert_eq!(
+                store
+                    .default_key_at_once(&SESSION, &openai)?
+                    .map(|f| f.is_some()),
+                Some(false),
+                "{location:?}"
+            );
+            store.create_session(user.id, &SESSION, now() + 3600)?;
+            assert_eq!(served(&mut store)?, table);
+            assert_eq!(
+                at_once(&mut store, &openai)?,
+                Some(table.clone()),
+                "{location:?}"
+            );
             assert_eq!(
                 at_once(&mut store, &openai)?,
                 Some(table.clone()),

@@ -165,11 +165,31 @@ pub(crate) fn settled(conn: &Connection, memo: Option<&Memo>) -> Result<Settled>
 /// one that statement's snapshot saw, and it stays so until the connection's next statement.
 /// Inside a transaction, `settled`.
 pub(crate) fn settled_at_last_statement(conn: &Connection, memo: &Memo) -> Option<Settled> {
+    let (seen, settled) = memo.0.get()?;
+    (current_version_after_statement(conn)? == seen).then_some(settled)
+}
+
+/// The data version right after the statement that just ran on `conn` outside any transaction
+/// (in its own snapshot): the version that snapshot saw, until the connection's next statement.
+/// `None` inside a transaction or when it cannot be read.
+pub(crate) fn current_version_after_statement(conn: &Connection) -> Option<u32> {
     if !conn.is_autocommit() {
         return None;
     }
-    let (seen, settled) = memo.0.get()?;
-    (data_version(conn)? == seen).then_some(settled)
+    data_version(conn)
+}
+
+/// The database's data version as of now: a statement that only opens a snapshot (and closes
+/// it) runs first, so that the version is read from the file's current state, not remembered
+/// from the connection's last snapshot. Outside a transaction only (else `None`).
+pub(crate) fn current_version(conn: &Connection) -> Result<Option<u32>> {
+    if !conn.is_autocommit() {
+        return Ok(None);
+    }
+    conn.prepare_cached("SELECT 1 FROM keyrack_meta LIMIT 1")?
+        .query_row([], |_| Ok(()))
+        .optional()?;
+    Ok(data_version(conn))
 }
 
 /// SQLite's data version of the main database file (`SQLITE_FCNTL_DATA_VERSION`): changes

@@ -143,6 +143,9 @@ pub(crate) struct Store {
     memo: meta::Memo,
     /// This connection's uses not yet written (`usage::UsageLog`).
     uses: Arc<usage::Queue>,
+    /// This connection's last read of a session and its default key, kept while the database
+    /// is unchanged (`keys::LastRead`).
+    last_read: keys::LastRead,
 }
 
 impl Store {
@@ -154,6 +157,7 @@ impl Store {
             shared,
             key_limit: crate::config::DEFAULT_MAX_KEYS_PER_USER,
             memo: meta::Memo::default(),
+            last_read: keys::LastRead::default(),
         }
     }
 
