@@ -104,7 +104,7 @@ impl UsageLog {
     /// Uses of key `id` not yet written, on every connection: (count, last time).
     pub(crate) fn pending(&self, id: i64) -> (i64, Option<i64>) {
         let mut total = (0, None::<i64>);
-        for q in self.queues() {
+        for q in lock(&self.queues).iter() {
             if let Some(&(n, t)) = lock(&q.0).pending.get(&id) {
                 total = (total.0 + n, Some(total.1.map_or(t, |u| u.max(t))));
             }
