@@ -20,8 +20,8 @@ use crate::lock;
 
 /// Events of reads queued on one connection past which the flusher is woken before its second
 /// is up, so that the queues (memory, and what a crash would lose) stay small under a stream of
-/// reveals.
-pub(crate) const FLUSH_AT: usize = 4096;
+/// reveals: with the server's four readers, about 4,096 in all.
+pub(crate) const FLUSH_AT: usize = 1024;
 
 /// Every queue of one database's connections, and the flusher's wake-up.
 #[derive(Debug, Default)]
@@ -121,7 +121,13 @@ impl UsageLog {
         // Each queue's counts as taken (subtracted from that queue once written), and every
         // queue's events.
         let mut taken: Vec<Vec<(i64, (i64, i64))>> = Vec::with_capacity(queues.len());
-        let mut queued: Vec<ReadEvent> = Vec::new();
+        let mut queued: Vec<ReadEvent> = Vec::with_capacity(
+            queues
+                .iter()
+                .map(|q| lock(&q.0).events.len())
+                .sum::<usize>()
+                + FLUSH_AT,
+        );
         for q in &queues {
             let mut q = lock(&q.0);
             taken.push(q.pending.iter().map(|(k, v)| (*k, *v)).collect());
