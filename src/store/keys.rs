@@ -1365,4 +1365,95 @@ mod tests {
         }
         Ok(())
     }
+
+    /// Adversarial: a kept read is never served past a change made between two reveals by this
+    /// connection or another (a log-out here, a key replaced or re-sealed elsewhere, a
+    /// checkpoint that truncates the WAL, a VACUUM, a session shortened to the past), in
+    /// memory and in a file.
+    #[test]
+    fn a_kept_read_is_never_served_past_a_change() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        for location in [
+            DbLocation::Memory,
+            DbLocation::File(dir.path().join("kept.db")),
+        ] {
+            let db = Database::new(&location)?;
+            let mut other = db.connect()?;
+            db::migrate_schema(&mut other)?;
+            meta::set_phase(&other, Phase::NewOnly, "test")?;
+            let ring = Arc::new(KeyRing::new(EncryptionKey::generate(), vec![]));
+            let mut store = Store::new(db.connect()?, ring.clone(), Arc::new(Shared::default()));
+            let openai = Provider::openai();
+            let user = store.create_user(&Email::parse("k@x.org")?, "h")?;
+            store.create_session(user.id, &SESSION, now() + 3600)?;
+            let set = |store: &mut Store, k: &str| -> TestResult {
+                store.set_default_key(user.id, &openai, &ApiKey::parse(k)?, None)?;
+                Ok(())
+            };
+            let served = |store: &mut Store| -> Result<Option<String>> {
+                Ok(match store.get_default_key(&SESSION, &openai, false)? {
+                    Some(DefaultKey::Found(f)) => Some(f.key.expose().to_owned()),
+                    Some(DefaultKey::Expired) => Some("expired".to_owned()),
+                    Some(DefaultKey::Missing) => Some("missing".to_owned()),
+                    None => None,
+                })
+            };
+            set(&mut store, "sk-first-0123456789")?;
+            for _ in 0..3 {
+                assert_eq!(served(&mut store)?.as_deref(), Some("sk-first-0123456789"));
+            }
+            // Replaced through another connection with a value of the same length.
+            let second = ring.seal(
+                Binding {
+                    user_id: user.id,
+                    provider: "openai",
+                },
+                "sk-secnd-0123456789",
+            );
+            other.execute("UPDATE api_keys SET sealed_key = ?1", [&second])?;
+            assert_eq!(served(&mut store)?.as_deref(), Some("sk-secnd-0123456789"));
+            // A checkpoint truncating the WAL, then a VACUUM, then a change: still the truth.
+            for _ in 0..2 {
+                other.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                assert_eq!(served(&mut store)?.as_deref(), Some("sk-secnd-0123456789"));
+            }
+            other.execute_batch("VACUUM")?;
+            assert_eq!(served(&mut store)?.as_deref(), Some("sk-secnd-0123456789"));
+            set(&mut store, "sk-third-0123456789")?;
+            other.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            assert_eq!(served(&mut store)?.as_deref(), Some("sk-third-0123456789"));
+            // The key made expired elsewhere.
+            other.execute("UPDATE api_keys SET expires_at = ?1", [now() - 1])?;
+            assert_eq!(served(&mut store)?.as_deref(), Some("expired"));
+            other.execute("UPDATE api_keys SET expires_at = NULL", [])?;
+            assert_eq!(served(&mut store)?.as_deref(), Some("sk-third-0123456789"));
+            // The session shortened to the past elsewhere, then restored; then a log-out on
+            // this very connection.
+            other.execute("UPDATE sessions SET expires_at = ?1", [now() - 1])?;
+            assert_eq!(served(&mut store)?, None);
+            other.execute("UPDATE sessions SET expires_at = ?1", [now() + 3600])?;
+            assert_eq!(served(&mut store)?.as_deref(), Some("sk-third-0123456789"));
+            store.delete_session(&SESSION)?;
+            assert_eq!(served(&mut store)?, None);
+            // Two providers alternating on one session.
+            store.create_session(user.id, &SESSION, now() + 3600)?;
+            let anthropic = Provider::parse("anthropic")?;
+            store.set_default_key(
+                user.id,
+                &anthropic,
+                &ApiKey::parse("sk-ant-0123456789")?,
+                None,
+            )?;
+            for _ in 0..3 {
+                assert_eq!(served(&mut store)?.as_deref(), Some("sk-third-0123456789"));
+                let Some(DefaultKey::Found(f)) =
+                    store.get_default_key(&SESSION, &anthropic, false)?
+                else {
+                    return Err("anthropic not found".into());
+                };
+                assert_eq!(f.key.expose(), "sk-ant-0123456789");
+            }
+        }
+        Ok(())
+    }
 }
