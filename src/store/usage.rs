@@ -9,6 +9,7 @@
 //! flusher takes every queue's contents in turn.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -29,6 +30,9 @@ pub(crate) struct UsageLog {
     /// One per connection that recorded a use; kept for the life of the process (a dropped
     /// connection's uses are still written), so at most one per worker.
     queues: Mutex<Vec<Arc<Queue>>>,
+    /// The number of the next event of a read, over every connection: the flush writes the
+    /// events in this order, the order in which they were recorded.
+    next_event: AtomicU64,
     /// What the flusher waits for: (a flush is wanted now, the flusher is to stop).
     wake: Mutex<(bool, bool)>,
     woken: Condvar,
@@ -42,8 +46,9 @@ pub(crate) struct Queue(Mutex<Queued>);
 struct Queued {
     /// Per `api_keys` row: (count, last time).
     pending: HashMap<i64, (i64, i64)>,
-    /// Events of reads (`key.revealed`, `key.expired`), written with the counters.
-    events: Vec<ReadEvent>,
+    /// Events of reads (`key.revealed`, `key.expired`), written with the counters, each with
+    /// its number in the order of recording (`UsageLog::next_event`).
+    events: Vec<(u64, ReadEvent)>,
 }
 
 impl UsageLog {
@@ -67,7 +72,8 @@ impl UsageLog {
     pub(crate) fn record_event(&self, queue: &Queue, e: ReadEvent) {
         let queued = {
             let mut q = lock(&queue.0);
-            q.events.push(e);
+            let n = self.next_event.fetch_add(1, Ordering::SeqCst);
+            q.events.push((n, e));
             q.events.len()
         };
         if queued == FLUSH_AT {
@@ -114,14 +120,14 @@ impl UsageLog {
 
     /// Writes the pending counts and the queued events of reads of every connection in one
     /// transaction, in turn with the database's other writers of this process; the events in
-    /// the order of their times (each connection's in the order it queued them). On failure
-    /// they are kept for the next try.
+    /// the order they were recorded over every connection (as one queue for all would have
+    /// them). On failure they are kept for the next try.
     pub(crate) fn flush(&self, conn: &mut Connection, writes: &GroupCommit) -> Result<usize> {
         let queues = self.queues();
         // Each queue's counts as taken (subtracted from that queue once written), and every
         // queue's events.
         let mut taken: Vec<Vec<(i64, (i64, i64))>> = Vec::with_capacity(queues.len());
-        let mut queued: Vec<ReadEvent> = Vec::with_capacity(
+        let mut queued: Vec<(u64, ReadEvent)> = Vec::with_capacity(
             queues
                 .iter()
                 .map(|q| lock(&q.0).events.len())
@@ -136,7 +142,8 @@ impl UsageLog {
         if taken.iter().all(Vec::is_empty) && queued.is_empty() {
             return Ok(0);
         }
-        queued.sort_by_key(|e| e.at);
+        queued.sort_unstable_by_key(|&(n, _)| n);
+        let events: Vec<ReadEvent> = queued.iter().map(|&(_, e)| e).collect();
         let mut batch: HashMap<i64, (i64, i64)> = HashMap::new();
         for (id, (n, at)) in taken.iter().flatten() {
             let e = batch.entry(*id).or_insert((0, *at));
@@ -149,13 +156,13 @@ impl UsageLog {
             for (id, (n, at)) in &batch {
                 add_usage(&tx, *id, *n, *at)?;
             }
-            events::record_reads(&tx, &queued)?;
+            events::record_reads(&tx, &events)?;
             tx.commit()?;
             Ok::<(), super::StoreError>(())
         })();
         if let Err(e) = written {
             // Kept for the next try, before the events queued meanwhile (the next flush puts
-            // them in the order of their times again).
+            // them in the order they were recorded again).
             if let Some(first) = queues.first() {
                 let mut q = lock(&first.0);
                 queued.append(&mut q.events);
@@ -262,8 +269,9 @@ mod tests {
         assert_eq!(u.pending(8), (0, None));
     }
 
-    /// A flush writes every connection's counts and events: the events in the order of their
-    /// times, the counts summed. A failed flush keeps them all for the next one, and uses
+    /// A flush writes every connection's counts and events: the events in the order they were
+    /// recorded (not sorted by their times: a clock set back does not reorder them), the counts
+    /// summed. A failed flush keeps them all for the next one, and uses
     /// recorded after a flush took its counts stay pending.
     #[test]
     fn a_flush_takes_every_connection_s_queue_and_a_failed_one_keeps_it(
@@ -316,7 +324,7 @@ mod tests {
         .rev()
         .map(|e| (e.at, e.user_id.unwrap_or_default()))
         .collect();
-        assert_eq!(written, [(50, 1), (60, 3), (70, 2)]);
+        assert_eq!(written, [(50, 1), (70, 2), (60, 3)]);
         let (count, last): (i64, Option<i64>) = conn.query_row(
             "SELECT usage_count, last_used_at FROM api_keys WHERE id = ?1",
             [key],
@@ -324,6 +332,44 @@ mod tests {
         )?;
         assert_eq!((count, last), (2, Some(60)));
         assert_eq!(u.flush(&mut conn, &writes)?, 0);
+        Ok(())
+    }
+
+    /// Events recorded in one second on two connections are written in the order they were
+    /// recorded, whatever the order in which the connections' queues were made: a client's
+    /// reveal answered by one worker, then its next by another, are listed in that order.
+    #[test]
+    fn events_of_one_second_on_two_connections_are_written_in_the_order_recorded(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        use crate::config::DbLocation;
+        use crate::db::{self, Database};
+        let db = Database::new(&DbLocation::Memory)?;
+        let mut conn = db.connect()?;
+        db::migrate_schema(&mut conn)?;
+        let u = UsageLog::default();
+        // The second worker's queue was made first.
+        let (second, first) = (u.queue(), u.queue());
+        let at = |user_id: i64| {
+            let mut e = reveal(user_id);
+            e.at = 100;
+            e
+        };
+        u.record_event(&first, at(1));
+        u.record_event(&second, at(2));
+        u.record_event(&first, at(3));
+        assert_eq!(u.flush(&mut conn, &GroupCommit::default())?, 3);
+        let written: Vec<i64> = events::newest_first(
+            &conn,
+            &events::Query {
+                limit: 10,
+                ..events::Query::default()
+            },
+        )?
+        .iter()
+        .rev()
+        .map(|e| e.user_id.unwrap_or_default())
+        .collect();
+        assert_eq!(written, [1, 2, 3]);
         Ok(())
     }
 }
