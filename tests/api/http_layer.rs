@@ -613,3 +613,106 @@ fn every_answer_carries_the_security_headers_once() {
         assert_eq!(types, want, "the {status} answer:\n{head}");
     }
 }
+
+/// The answers `every_answer_carries_the_security_headers_once` leaves out, each checked for
+/// the four headers once and its body's type once, the right one: the page and its files, the
+/// metrics text, a 405 with its `Allow`, a 401, a 413, a 429 with its `Retry-After`, a login's
+/// and a reveal's JSON.
+#[test]
+fn page_files_metrics_and_every_error_carry_the_headers_and_one_type() {
+    let s = fast_env()
+        .var("KEYRACK_ADMIN_TOKEN", "hdr-admin-token")
+        .serve();
+    let token = s.user("hdr@example.org");
+    assert_eq!(
+        s.set_key(&token, "openai", "sk-headers-0123456789").status,
+        200
+    );
+    for _ in 0..10 {
+        s.post(
+            "/auth/login",
+            None,
+            serde_json::json!({"email": "hdr@example.org", "password": "wrong password"}),
+        );
+    }
+    let get =
+        |path: &str, auth: &str| format!("GET {path} HTTP/1.1\r\n{auth}Connection: close\r\n\r\n");
+    let login = "{\"email\": \"hdr@example.org\", \"password\": \"x\"}";
+    let cases: Vec<(String, &str, &str)> = vec![
+        (get("/", ""), "200", "text/html; charset=utf-8"),
+        (get("/page.js", ""), "200", "text/javascript; charset=utf-8"),
+        (get("/page.css", ""), "200", "text/css; charset=utf-8"),
+        (
+            get("/metrics", "Authorization: Bearer hdr-admin-token\r\n"),
+            "200",
+            "text/plain; version=0.0.4",
+        ),
+        (get("/metrics", ""), "401", "application/json"),
+        (get("/user/me", ""), "401", "application/json"),
+        (
+            get("/user/api-key", &format!("Authorization: Bearer {token}\r\n")),
+            "200",
+            "application/json",
+        ),
+        (
+            "POST / HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}".to_owned(),
+            "405",
+            "application/json",
+        ),
+        (
+            "POST /auth/login HTTP/1.1\r\nContent-Length: 99999999\r\nConnection: close\r\n\r\n"
+                .to_owned(),
+            "413",
+            "application/json",
+        ),
+        (
+            format!(
+                "POST /auth/login HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{login}",
+                login.len()
+            ),
+            "429",
+            "application/json",
+        ),
+    ];
+    let once = [
+        "cache-control",
+        "content-security-policy",
+        "x-content-type-options",
+        "referrer-policy",
+        "content-type",
+    ];
+    for (req, status, kind) in &cases {
+        let ans = answer_and_close(&s.addr, req.as_bytes());
+        assert!(
+            ans.starts_with(&format!("HTTP/1.1 {status}")),
+            "{req}\n{ans}"
+        );
+        let head = ans.split("\r\n\r\n").next().unwrap_or_default();
+        let lines: Vec<String> = head.lines().map(str::to_ascii_lowercase).collect();
+        for name in once {
+            let n = lines
+                .iter()
+                .filter(|l| l.starts_with(&format!("{name}:")))
+                .count();
+            assert_eq!(n, 1, "{name} in the {status} answer to {req}:\n{head}");
+        }
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("content-type: {kind}"))),
+            "{req}:\n{head}"
+        );
+        let extra = match *status {
+            "405" => Some("allow:"),
+            "429" => Some("retry-after:"),
+            _ => None,
+        };
+        if let Some(extra) = extra {
+            assert_eq!(
+                lines.iter().filter(|l| l.starts_with(extra)).count(),
+                1,
+                "{head}"
+            );
+        }
+    }
+}
