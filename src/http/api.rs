@@ -133,18 +133,31 @@ pub struct Reply {
 /// carry no secret) grow as usual.
 pub(crate) const BODY_CAPACITY: usize = 1024;
 
+/// The bytes of `text` inside a JSON string as serde_json writes it: a quote or backslash and
+/// the control characters with a short escape take two, the other control characters six
+/// (`\u00XX`). A key checked when it was written is printable ASCII (at most two each), but
+/// one read back from the store is not checked again.
+fn json_len(text: &str) -> usize {
+    text.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
 impl Reply {
     /// A reply with `body` serialized as JSON.
     pub fn of<T: Serialize>(status: u16, body: &T) -> Reply {
-        Reply::of_secret(status, body, 0)
+        Reply::of_secret(status, body, "")
     }
 
-    /// A reply with `body` serialized as JSON, holding a secret of `secret_len` bytes: room for
-    /// it at once, each byte escaped (two bytes in JSON: a key is printable ASCII), beside the
-    /// rest of a reply, so the buffer never grows.
-    pub fn of_secret<T: Serialize>(status: u16, body: &T, secret_len: usize) -> Reply {
+    /// A reply with `body` serialized as JSON, holding `secret` once: room for it at once as
+    /// JSON writes it (`json_len`), beside the rest of a reply, so the buffer never grows.
+    pub fn of_secret<T: Serialize>(status: u16, body: &T, secret: &str) -> Reply {
         // Serializing plain structs and maps into memory cannot fail.
-        let room = BODY_CAPACITY.max(BODY_CAPACITY / 2 + 2 * secret_len);
+        let room = BODY_CAPACITY.max(BODY_CAPACITY / 2 + json_len(secret));
         let mut bytes = Vec::with_capacity(room);
         if serde_json::to_writer(&mut bytes, body).is_err() {
             bytes.clear();

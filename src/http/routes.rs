@@ -341,8 +341,12 @@ fn get_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
             expired: false,
         },
     };
-    let secret_len = body.api_key.map_or(0, str::len);
-    Ok(Reply::of_secret(200, &body, secret_len))
+    Ok(key_state_reply(&body))
+}
+
+/// The answer of GET /user/api-key: room for its revealed key, if any, at once.
+fn key_state_reply(body: &KeyState<'_>) -> Reply {
+    Reply::of_secret(200, body, body.api_key.unwrap_or_default())
 }
 
 /// `?reveal=`: true or false (1 or 0), false when absent.
@@ -642,16 +646,43 @@ mod tests {
                 api_key: Some(key),
                 expired: false,
             };
-            let secret_len = state.api_key.map_or(0, str::len);
-            let room = Reply::of_secret(200, &(), secret_len)
+            let room = Reply::of_secret(200, &(), key)
                 .body
                 .unwrap_or_default()
                 .capacity();
-            let body = Reply::of_secret(200, &state, secret_len)
-                .body
-                .unwrap_or_default();
+            let body = key_state_reply(&state).body.unwrap_or_default();
             assert!(body.len() > key.len(), "{}", body.len());
             assert_eq!(body.capacity(), room, "{key}");
+        }
+    }
+
+    /// A key read back from the store is not checked again (`ApiKey::from_stored`): one
+    /// written before keys had to be printable ASCII, or into the legacy column by another
+    /// program, may hold control characters, six bytes each in JSON. Its reveal's buffer does
+    /// not grow either.
+    #[test]
+    fn a_stored_key_with_control_characters_fits_the_reply_buffer() {
+        for key in [
+            "\u{1}".repeat(200),
+            "\u{1}".repeat(512),
+            "\u{7}x".repeat(150),
+        ] {
+            assert!(crate::domain::ApiKey::parse(&key).is_err());
+            let state = KeyState {
+                has_key: true,
+                provider: "openai",
+                masked_key: Some(crate::domain::mask(&key)),
+                source: Some(crate::store::Source::Column.as_str()),
+                api_key: Some(&key),
+                expired: false,
+            };
+            let room = Reply::of_secret(200, &(), &key)
+                .body
+                .unwrap_or_default()
+                .capacity();
+            let body = key_state_reply(&state).body.unwrap_or_default();
+            assert!(body.len() > 3 * key.len(), "{}", body.len());
+            assert_eq!(body.capacity(), room, "{} bytes", body.len());
         }
     }
 
