@@ -381,6 +381,36 @@ mod tests {
         );
     }
 
+    /// At the stack buffer's edge (a text of 127, 128 and 129 bytes, and a negative user id
+    /// whose digits end exactly at the edge) the associated data is still the whole text, the
+    /// one `format!` made before it was written on the stack, and a value sealed with it opens.
+    #[test]
+    fn the_associated_data_at_the_stack_buffer_s_edge_is_the_whole_text() {
+        let prefix = "keyrack/v1/user:1/provider:".len();
+        let r = ring();
+        let mut cases: Vec<(i64, String)> = (AAD_INLINE - prefix - 1..=AAD_INLINE - prefix + 1)
+            .map(|n| (1, "p".repeat(n)))
+            .collect();
+        let negative = "keyrack/v1/user:-9223372036854775808/provider:".len();
+        cases.push((i64::MIN, "q".repeat(AAD_INLINE - negative)));
+        cases.push((i64::MIN, "q".repeat(AAD_INLINE - negative + 1)));
+        for (user_id, provider) in &cases {
+            let b = Binding {
+                user_id: *user_id,
+                provider,
+            };
+            let text = format!("keyrack/v1/user:{user_id}/provider:{provider}");
+            assert_eq!(&*b.aad(), text.as_bytes(), "{} bytes", text.len());
+            let sealed = r.seal(b, "sk-at-the-edge");
+            assert_eq!(
+                r.open(b, &sealed).map(|s| s.expose().to_owned()),
+                Ok("sk-at-the-edge".to_owned()),
+                "{} bytes",
+                text.len()
+            );
+        }
+    }
+
     #[test]
     fn a_value_that_opens_to_no_text_or_is_too_short_is_malformed() {
         let r = ring();
