@@ -671,3 +671,55 @@ fn concurrent_writes_commit_in_groups_each_with_its_own_answer() {
         15
     );
 }
+
+/// A reveal repeated on one connection is answered from that connection's last read while the
+/// database is unchanged: another process changing the file between two reveals (a session
+/// shortened to the past, a checkpoint that truncates the WAL, a VACUUM, the key removed), and a
+/// log-out, are all seen by the very next reveal with the same token.
+#[test]
+fn a_repeated_reveal_sees_every_change_made_by_another_process() {
+    let env = Env::new();
+    let s = env.serve_with(&["--workers", "1"]);
+    let token = s.user("again@example.com");
+    assert_eq!(
+        s.set_key(&token, "openai", "sk-again-0123456789").status,
+        200
+    );
+    let reveal = || s.reveal(&token, "openai");
+    let me = || s.get("/user/api-key?reveal=true", Some(&token)).status;
+    for _ in 0..3 {
+        assert_eq!(reveal().as_deref(), Some("sk-again-0123456789"));
+    }
+    let other = rusqlite::Connection::open(env.db()).unwrap();
+    other
+        .execute("UPDATE sessions SET expires_at = 1", [])
+        .unwrap();
+    assert_eq!(me(), 401);
+    other
+        .execute("UPDATE sessions SET expires_at = 4102444800", [])
+        .unwrap();
+    for _ in 0..2 {
+        assert_eq!(reveal().as_deref(), Some("sk-again-0123456789"));
+    }
+    other
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    assert_eq!(reveal().as_deref(), Some("sk-again-0123456789"));
+    other.execute_batch("VACUUM").unwrap();
+    assert_eq!(reveal().as_deref(), Some("sk-again-0123456789"));
+    // Removed from both stores (phase dual mirrors the key into the legacy column).
+    other
+        .execute_batch(
+            "BEGIN; DELETE FROM api_keys; UPDATE users SET openai_api_key = NULL; COMMIT;",
+        )
+        .unwrap();
+    assert_eq!(reveal(), None);
+    assert_eq!(
+        s.set_key(&token, "openai", "sk-later-0123456789").status,
+        200
+    );
+    assert_eq!(reveal().as_deref(), Some("sk-later-0123456789"));
+    assert_eq!(reveal().as_deref(), Some("sk-later-0123456789"));
+    assert_eq!(s.post("/auth/logout", Some(&token), json!({})).status, 204);
+    assert_eq!(me(), 401);
+}
