@@ -372,4 +372,48 @@ mod tests {
         assert_eq!(written, [1, 2, 3]);
         Ok(())
     }
+
+    /// A connection dropped before the flush (a worker's `Store` gone) leaves its uses to be
+    /// written: neither lost nor written twice, and a use recorded after a flush took the counts
+    /// stays pending for the next one.
+    #[test]
+    fn a_dropped_connection_s_uses_are_written_once(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        use crate::config::DbLocation;
+        use crate::db::{self, Database};
+        let db = Database::new(&DbLocation::Memory)?;
+        let mut conn = db.connect()?;
+        db::migrate_schema(&mut conn)?;
+        conn.execute(
+            "INSERT INTO users(email, password_hash, created_at) VALUES ('a@x.org', 'h', 0)",
+            [],
+        )?;
+        conn.execute(
+            "INSERT INTO api_keys(user_id, provider, sealed_key, is_default, created_at, updated_at)
+             VALUES (1, 'openai', 'x', 1, 0, 0)",
+            [],
+        )?;
+        let key = conn.last_insert_rowid();
+        let u = UsageLog::default();
+        let gone = u.queue();
+        u.record(&gone, key, 10);
+        u.record_event(&gone, reveal(1));
+        drop(gone);
+        let writes = GroupCommit::default();
+        assert_eq!(u.flush(&mut conn, &writes)?, 2);
+        assert_eq!(u.flush(&mut conn, &writes)?, 0);
+        let live = u.queue();
+        u.record(&live, key, 20);
+        assert_eq!(u.flush(&mut conn, &writes)?, 1);
+        u.record(&live, key, 30);
+        assert_eq!(u.pending(key), (1, Some(30)));
+        let (count, last, events): (i64, Option<i64>, i64) = conn.query_row(
+            "SELECT usage_count, last_used_at, (SELECT count(*) FROM events WHERE action = ?2)
+             FROM api_keys WHERE id = ?1",
+            rusqlite::params![key, events::KEY_REVEALED],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        assert_eq!((count, last, events), (2, Some(20), 1));
+        Ok(())
+    }
 }
