@@ -416,4 +416,60 @@ mod tests {
         assert_eq!((count, last, events), (2, Some(20), 1));
         Ok(())
     }
+
+    /// Four connections recording while flushes run over and over: every use and every event is
+    /// written exactly once, whatever falls between a flush taking the counts and subtracting
+    /// them.
+    #[test]
+    fn uses_recorded_during_flushes_are_written_exactly_once(
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        use crate::config::DbLocation;
+        use crate::db::{self, Database};
+        const EACH: i64 = 3000;
+        let db = Database::new(&DbLocation::Memory)?;
+        let mut conn = db.connect()?;
+        db::migrate_schema(&mut conn)?;
+        conn.execute(
+            "INSERT INTO users(email, password_hash, created_at) VALUES ('a@x.org', 'h', 0)",
+            [],
+        )?;
+        conn.execute(
+            "INSERT INTO api_keys(user_id, provider, sealed_key, is_default, created_at, updated_at)
+             VALUES (1, 'openai', 'x', 1, 0, 0)",
+            [],
+        )?;
+        let key = conn.last_insert_rowid();
+        let u = std::sync::Arc::new(UsageLog::default());
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writers: Vec<_> = (0..4)
+            .map(|_| {
+                let (u, done) = (u.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let q = u.queue();
+                    for i in 0..EACH {
+                        u.record(&q, key, i);
+                        u.record_event(&q, reveal(1));
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        let writes = GroupCommit::default();
+        while done.load(Ordering::SeqCst) < 4 {
+            u.flush(&mut conn, &writes)?;
+        }
+        for w in writers {
+            w.join().map_err(|_| "a writer panicked")?;
+        }
+        u.flush(&mut conn, &writes)?;
+        assert_eq!(u.pending(key), (0, None));
+        let (count, events): (i64, i64) = conn.query_row(
+            "SELECT usage_count, (SELECT count(*) FROM events WHERE action = ?2)
+             FROM api_keys WHERE id = ?1",
+            rusqlite::params![key, events::KEY_REVEALED],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        assert_eq!((count, events), (4 * EACH, 4 * EACH));
+        Ok(())
+    }
 }
