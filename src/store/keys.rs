@@ -1456,4 +1456,69 @@ mod tests {
         }
         Ok(())
     }
+
+    /// With nothing committed at all, the clock alone ends a kept read's answer: the key is
+    /// expired from its second on, and the session's end is the end of the user, each at the
+    /// very next reveal, while the kept read answers the reveals before them.
+    #[test]
+    fn a_kept_read_ends_with_the_key_s_and_the_session_s_expiry() -> TestResult {
+        let db = Database::new(&DbLocation::Memory)?;
+        let mut other = db.connect()?;
+        db::migrate_schema(&mut other)?;
+        meta::set_phase(&other, Phase::NewOnly, "test")?;
+        let ring = Arc::new(KeyRing::new(EncryptionKey::generate(), vec![]));
+        let mut store = Store::new(db.connect()?, ring, Arc::new(Shared::default()));
+        let openai = Provider::openai();
+        let user = store.create_user(&Email::parse("t@x.org")?, "h")?;
+        let start = now();
+        let (key_end, session_end) = (start + 1, start + 2);
+        store.create_session(user.id, &SESSION, session_end)?;
+        store.set_default_key(
+            user.id,
+            &openai,
+            &ApiKey::parse("sk-ticking-0123456789")?,
+            Some(crate::domain::ExpiresAt::parse(
+                &crate::clock::rfc3339(key_end),
+                start,
+            )?),
+        )?;
+        let runs = |store: &Store| -> Result<i32> {
+            Ok(store
+                .conn
+                .prepare_cached(SESSION_AND_DEFAULT_ROW)?
+                .get_status(rusqlite::StatementStatus::Run))
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (mut found, mut expired) = (0, 0);
+        loop {
+            let before = now();
+            let got = store.get_default_key(&SESSION, &openai, false)?;
+            let after = now();
+            match got {
+                Some(DefaultKey::Found(f)) => {
+                    assert!(
+                        before < key_end,
+                        "served at {before}, the key ends at {key_end}"
+                    );
+                    assert_eq!(f.key.expose(), "sk-ticking-0123456789");
+                    found += 1;
+                }
+                Some(DefaultKey::Expired) => {
+                    assert!(after >= key_end && before < session_end);
+                    expired += 1;
+                }
+                Some(DefaultKey::Missing) => return Err("missing".into()),
+                None => {
+                    assert!(after >= session_end, "no session at {after}");
+                    break;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "never ended");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(found > 0 && expired > 0, "{found} found, {expired} expired");
+        // The statement ran a few times (the first read, a memo refill), not once per reveal.
+        assert!(runs(&store)? < 5, "{} runs", runs(&store)?);
+        Ok(())
+    }
 }
