@@ -201,6 +201,41 @@ fn add_usage(tx: &Transaction<'_>, id: i64, uses: i64, last_used_at: i64) -> Res
 mod tests {
     use super::*;
 
+    /// A fresh database with one user and one key (its id), for the flush's writes.
+    fn database_with_a_key(
+    ) -> std::result::Result<(crate::db::Database, Connection, i64), Box<dyn std::error::Error>>
+    {
+        use crate::config::DbLocation;
+        use crate::db::{self, Database};
+        let db = Database::new(&DbLocation::Memory)?;
+        let mut conn = db.connect()?;
+        db::migrate_schema(&mut conn)?;
+        conn.execute(
+            "INSERT INTO users(email, password_hash, created_at) VALUES ('a@x.org', 'h', 0)",
+            [],
+        )?;
+        conn.execute(
+            "INSERT INTO api_keys(user_id, provider, sealed_key, is_default, created_at, updated_at)
+             VALUES (1, 'openai', 'x', 1, 0, 0)",
+            [],
+        )?;
+        let key = conn.last_insert_rowid();
+        Ok((db, conn, key))
+    }
+
+    /// The first ten events written, oldest first.
+    fn oldest_first(conn: &Connection) -> Result<Vec<events::Recorded>> {
+        let mut written = events::newest_first(
+            conn,
+            &events::Query {
+                limit: 10,
+                ..events::Query::default()
+            },
+        )?;
+        written.reverse();
+        Ok(written)
+    }
+
     fn reveal(user_id: i64) -> ReadEvent {
         ReadEvent::new(
             events::KEY_REVEALED,
@@ -276,21 +311,7 @@ mod tests {
     #[test]
     fn a_flush_takes_every_connection_s_queue_and_a_failed_one_keeps_it(
     ) -> std::result::Result<(), Box<dyn std::error::Error>> {
-        use crate::config::DbLocation;
-        use crate::db::{self, Database};
-        let db = Database::new(&DbLocation::Memory)?;
-        let mut conn = db.connect()?;
-        db::migrate_schema(&mut conn)?;
-        conn.execute(
-            "INSERT INTO users(email, password_hash, created_at) VALUES ('a@x.org', 'h', 0)",
-            [],
-        )?;
-        conn.execute(
-            "INSERT INTO api_keys(user_id, provider, sealed_key, is_default, created_at, updated_at)
-             VALUES (1, 'openai', 'x', 1, 0, 0)",
-            [],
-        )?;
-        let key = conn.last_insert_rowid();
+        let (_db, mut conn, key) = database_with_a_key()?;
         let u = UsageLog::default();
         let (a, b) = (u.queue(), u.queue());
         let at = |user_id: i64, at: i64| {
@@ -313,17 +334,10 @@ mod tests {
 
         assert_eq!(u.flush(&mut conn, &writes)?, 1 + 3);
         assert_eq!(u.pending(key), (0, None));
-        let written: Vec<(i64, i64)> = events::newest_first(
-            &conn,
-            &events::Query {
-                limit: 10,
-                ..events::Query::default()
-            },
-        )?
-        .iter()
-        .rev()
-        .map(|e| (e.at, e.user_id.unwrap_or_default()))
-        .collect();
+        let written: Vec<(i64, i64)> = oldest_first(&conn)?
+            .iter()
+            .map(|e| (e.at, e.user_id.unwrap_or_default()))
+            .collect();
         assert_eq!(written, [(50, 1), (70, 2), (60, 3)]);
         let (count, last): (i64, Option<i64>) = conn.query_row(
             "SELECT usage_count, last_used_at FROM api_keys WHERE id = ?1",
@@ -341,11 +355,7 @@ mod tests {
     #[test]
     fn events_of_one_second_on_two_connections_are_written_in_the_order_recorded(
     ) -> std::result::Result<(), Box<dyn std::error::Error>> {
-        use crate::config::DbLocation;
-        use crate::db::{self, Database};
-        let db = Database::new(&DbLocation::Memory)?;
-        let mut conn = db.connect()?;
-        db::migrate_schema(&mut conn)?;
+        let (_db, mut conn, _) = database_with_a_key()?;
         let u = UsageLog::default();
         // The second worker's queue was made first.
         let (second, first) = (u.queue(), u.queue());
@@ -358,17 +368,10 @@ mod tests {
         u.record_event(&second, at(2));
         u.record_event(&first, at(3));
         assert_eq!(u.flush(&mut conn, &GroupCommit::default())?, 3);
-        let written: Vec<i64> = events::newest_first(
-            &conn,
-            &events::Query {
-                limit: 10,
-                ..events::Query::default()
-            },
-        )?
-        .iter()
-        .rev()
-        .map(|e| e.user_id.unwrap_or_default())
-        .collect();
+        let written: Vec<i64> = oldest_first(&conn)?
+            .iter()
+            .map(|e| e.user_id.unwrap_or_default())
+            .collect();
         assert_eq!(written, [1, 2, 3]);
         Ok(())
     }
@@ -379,21 +382,7 @@ mod tests {
     #[test]
     fn a_dropped_connection_s_uses_are_written_once(
     ) -> std::result::Result<(), Box<dyn std::error::Error>> {
-        use crate::config::DbLocation;
-        use crate::db::{self, Database};
-        let db = Database::new(&DbLocation::Memory)?;
-        let mut conn = db.connect()?;
-        db::migrate_schema(&mut conn)?;
-        conn.execute(
-            "INSERT INTO users(email, password_hash, created_at) VALUES ('a@x.org', 'h', 0)",
-            [],
-        )?;
-        conn.execute(
-            "INSERT INTO api_keys(user_id, provider, sealed_key, is_default, created_at, updated_at)
-             VALUES (1, 'openai', 'x', 1, 0, 0)",
-            [],
-        )?;
-        let key = conn.last_insert_rowid();
+        let (_db, mut conn, key) = database_with_a_key()?;
         let u = UsageLog::default();
         let gone = u.queue();
         u.record(&gone, key, 10);
@@ -423,22 +412,8 @@ mod tests {
     #[test]
     fn uses_recorded_during_flushes_are_written_exactly_once(
     ) -> std::result::Result<(), Box<dyn std::error::Error>> {
-        use crate::config::DbLocation;
-        use crate::db::{self, Database};
         const EACH: i64 = 3000;
-        let db = Database::new(&DbLocation::Memory)?;
-        let mut conn = db.connect()?;
-        db::migrate_schema(&mut conn)?;
-        conn.execute(
-            "INSERT INTO users(email, password_hash, created_at) VALUES ('a@x.org', 'h', 0)",
-            [],
-        )?;
-        conn.execute(
-            "INSERT INTO api_keys(user_id, provider, sealed_key, is_default, created_at, updated_at)
-             VALUES (1, 'openai', 'x', 1, 0, 0)",
-            [],
-        )?;
-        let key = conn.last_insert_rowid();
+        let (_db, mut conn, key) = database_with_a_key()?;
         let u = std::sync::Arc::new(UsageLog::default());
         let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let writers: Vec<_> = (0..4)
