@@ -127,13 +127,7 @@ impl UsageLog {
         // Each queue's counts as taken (subtracted from that queue once written), and every
         // queue's events.
         let mut taken: Vec<Vec<(i64, (i64, i64))>> = Vec::with_capacity(queues.len());
-        let mut queued: Vec<(u64, ReadEvent)> = Vec::with_capacity(
-            queues
-                .iter()
-                .map(|q| lock(&q.0).events.len())
-                .sum::<usize>()
-                + FLUSH_AT,
-        );
+        let mut queued: Vec<(u64, ReadEvent)> = Vec::new();
         for q in &queues {
             let mut q = lock(&q.0);
             taken.push(q.pending.iter().map(|(k, v)| (*k, *v)).collect());
