@@ -203,6 +203,24 @@ pub fn begin_request() -> RequestScope {
     RequestScope { id }
 }
 
+/// The request being served on this thread (its id and user), to be carried to another thread.
+#[derive(Clone, Copy)]
+pub struct RequestContext(Option<(u64, Option<i64>)>);
+
+/// See `RequestContext`.
+pub fn request_context() -> RequestContext {
+    RequestContext(current())
+}
+
+/// Marks this thread as serving the request of `context` (taken on another thread) until the
+/// guard is dropped: the lines logged meanwhile carry its request id and user.
+pub fn resume_request(context: RequestContext) -> RequestScope {
+    REQUEST.with(|r| r.set(context.0));
+    RequestScope {
+        id: context.0.map_or(0, |(id, _)| id),
+    }
+}
+
 /// Records the authenticated user of the request being served on this thread.
 pub fn set_user(user_id: i64) {
     REQUEST.with(|r| {

@@ -243,11 +243,53 @@ fn handle(app: &App, store: &mut Store, mut rq: tiny_http::Request) {
     let _request = crate::logging::begin_request();
     // Kept past the answer (which takes the request) for the metrics and the log line.
     let method = rq.method().clone();
-    let method = method.as_str();
     let url = rq.url().to_owned();
-    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    let reply = {
+        let method = method.as_str();
+        let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+        reply_to(app, store, &mut rq, method, path, query)
+    };
+    let path = url.split_once('?').map_or(url.as_str(), |(path, _)| path);
+    let status = reply.status;
+    // Counted and logged once the answer has left whole, or failed to: tiny_http writes what
+    // the socket takes at once and leaves the rest to the connection's own thread, which then
+    // calls this (a client that does not read its answers holds only its own connection).
+    let route = routes::served_route(path);
+    let context = crate::logging::request_context();
+    let on_delivered = Box::new(move |outcome: std::io::Result<()>| {
+        let _request = crate::logging::resume_request(context);
+        let method = method.as_str();
+        let path = url.split_once('?').map_or(url.as_str(), |(path, _)| path);
+        let elapsed = start.elapsed();
+        crate::metrics::request(route, status, elapsed);
+        // One line per request: never a body, never a header value, never the query string.
+        // The logger escapes control characters in the path. Tenths of a millisecond,
+        // rounded, in integers (cheaper than formatting a float).
+        let tenths = (elapsed.as_micros() + 50) / 100;
+        match outcome {
+            Ok(()) => log::info!("{method} {path} {status} {}.{}ms", tenths / 10, tenths % 10),
+            Err(e) => log::info!(
+                "{method} {path} {status} not delivered ({e}) {}.{}ms",
+                tenths / 10,
+                tenths % 10
+            ),
+        }
+    });
+    if let Err(e) = rq.respond_then(to_response(reply), on_delivered) {
+        log::debug!("could not write the response: {e}");
+    }
+}
 
-    let reply = match read_incoming(&mut rq, method, path, query) {
+/// The reply to one request: routed under `catch_unwind` (a panic answers 500).
+fn reply_to(
+    app: &App,
+    store: &mut Store,
+    rq: &mut tiny_http::Request,
+    method: &str,
+    path: &str,
+    query: &str,
+) -> Reply {
+    match read_incoming(rq, method, path, query) {
         Ok(req) => match catch_unwind(AssertUnwindSafe(|| routes::route(app, store, &req))) {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => e.into_reply(),
@@ -257,18 +299,7 @@ fn handle(app: &App, store: &mut Store, mut rq: tiny_http::Request) {
             }
         },
         Err(e) => e.into_reply(),
-    };
-    let status = reply.status;
-    if let Err(e) = rq.respond(to_response(reply)) {
-        log::debug!("could not write the response: {e}");
     }
-    let elapsed = start.elapsed();
-    crate::metrics::request(routes::served_route(path), status, elapsed);
-    // One line per request: never a body, never a header value, never the query string. The
-    // logger escapes control characters in the path.
-    // Tenths of a millisecond, rounded, in integers (cheaper than formatting a float).
-    let tenths = (elapsed.as_micros() + 50) / 100;
-    log::info!("{method} {path} {status} {}.{}ms", tenths / 10, tenths % 10);
 }
 
 /// Reads what handlers need, and the body up to `MAX_BODY`: a larger declared length is refused

@@ -145,3 +145,130 @@ fn a_trickled_head_is_cut_off_at_the_deadline() {
     );
     assert_eq!(s.get("/healthz", None).status, 200);
 }
+
+/// A raw connection whose receive buffer is as small as the kernel allows (about 4 KiB): its
+/// answers pile up on the server's side as soon as it stops reading.
+fn connect_with_small_receive_buffer(addr: &str) -> TcpStream {
+    use std::os::unix::io::AsRawFd;
+    let c = TcpStream::connect(addr).unwrap();
+    let size: libc::c_int = 4096;
+    // SAFETY: a valid socket and a pointer to a c_int of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    c
+}
+
+/// `VmRSS` of a process, in KiB.
+fn resident_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_client_that_never_reads_its_answers_holds_no_worker() {
+    // A long socket timeout: a worker waiting to write to the attacker would wait that long.
+    let env = Env::new().var("KEYRACK_SOCKET_TIMEOUT", "60");
+    let s = env.serve_with(&["--workers", "2"]);
+    // 400 pipelined requests for a 25 KB answer (16 KB sent), and never a byte read.
+    let mut attacker = connect_with_small_receive_buffer(&s.addr);
+    attacker
+        .write_all(&b"GET /openapi.yaml HTTP/1.1\r\n\r\n".repeat(400))
+        .unwrap();
+    // The answers have filled every buffer between the server and the attacker.
+    assert!(
+        poll_until(Duration::from_secs(20), || {
+            s.logs().matches("GET /openapi.yaml 200").count() >= 20
+        }),
+        "{}",
+        s.logs()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // Every other client is still served at once, over and over.
+    for _ in 0..5 {
+        healthz_answers_within_a_second(&s.base, Duration::from_secs(10));
+    }
+    drop(attacker);
+}
+
+#[test]
+fn an_answer_that_was_never_read_is_logged_as_not_delivered() {
+    let env = Env::new().var("KEYRACK_SOCKET_TIMEOUT", "1");
+    let s = env.serve_with(&["--workers", "2"]);
+    let mut attacker = connect_with_small_receive_buffer(&s.addr);
+    attacker
+        .write_all(&b"GET /openapi.yaml HTTP/1.1\r\n\r\n".repeat(400))
+        .unwrap();
+    // The answer the attacker's buffers could not take is logged as such once the write
+    // timeout ends the connection; the answers before it as delivered; none after it.
+    assert!(
+        poll_until(Duration::from_secs(20), || s
+            .logs()
+            .contains("GET /openapi.yaml 200 not delivered")),
+        "{}",
+        s.logs()
+    );
+    let logs = s.logs();
+    let delivered = logs.matches("GET /openapi.yaml 200 ").count()
+        - logs.matches("GET /openapi.yaml 200 not delivered").count();
+    assert_eq!(logs.matches("not delivered").count(), 1, "{logs}");
+    assert!(delivered < 399, "{delivered} answers logged as delivered");
+    assert_eq!(s.get("/healthz", None).status, 200);
+    drop(attacker);
+}
+
+#[test]
+fn a_pipelined_flood_on_one_connection_does_not_grow_the_server() {
+    let s = Env::new().serve_with(&["--workers", "2"]);
+    let pid = s.child.id();
+    let idle = resident_kib(pid);
+    // First a connection that stops reading its answers (it held every worker before).
+    let mut stuck = connect_with_small_receive_buffer(&s.addr);
+    stuck
+        .write_all(&b"GET /openapi.yaml HTTP/1.1\r\n\r\n".repeat(400))
+        .unwrap();
+    // Then up to 16 MiB of pipelined requests (about 650,000) for 5 s, never reading an answer:
+    // the server reads them only as fast as their answers leave, so the writes soon wait.
+    let mut flood = connect_with_small_receive_buffer(&s.addr);
+    flood
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let chunk = b"GET /healthz HTTP/1.1\r\n\r\n".repeat(1_000);
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < 16 << 20 && start.elapsed() < Duration::from_secs(5) {
+        match flood.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("the server closed the connection: {e}"),
+        }
+    }
+    let mut peak = 0;
+    poll_until(Duration::from_secs(1), || {
+        peak = peak.max(resident_kib(pid));
+        false
+    });
+    eprintln!("sent {sent} bytes; resident {idle} KiB idle, {peak} KiB after the flood");
+    assert!(
+        peak < idle + 64 * 1024,
+        "{idle} KiB idle, {peak} KiB after {sent} bytes"
+    );
+    healthz_answers_within_a_second(&s.base, Duration::from_secs(10));
+    drop((flood, stuck));
+}

@@ -1,7 +1,7 @@
 
 use std::io::Error as IoError;
 use std::io::Result as IoResult;
-use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
@@ -12,7 +12,7 @@ use crate::common::{HTTPVersion, Method};
 use crate::connection::Connection;
 use crate::util::refined_tcp_stream::now_ms;
 use crate::util::RefinedTcpStream;
-use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
+use crate::util::{ResponseSink, SequentialReader, SequentialReaderBuilder};
 use crate::{ConnectionOptions, Header, Request, Tracker};
 
 /// A ClientConnection is an object that will store a socket to a client
@@ -25,9 +25,9 @@ pub struct ClientConnection {
     //  the wrong order
     source: SequentialReaderBuilder<BufReader<RefinedTcpStream>>,
 
-    // sequence of Writers to the stream, to avoid writing response #2 before
-    //  response #1
-    sink: SequentialWriterBuilder<BufWriter<RefinedTcpStream>>,
+    // keyrack patch: where responses go (see `util::response_sink`). One request of a
+    // connection is served at a time, so responses never need ordering among themselves.
+    sink: ResponseSink,
 
     // Reader to read the next header from
     next_header_source: SequentialReader<BufReader<RefinedTcpStream>>,
@@ -127,9 +127,7 @@ impl ClientConnection {
 
         ClientConnection {
             source,
-            // keyrack patch: 4 KiB (the original 1 KiB): a response's head and a body of a few
-            // KiB (a listing of keys) leave in one write, not two.
-            sink: SequentialWriterBuilder::new(BufWriter::with_capacity(4096, write_socket)),
+            sink: ResponseSink::new(write_socket, options.write_timeout),
             remote_addr,
             next_header_source: first_header,
             no_more_requests: false,
@@ -142,11 +140,6 @@ impl ClientConnection {
             id,
             accepted: Some(now_ms()),
         }
-    }
-
-    /// true if the connection is HTTPS
-    pub fn secure(&self) -> bool {
-        self.secure
     }
 
     /// keyrack patch: reads end at `timeout` from now (none: only the socket's own timeout).
@@ -283,7 +276,7 @@ impl ClientConnection {
         let (method, path, version, headers) = parse_head(&head)?;
 
         // building the writer for the request
-        let writer = self.sink.next().unwrap();
+        let writer = self.sink.clone();
 
         // follow-up for next potential request
         let mut data_source = self.source.next().unwrap();
@@ -331,7 +324,23 @@ impl ClientConnection {
         self.set_deadline(None);
 
         // return the request
-        Ok(request.with_close_handle(self.close_handle.clone()))
+        Ok(request
+            .with_close_handle(self.close_handle.clone())
+            .with_sink(self.sink.clone()))
+    }
+
+    /// keyrack patch: once the request handed out last has been answered, writes what of its
+    /// answer the worker left (waiting for the client, under the write timeout). `false` when
+    /// the connection cannot go on.
+    pub(crate) fn deliver(&mut self) -> bool {
+        if self.sink.deliver() {
+            return true;
+        }
+        if let Some(handle) = &self.close_handle {
+            let _ = handle.shutdown(Shutdown::Both);
+        }
+        self.no_more_requests = true;
+        false
     }
 
     /// keyrack patch: answers a request that cannot be served, then closes the connection.
@@ -341,12 +350,12 @@ impl ClientConnection {
     #[inline(never)]
     fn refuse<R: Read>(&mut self, response: crate::Response<R>, version: HTTPVersion) {
         let response = response.with_raw_head(self.options.answer_head);
-        {
-            let mut writer = self.sink.next().unwrap();
-            response.raw_print(&mut writer, version, &[], false, None).ok();
-            writer.flush().ok();
+        let mut writer = self.sink.clone();
+        response.raw_print(&mut writer, version, &[], false, None).ok();
+        writer.flush().ok();
+        if self.sink.deliver() {
+            self.linger();
         }
-        self.linger();
     }
 }
 

@@ -104,6 +104,41 @@ impl Connection {
         }
     }
 
+    /// keyrack patch: one `send` that does not wait for room in the socket's buffer
+    /// (`MSG_DONTWAIT`, for this call only: the descriptor, shared with the connection's
+    /// reading half, stays blocking) and raises no SIGPIPE.
+    #[cfg(unix)]
+    #[allow(unsafe_code)]
+    pub(crate) fn send_now(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::os::unix::io::AsRawFd;
+        let fd = match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        };
+        // SAFETY: `fd` is this connection's open socket for the whole call, and `buf` is a
+        // valid slice of `buf.len()` bytes.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// keyrack patch: elsewhere a plain write (it may wait for room).
+    #[cfg(not(unix))]
+    pub(crate) fn send_now(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::io::Write;
+        self.write(buf)
+    }
+
     pub(crate) fn try_clone(&self) -> std::io::Result<Self> {
         match self {
             Self::Tcp(s) => s.try_clone().map(Self::from),

@@ -87,7 +87,9 @@
 //! # let response = tiny_http::Response::from_file(File::open(&Path::new("image.png")).unwrap());
 //! let _ = request.respond(response);
 //! ```
-#![forbid(unsafe_code)]
+// keyrack patch: `deny`, not `forbid`: the one `unsafe` block is the non-blocking `send` of
+// `Connection::send_now`, allowed there alone.
+#![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 #![allow(clippy::match_like_matches_macro)]
 
@@ -574,34 +576,24 @@ impl Server {
                         let messages = inside_messages.clone();
                         let mut client = Some((client, live));
                         tasks_pool.spawn(Box::new(move || {
-                            if let Some((client, _live)) = client.take() {
-                                // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        if receiver.recv().is_err() {
-                                            break;
-                                        }
-                                    }
-                                } else {
-                                    for rq in client {
-                                        // keyrack patch: a request that may change something
-                                        // is answered before the next request on its
-                                        // connection is read (RFC 9112 section 9.3.2: only
-                                        // safe requests may be handled in parallel). A read
-                                        // after it then sees what it did, and two writes of
-                                        // one connection never wait for each other's answers
-                                        // in the same pool of handlers.
-                                        if rq.method().is_safe() {
-                                            messages.push(rq.into());
-                                            continue;
-                                        }
-                                        let (sender, receiver) = mpsc::channel();
-                                        messages.push(rq.with_notify_sender(sender).into());
-                                        if receiver.recv().is_err() {
-                                            break;
-                                        }
+                            if let Some((mut client, _live)) = client.take() {
+                                // keyrack patch: one request of a connection at a time. The
+                                // connection's thread reads the next request only once the
+                                // last one is answered and its answer has left (what the
+                                // worker could not write at once is written here, waiting
+                                // for the client under the write timeout). What one
+                                // connection has in flight is then one request and one
+                                // answer, held by its own thread: a client that pipelines
+                                // without reading its answers fills its own socket, never a
+                                // worker or the shared queue (RFC 9112 section 9.3.2 lets a
+                                // server answer pipelined requests one by one). The original
+                                // handed every pipelined request out at once, each worker
+                                // then waiting, without a limit, for its turn to write.
+                                let (sender, receiver) = mpsc::sync_channel(1);
+                                while let Some(rq) = client.next() {
+                                    messages.push(rq.with_notify_sender(sender.clone()).into());
+                                    if receiver.recv().is_err() || !client.deliver() {
+                                        break;
                                     }
                                 }
                             }

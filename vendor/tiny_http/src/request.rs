@@ -6,10 +6,10 @@ use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender as Sender;
 
 use crate::connection::Connection;
-use crate::util::{EqualReader, FusedReader};
+use crate::util::{EqualReader, FusedReader, OnDelivered, OnDeliveredOr, ResponseSink};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
 use chunked_transfer::Decoder;
 
@@ -89,6 +89,14 @@ pub struct Request {
 
     // keyrack patch: true when the body is still on the socket (not read with the head)
     body_on_socket: bool,
+
+    // keyrack patch: the connection's response side, to learn whether the answer left whole
+    // or was left to the connection's thread (`util::response_sink`)
+    sink: Option<ResponseSink>,
+
+    // keyrack patch: bytes of the answer were left to the connection's thread; it closes the
+    // connection after them if the answer asked for it
+    left_to_connection: bool,
 }
 
 /// keyrack patch: bodies up to this size are read with the head, by the connection's own
@@ -307,6 +315,8 @@ where
         body_length: content_length,
         must_send_continue: expects_continue && body_on_socket,
         notify_when_responded: None,
+        sink: None,
+        left_to_connection: false,
         close_handle: None,
         close_after_response: false,
         closing,
@@ -502,13 +512,41 @@ impl Request {
 
     /// Sends a response to this request.
     #[inline]
-    pub fn respond<R>(mut self, response: Response<R>) -> Result<(), IoError>
+    pub fn respond<R>(self, response: Response<R>) -> Result<(), IoError>
+    where
+        R: Read,
+    {
+        self.respond_inner(response, OnDeliveredOr::Nothing)
+    }
+
+    /// keyrack patch: sends a response, then tells `on_delivered` whether it reached the
+    /// client's socket whole (`Ok`) or not (the client went away, or did not read it within the
+    /// write timeout). The worker only writes what the socket takes at once; when bytes are
+    /// left, the connection's own thread writes them, and `on_delivered` runs there, later.
+    /// Otherwise it runs on this thread before this returns.
+    #[inline]
+    pub fn respond_then<R>(self, response: Response<R>, on_delivered: OnDelivered) -> Result<(), IoError>
+    where
+        R: Read,
+    {
+        self.respond_inner(response, OnDeliveredOr::Boxed(on_delivered))
+    }
+
+    fn respond_inner<R>(mut self, response: Response<R>, done: OnDeliveredOr) -> Result<(), IoError>
     where
         R: Read,
     {
         let res = self.respond_impl(response);
+        match &self.sink {
+            Some(sink) => self.left_to_connection = sink.settle(done),
+            None => done.call(match &res {
+                Ok(()) => Ok(()),
+                Err(e) => Err(IoError::new(e.kind(), e.to_string())),
+            }),
+        }
         if let Some(sender) = self.notify_when_responded.take() {
-            sender.send(()).unwrap();
+            // keyrack patch: the original unwrapped; the connection's thread may be gone
+            let _ = sender.send(());
         }
         res
     }
@@ -548,6 +586,11 @@ impl Request {
         self
     }
 
+    pub(crate) fn with_sink(mut self, sink: ResponseSink) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
     pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
         self.notify_when_responded = Some(sender);
         self
@@ -582,7 +625,9 @@ impl Drop for Request {
             if let Some(flag) = &self.closing {
                 flag.store(true, std::sync::atomic::Ordering::Release);
             }
-            if let Some(handle) = self.close_handle.take() {
+            // Bytes of the answer still to go are written by the connection's thread, which
+            // then closes its sending half itself.
+            if let Some(handle) = self.close_handle.take().filter(|_| !self.left_to_connection) {
                 let _ = handle.shutdown(Shutdown::Write);
                 if !self.body_on_socket {
                     let _ = handle.shutdown(Shutdown::Read);

@@ -4,7 +4,8 @@ pub use self::fused_reader::FusedReader;
 pub use self::messages_queue::MessagesQueue;
 pub use self::refined_tcp_stream::RefinedTcpStream;
 pub use self::sequential::{SequentialReader, SequentialReaderBuilder};
-pub use self::sequential::SequentialWriterBuilder;
+pub use self::response_sink::{OnDelivered, ResponseSink};
+pub(crate) use self::response_sink::OnDeliveredOr;
 pub use self::task_pool::TaskPool;
 
 use std::str::FromStr;
@@ -14,6 +15,7 @@ mod equal_reader;
 mod fused_reader;
 mod messages_queue;
 pub(crate) mod refined_tcp_stream;
+pub(crate) mod response_sink;
 mod sequential;
 mod task_pool;
 

@@ -231,6 +231,18 @@ fn timed_out() -> std::io::Error {
     std::io::Error::new(ErrorKind::TimedOut, "the request head took too long")
 }
 
+impl RefinedTcpStream {
+    /// keyrack patch: writes what the socket takes at once, without waiting for room
+    /// (`WouldBlock` when it takes nothing). TLS streams wait as `write` does.
+    pub(crate) fn write_now(&mut self, buf: &[u8]) -> IoResult<usize> {
+        match &mut self.stream {
+            Stream::Http(conn) => conn.send_now(buf),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(ssl_stream) => ssl_stream.write(buf),
+        }
+    }
+}
+
 impl Write for RefinedTcpStream {
     fn write(&mut self, buf: &[u8]) -> IoResult<usize> {
         self.stream.write(buf)

@@ -1,5 +1,5 @@
 use std::io::Result as IoResult;
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Read};
 
 // keyrack patch: each request makes two of these channels and sends one message on each.
 // `sync_channel(1)` holds its one message in a slot allocated with the channel; `channel()`
@@ -8,7 +8,6 @@ use std::io::{BufRead, Read, Write};
 // /healthz under callgrind). With one message per channel, a send never blocks either way.
 use std::sync::mpsc::sync_channel;
 use std::sync::mpsc::{Receiver, SyncSender as Sender};
-use std::sync::{Arc, Mutex};
 
 use std::mem;
 
@@ -44,36 +43,10 @@ where
     Empty,
 }
 
-pub struct SequentialWriterBuilder<W>
-where
-    W: Write + Send,
-{
-    writer: Arc<Mutex<W>>,
-    next_trigger: Option<Receiver<()>>,
-}
-
-pub struct SequentialWriter<W>
-where
-    W: Write + Send,
-{
-    trigger: Option<Receiver<()>>,
-    writer: Arc<Mutex<W>>,
-    on_finish: Sender<()>,
-}
-
 impl<R: Read + Send> SequentialReaderBuilder<R> {
     pub fn new(reader: R) -> SequentialReaderBuilder<R> {
         SequentialReaderBuilder {
             inner: SequentialReaderBuilderInner::First(reader),
-        }
-    }
-}
-
-impl<W: Write + Send> SequentialWriterBuilder<W> {
-    pub fn new(writer: W) -> SequentialWriterBuilder<W> {
-        SequentialWriterBuilder {
-            writer: Arc::new(Mutex::new(writer)),
-            next_trigger: None,
         }
     }
 }
@@ -97,21 +70,6 @@ impl<R: Read + Send> Iterator for SequentialReaderBuilder<R> {
                 next: tx,
             }),
         }
-    }
-}
-
-impl<W: Write + Send> Iterator for SequentialWriterBuilder<W> {
-    type Item = SequentialWriter<W>;
-    fn next(&mut self) -> Option<SequentialWriter<W>> {
-        let (tx, rx) = sync_channel(1);
-        let mut next_next_trigger = Some(rx);
-        ::std::mem::swap(&mut next_next_trigger, &mut self.next_trigger);
-
-        Some(SequentialWriter {
-            trigger: next_next_trigger,
-            writer: self.writer.clone(),
-            on_finish: tx,
-        })
     }
 }
 
@@ -172,26 +130,6 @@ impl<R: Read + Send> Read for SequentialReader<R> {
     }
 }
 
-impl<W: Write + Send> Write for SequentialWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> IoResult<usize> {
-        if let Some(v) = self.trigger.as_mut() {
-            v.recv().unwrap()
-        }
-        self.trigger = None;
-
-        self.writer.lock().unwrap().write(buf)
-    }
-
-    fn flush(&mut self) -> IoResult<()> {
-        if let Some(v) = self.trigger.as_mut() {
-            v.recv().unwrap()
-        }
-        self.trigger = None;
-
-        self.writer.lock().unwrap().flush()
-    }
-}
-
 impl<R> Drop for SequentialReader<R>
 where
     R: Read + Send,
@@ -211,20 +149,5 @@ where
             }
             SequentialReaderInner::Empty => (),
         }
-    }
-}
-
-impl<W> Drop for SequentialWriter<W>
-where
-    W: Write + Send,
-{
-    fn drop(&mut self) {
-        // keyrack patch: a writer dropped before its turn (its request was refused before it
-        // wrote anything) waits for the writer before it; the original let the next writer go
-        // at once, and its error response was written into the middle of the previous one.
-        if let Some(trigger) = self.trigger.take() {
-            let _ = trigger.recv();
-        }
-        self.on_finish.send(()).ok();
     }
 }
