@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
+use crate::crypto::OpenError;
 use crate::domain::Invalid;
 use crate::store::StoreError;
 
@@ -285,6 +286,22 @@ impl From<Invalid> for ApiError {
     }
 }
 
+/// Seconds a client is asked to wait after `key_changed`: the time for an operator's restart.
+const KEY_CHANGED_RETRY_SECS: &str = "30";
+
+/// 503 `key_changed`: the database's current key (key id `id`) is one this server does not hold.
+fn key_changed(id: &str) -> ApiError {
+    ApiError::new(
+        503,
+        "key_changed",
+        format!(
+            "the database's current key (key id {id}) changed and this server does not hold it; \
+             an operator must restart keyrack with that key as KEYRACK_ENCRYPTION_KEY"
+        ),
+    )
+    .with_header("Retry-After", KEY_CHANGED_RETRY_SECS.into())
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
@@ -300,6 +317,14 @@ impl From<StoreError> for ApiError {
             e @ StoreError::LimitReached { .. } => {
                 ApiError::new(409, "limit_reached", e.to_string())
             }
+            // A value sealed with a key this server does not hold: every stored value's key was
+            // checked at start (`App::check_keys_for_serving`), so `rotate-encryption-key`, run
+            // by another process, has re-sealed it with its new key since. Like a write meeting
+            // the new current key: 503 until an operator restarts keyrack with that key.
+            StoreError::KeyUnreadable {
+                reason: OpenError::UnknownKey(id),
+                ..
+            } => key_changed(&id),
             e @ StoreError::KeyUnreadable { .. } => {
                 // The log names the user, the store and the key id; never the value.
                 log::error!("{e}");
@@ -309,14 +334,7 @@ impl From<StoreError> for ApiError {
                     "a stored key could not be decrypted; an operator must look at the server log",
                 )
             }
-            StoreError::KeyChanged(id) => ApiError::new(
-                503,
-                "key_changed",
-                format!(
-                    "the database's current key (key id {id}) changed and this server does not hold \
-                     it; an operator must restart keyrack with that key as KEYRACK_ENCRYPTION_KEY"
-                ),
-            ),
+            StoreError::KeyChanged(id) => key_changed(&id),
             StoreError::Changed => {
                 ApiError::new(503, "busy", "the data changed while it was read; try again")
                     .with_header("Retry-After", "1".into())

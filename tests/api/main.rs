@@ -8,6 +8,7 @@ mod hostile;
 mod http_layer;
 mod import_legacy;
 mod instruments;
+mod interrupted;
 mod keys;
 mod migration;
 mod operator;
