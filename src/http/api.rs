@@ -7,7 +7,6 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
-use crate::crypto::OpenError;
 use crate::domain::Invalid;
 use crate::store::StoreError;
 
@@ -317,14 +316,6 @@ impl From<StoreError> for ApiError {
             e @ StoreError::LimitReached { .. } => {
                 ApiError::new(409, "limit_reached", e.to_string())
             }
-            // A value sealed with a key this server does not hold: every stored value's key was
-            // checked at start (`App::check_keys_for_serving`), so `rotate-encryption-key`, run
-            // by another process, has re-sealed it with its new key since. Like a write meeting
-            // the new current key: 503 until an operator restarts keyrack with that key.
-            StoreError::KeyUnreadable {
-                reason: OpenError::UnknownKey(id),
-                ..
-            } => key_changed(&id),
             e @ StoreError::KeyUnreadable { .. } => {
                 // The log names the user, the store and the key id; never the value.
                 log::error!("{e}");
