@@ -29,6 +29,8 @@ pub struct App {
     pub(crate) max_keys_per_user: i64,
     /// `KEYRACK_AUDIT_DAYS`: how long events are kept.
     pub(crate) audit_days: i64,
+    /// `KEYRACK_WRITE_RATE`: the writes one account may make (`http::rate`).
+    pub(crate) write_rate: crate::http::rate::WriteRate,
 }
 
 impl App {
@@ -93,13 +95,14 @@ impl App {
         Ok(App {
             db,
             ring: Arc::new(ring),
-            shared: Arc::new(Shared::default()),
+            shared: Arc::new(Shared::new(config.audit_fold_secs)),
             throttle: Throttle::new(),
             session_ttl_secs: config.session_ttl_secs,
             admin_token: config.admin_token,
             signups_open: config.signups_open,
             max_keys_per_user: config.max_keys_per_user,
             audit_days: config.audit_days,
+            write_rate: crate::http::rate::WriteRate::new(config.write_rate_per_minute),
         })
     }
 

@@ -3,7 +3,7 @@
 //! transaction as the work that makes it true.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,6 +13,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use crate::app::App;
+use crate::backup::{self, BackupTo};
 use crate::config::DbLocation;
 use crate::crypto::EncryptionKey;
 use crate::phase::{self, Command, Phase, Step};
@@ -216,194 +217,18 @@ pub(crate) fn confirm(yes: bool, word: &str, what: &str, command: &str) -> Resul
     Ok(())
 }
 
-/// Where a phase command writes its backup: `--backup PATH`, or beside the database, named
-/// with the date and time.
-enum BackupTo {
-    Given(PathBuf),
-    Beside(PathBuf),
-}
-
-impl BackupTo {
-    fn new(db: &DbLocation, given: Option<&Path>, command: &str) -> Result<BackupTo, Failure> {
-        let DbLocation::File(db_path) = db else {
-            return Err(Failure::Config(format!(
-                "{command} needs a database file, not :memory:"
-            )));
-        };
-        if let Some(p) = given {
-            if is_own_file(db_path, p) {
-                return Err(Failure::Refused(format!(
-                    "refused: {} is one of the database's own files (its journal, WAL, shared-memory \
-                     or key file: SQLite would delete or overwrite a copy there); give another \
-                     --backup PATH; nothing was changed",
-                    p.display()
-                )));
-            }
+/// A backup that a phase command could not write, in its terms: it refuses (exit 3) and
+/// changes nothing.
+fn backup_failure(command: &str, e: backup::Error) -> Failure {
+    match e {
+        backup::Error::NoFile => {
+            Failure::Config(format!("{command} needs a database file, not :memory:"))
         }
-        Ok(match given {
-            Some(p) => BackupTo::Given(p.to_path_buf()),
-            None => BackupTo::Beside(db_path.clone()),
-        })
+        e @ backup::Error::Interrupted(_) => {
+            Failure::Runtime(format!("{command}: {e}; nothing was changed"))
+        }
+        e => Failure::Refused(format!("refused: {e}; nothing was changed")),
     }
-
-    fn describe(&self) -> String {
-        match self {
-            BackupTo::Given(p) => p.display().to_string(),
-            BackupTo::Beside(db) => format!("{}.backup-<date>-<time>", db.display()),
-        }
-    }
-
-    /// For a plan: refuses a `--backup PATH` as the real run would (a path that exists, a
-    /// folder that does not), without creating anything.
-    fn check(&self) -> Result<(), Failure> {
-        let BackupTo::Given(p) = self else {
-            return Ok(());
-        };
-        if std::fs::symlink_metadata(p).is_ok() {
-            return Err(already_exists(p));
-        }
-        let folder = match p.parent() {
-            Some(f) if !f.as_os_str().is_empty() => f,
-            _ => Path::new("."),
-        };
-        if !folder.is_dir() {
-            return Err(cannot_create(
-                p,
-                &std::io::Error::from(std::io::ErrorKind::NotFound),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The `n`th name tried for the backup (`n` > 1 only beside the database, when a backup of
-    /// the same second exists).
-    fn name(&self, n: u32, stamp: &str) -> PathBuf {
-        match self {
-            BackupTo::Given(p) => p.clone(),
-            BackupTo::Beside(db) => {
-                let mut s = db.as_os_str().to_owned();
-                s.push(format!(".backup-{stamp}"));
-                if n > 1 {
-                    s.push(format!("-{n}"));
-                }
-                PathBuf::from(s)
-            }
-        }
-    }
-
-    /// Writes the backup and returns its path. The copy is written into a new file under a
-    /// temporary name beside it (never over an existing file or through a symbolic link,
-    /// readable by its owner only), synced, and only then given the backup's name by a hard link,
-    /// which never replaces a file: the backup's path holds a whole backup or nothing, even when
-    /// keyrack is killed while writing it, so that a rerun of the same command is not refused by
-    /// a partial copy. A backup that fails is removed.
-    fn write(&self, conn: &rusqlite::Connection) -> Result<PathBuf, Failure> {
-        let stamp = time::OffsetDateTime::now_utc()
-            .format(time::macros::format_description!(
-                "[year][month][day]-[hour][minute][second]"
-            ))
-            .unwrap_or_else(|_| "backup".into());
-        let mut n = 1;
-        let mut path = self.name(n, &stamp);
-        while std::fs::symlink_metadata(&path).is_ok() {
-            if matches!(self, BackupTo::Given(_)) || n >= 100 {
-                return Err(already_exists(&path));
-            }
-            n += 1;
-            path = self.name(n, &stamp);
-        }
-        let mut partial = path.as_os_str().to_owned();
-        partial.push(format!(".partial-{:08x}", rand::random::<u32>()));
-        let partial = PathBuf::from(partial);
-        let file = create_backup_file(&partial).map_err(|e| cannot_create(&path, &e))?;
-        let failed = |path: &Path, e: String| {
-            let _ = std::fs::remove_file(&partial);
-            Failure::Refused(format!(
-                "refused: the backup to {} failed ({e}); it was removed; nothing was changed",
-                path.display()
-            ))
-        };
-        crate::db::backup_to(conn, &partial).map_err(|e| failed(&path, e.to_string()))?;
-        file.sync_all().map_err(|e| failed(&path, e.to_string()))?;
-        loop {
-            match std::fs::hard_link(&partial, &path) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    if matches!(self, BackupTo::Given(_)) || n >= 100 {
-                        let _ = std::fs::remove_file(&partial);
-                        return Err(already_exists(&path));
-                    }
-                    n += 1;
-                    path = self.name(n, &stamp);
-                }
-                // A file system without hard links: a rename, after a last check.
-                Err(_) if std::fs::symlink_metadata(&path).is_err() => {
-                    std::fs::rename(&partial, &path).map_err(|e| failed(&path, e.to_string()))?;
-                    break;
-                }
-                Err(e) => return Err(failed(&path, e.to_string())),
-            }
-        }
-        let _ = std::fs::remove_file(&partial);
-        // The new name is on disk before the command goes on.
-        let folder = match path.parent() {
-            Some(f) if !f.as_os_str().is_empty() => f,
-            _ => Path::new("."),
-        };
-        if let Ok(dir) = std::fs::File::open(folder) {
-            let _ = dir.sync_all();
-        }
-        println!("backup written to {}", path.display());
-        Ok(path)
-    }
-}
-
-/// Whether `path` names the database, its journal, WAL or shared-memory file, or its key file,
-/// however it is written (relative, through `..` or a linked folder).
-fn is_own_file(db: &Path, path: &Path) -> bool {
-    let resolve = |p: &Path| -> Option<PathBuf> {
-        let folder = match p.parent() {
-            Some(f) if !f.as_os_str().is_empty() => f,
-            _ => Path::new("."),
-        };
-        Some(std::fs::canonicalize(folder).ok()?.join(p.file_name()?))
-    };
-    let (Some(db), Some(path)) = (resolve(db), resolve(path)) else {
-        return false;
-    };
-    ["", "-journal", "-wal", "-shm", ".key"]
-        .iter()
-        .any(|suffix| {
-            let mut own = db.clone().into_os_string();
-            own.push(suffix);
-            own == path.as_os_str()
-        })
-}
-
-fn already_exists(p: &Path) -> Failure {
-    Failure::Refused(format!(
-        "refused: {} already exists (a backup never replaces a file or follows a symbolic link); give another --backup PATH; nothing was changed",
-        p.display()
-    ))
-}
-
-fn cannot_create(p: &Path, e: &std::io::Error) -> Failure {
-    Failure::Refused(format!(
-        "refused: cannot create the backup file {} ({e}); nothing was changed",
-        p.display()
-    ))
-}
-
-/// A new, empty file, mode 0600; an existing file or a symbolic link at `path` is refused
-/// (O_EXCL never follows one). SQLite's `VACUUM INTO` then writes into the empty file.
-pub(crate) fn create_backup_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
 }
 
 fn refuse_with(survey: &Survey) -> Failure {
@@ -471,12 +296,13 @@ pub fn remove_legacy_column(
         return Err(refuse_with(s));
     }
     refuse_on_foreign_writes(&status.evidence, ignore_foreign_writes)?;
-    let backup_to = BackupTo::new(db, backup, "remove-legacy-column")?;
+    let fail = |e| backup_failure("remove-legacy-column", e);
+    let backup_to = BackupTo::new(db, backup).map_err(fail)?;
     let DbLocation::File(db_path) = db else {
         unreachable!("BackupTo::new refuses :memory:")
     };
     if dry_run {
-        backup_to.check()?;
+        backup_to.check().map_err(fail)?;
         println!(
             "dry run: the checks pass (unmigrated 0, conflicts 0, undecryptable 0); remove-legacy-column would write a backup to {}, then drop users.openai_api_key ({} column keys, all in api_keys) and set phase new_only; nothing was written",
             backup_to.describe(),
@@ -496,7 +322,8 @@ pub fn remove_legacy_column(
         "remove-legacy-column",
     )?;
     // VACUUM INTO writes a consistent snapshot, whoever else is writing.
-    let backup_path = backup_to.write(&conn)?;
+    let backup_path = backup_to.write(&conn).map_err(fail)?;
+    println!("backup written to {}", backup_path.display());
 
     let start = Instant::now();
     let tx = immediate(&mut conn)?;
@@ -588,9 +415,10 @@ pub fn revert(
             phases::revert(&tx, &app.ring, false).map_err(store_err)?,
         )
     };
-    let backup_to = BackupTo::new(db, backup, "revert")?;
+    let fail = |e| backup_failure("revert", e);
+    let backup_to = BackupTo::new(db, backup).map_err(fail)?;
     if dry_run {
-        backup_to.check()?;
+        backup_to.check().map_err(fail)?;
         println!(
             "dry run: revert would write a backup to {}, then return the database from phase {before} to phase legacy:",
             backup_to.describe()
@@ -613,7 +441,8 @@ pub fn revert(
         what.push_str("; only the default OpenAI keys stay reachable");
     }
     confirm(yes, "revert", &what, "revert")?;
-    let backup_path = backup_to.write(&conn)?;
+    let backup_path = backup_to.write(&conn).map_err(fail)?;
+    println!("backup written to {}", backup_path.display());
 
     let tx = immediate(&mut conn)?;
     let Some(target) = plan(Command::Revert, meta::phase(&tx).map_err(store_err)?)? else {

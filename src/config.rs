@@ -152,7 +152,19 @@ pub struct Config {
     pub busy_timeout: std::time::Duration,
     /// `KEYRACK_AUDIT_DAYS`: events older than this many days are pruned.
     pub audit_days: i64,
+    /// `KEYRACK_AUDIT_FOLD_SECONDS`: the window over which one actor's reads of one key are one
+    /// event.
+    pub audit_fold_secs: i64,
+    /// `KEYRACK_WRITE_RATE`: the writes one account may make per minute (bursts up to as many).
+    pub write_rate_per_minute: u32,
 }
+
+/// Default of `KEYRACK_AUDIT_FOLD_SECONDS`: an hour.
+pub const DEFAULT_AUDIT_FOLD_SECONDS: i64 = 3600;
+
+/// Default of `KEYRACK_WRITE_RATE`: far above what a person or a script that manages keys does,
+/// low enough that one account's events stay small (docs/operations.md).
+pub const DEFAULT_WRITE_RATE: u32 = 600;
 
 /// Default of `KEYRACK_AUDIT_DAYS`.
 pub const DEFAULT_AUDIT_DAYS: i64 = 365;
@@ -381,6 +393,19 @@ impl Config {
                 })?,
         };
 
+        let audit_fold_secs = whole(
+            lookup,
+            "KEYRACK_AUDIT_FOLD_SECONDS",
+            DEFAULT_AUDIT_FOLD_SECONDS,
+            1..=86_400,
+        )?;
+        let write_rate_per_minute = whole(
+            lookup,
+            "KEYRACK_WRITE_RATE",
+            i64::from(DEFAULT_WRITE_RATE),
+            1..=1_000_000,
+        )? as u32;
+
         Ok(Config {
             db: DbLocation::parse(&db),
             encryption_key,
@@ -395,8 +420,33 @@ impl Config {
             max_keys_per_user,
             busy_timeout: seconds(lookup, "KEYRACK_BUSY_TIMEOUT", crate::db::BUSY_TIMEOUT)?,
             audit_days,
+            audit_fold_secs,
+            write_rate_per_minute,
         })
     }
+}
+
+/// A whole number setting within `range`, or its default; an error names the setting.
+fn whole(
+    lookup: &Lookup,
+    name: &str,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+) -> Result<i64, ConfigError> {
+    let Some(v) = lookup.get(name) else {
+        return Ok(default);
+    };
+    v.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "{name}={v:?} is not valid; give a whole number from {} to {}",
+                range.start(),
+                range.end()
+            ))
+        })
 }
 
 impl ServeConfig {

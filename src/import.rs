@@ -546,6 +546,22 @@ fn settle_key(
 
 /// Runs `keyrack import-legacy`.
 pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Result<(), Failure> {
+    // SIGINT and SIGTERM stop the import at any stage within a second, leaving nothing: noted
+    // here, before anything is read or created, and acted on between stages, between rows and
+    // inside every statement on the source (SQLite's progress handler interrupts it: a view
+    // that never ends is stopped as well as a large table).
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Failure::Runtime(format!("cannot handle signals: {e}")))?;
+    }
+    let go_on = || {
+        if stop.load(Ordering::Relaxed) {
+            Err(interrupted())
+        } else {
+            Ok(())
+        }
+    };
     let target =
         match &config.db {
             DbLocation::File(p) => p.clone(),
@@ -574,7 +590,10 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
             opts.from.display()
         )));
     }
-    let src = source::open_source(&opts.from).map_err(|e| {
+    let src = source::open_source(&opts.from, stop.clone()).map_err(|e| {
+        if stop.load(Ordering::Relaxed) {
+            return interrupted();
+        }
         Failure::Config(format!(
             "--from {}: cannot read it as a SQLite database: {e}",
             opts.from.display()
@@ -587,6 +606,7 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
         )));
     }
     let cols = resolve_columns(&src, opts)?;
+    go_on()?;
     let (ring, new_key_file) = settle_key(&mut config, &target)?;
 
     // The temporary file beside the target (same file system, so the final move is a rename).
@@ -599,14 +619,10 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "keyrack.db".into());
     let temp_path = dir.join(format!(".{name}.import-{}.tmp", std::process::id()));
-    // SIGINT and SIGTERM stop the import between rows, so that the temporary file goes too:
-    // caught before the file exists, or a signal right after its creation would end the
-    // process and leave the file behind.
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [SIGINT, SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone())
-            .map_err(|e| Failure::Runtime(format!("cannot handle signals: {e}")))?;
-    }
+    // A SIGKILL leaves the temporary file (never a file at the target): the next import to the
+    // same target removes those of processes that are gone.
+    crate::backup::remove_stale(&dir.join(format!(".{name}")), ".import-", ".tmp");
+    go_on()?;
     let mut temp = TempFile {
         path: temp_path.clone(),
         keep: false,
@@ -619,7 +635,13 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
         .map_err(io_fail("cannot create the temporary database", &temp_path))?;
 
     let started = std::time::Instant::now();
-    let total = source::count_rows(&src, &cols).map_err(|e| Failure::Runtime(e.to_string()))?;
+    let total = source::count_rows(&src, &cols).map_err(|e| {
+        if stop.load(Ordering::Relaxed) {
+            interrupted()
+        } else {
+            Failure::Runtime(e.to_string())
+        }
+    })?;
     log::info!(
         "importing {total} rows of table {} from {}",
         cols.table,
@@ -653,9 +675,11 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
         importer.row(&tx, row).map_err(Stop::Store)
     })
     .map_err(|e| match e {
+        _ if stop.load(Ordering::Relaxed) => interrupted(),
         Stop::Store(e) => db_fail(e),
         Stop::Interrupted => interrupted(),
     })?;
+    go_on()?;
     let report = importer.report;
 
     for line in report.problem_lines() {

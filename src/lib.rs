@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod app;
 pub mod auth;
+pub(crate) mod backup;
 pub(crate) mod clock;
 pub mod commands;
 pub mod config;

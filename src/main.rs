@@ -34,6 +34,10 @@ else ./.env when it exists), the file over the default. An empty variable counts
                                and accounts are made with `keyrack add-user`
   KEYRACK_MAX_KEYS_PER_USER    most keys one user may add (default 1000; past it 409)
   KEYRACK_AUDIT_DAYS           days events are kept (default 365); pruned at start and hourly
+  KEYRACK_AUDIT_FOLD_SECONDS   one actor's reads of one key in this window are one event
+                               with a count (default 3600)
+  KEYRACK_WRITE_RATE           writes (key writes, logins) one account may make per minute
+                               (default 600, bursts of as many; past it 429 with Retry-After)
   KEYRACK_HEAD_TIMEOUT         serve: seconds a request head (and a small body) may take (10)
   KEYRACK_IDLE_TIMEOUT         serve: seconds a keep-alive connection may sit idle (10)
   KEYRACK_SOCKET_TIMEOUT       serve: seconds each socket read or write may take (10)

@@ -248,6 +248,20 @@ pub(crate) fn render(status: &Status) -> String {
         "keyrack_foreign_column_writes_total {}",
         status.evidence.foreign_column_writes
     );
+    head(
+        &mut out,
+        "keyrack_events_rows",
+        "gauge",
+        "Rows of the audit trail (repeated reads of one key by one actor are one row).",
+    );
+    let _ = writeln!(out, "keyrack_events_rows {}", status.events.rows);
+    head(
+        &mut out,
+        "keyrack_events_bytes",
+        "gauge",
+        "Bytes of the audit trail's table and indexes in the database file.",
+    );
+    let _ = writeln!(out, "keyrack_events_bytes {}", status.events.bytes);
     out
 }
 

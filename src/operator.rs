@@ -7,6 +7,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::app::App;
+use crate::backup::{self, BackupTo};
 use crate::commands::{db_err, immediate, store_err};
 use crate::config::{Config, DbLocation};
 use crate::domain::Provider;
@@ -18,41 +19,18 @@ pub use crate::store::repair::{Keep, Stores};
 use crate::store::{now, rfc3339, Source};
 use crate::Failure;
 
-/// `keyrack backup PATH`: a consistent copy of the database (`VACUUM INTO`, a snapshot taken
-/// inside one read transaction, so servers go on serving and writing meanwhile), created new
-/// with mode 0600. An existing PATH is refused (exit 2) and left untouched.
+/// `keyrack backup PATH`: a consistent copy of the database, written by `backup` (see there:
+/// PATH holds a whole backup or nothing, whenever the command stops), mode 0600. A PATH that
+/// exists is refused (exit 2) and left untouched.
 pub fn backup(app: &App, db: &DbLocation, path: &Path) -> Result<(), Failure> {
-    if matches!(db, DbLocation::Memory) {
-        return Err(Failure::Config(
-            "backup needs a database file, not :memory:".into(),
-        ));
-    }
-    let file = match crate::commands::create_backup_file(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(Failure::Config(format!(
-                "{} already exists (a backup never replaces a file or follows a symbolic link); \
-                 give a new path; nothing was written",
-                printable(&path.display().to_string())
-            )))
-        }
-        Err(e) => {
-            return Err(Failure::Config(format!(
-                "cannot create the backup file {}: {e}",
-                printable(&path.display().to_string())
-            )))
-        }
-    };
+    let to = BackupTo::new(db, Some(path)).map_err(backup_failure)?;
     let conn = app.db.connect().map_err(db_err)?;
-    let written = crate::db::backup_to(&conn, path)
-        .map_err(|e| e.to_string())
-        .and_then(|()| file.sync_all().map_err(|e| e.to_string()))
-        .and_then(|()| backup_counts(path));
-    match written {
+    let written = to.write(&conn).map_err(backup_failure)?;
+    match backup_counts(&written) {
         Ok((users, column, table)) => {
             let line = format!(
                 "backup written to {}: {users} users, {} keys ({table} in api_keys, {column} in the legacy column)",
-                printable(&path.display().to_string()),
+                printable(&written.display().to_string()),
                 column + table
             );
             log::info!("{line}");
@@ -60,11 +38,25 @@ pub fn backup(app: &App, db: &DbLocation, path: &Path) -> Result<(), Failure> {
             Ok(())
         }
         Err(e) => {
-            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(&written);
             Err(Failure::Runtime(format!(
-                "the backup to {} failed ({e}); it was removed",
-                printable(&path.display().to_string())
+                "the backup written to {} does not read back ({e}); it was removed",
+                printable(&written.display().to_string())
             )))
+        }
+    }
+}
+
+/// A backup not written, as `keyrack backup` says it: a path it cannot use is a usage error
+/// (exit 2), a copy that failed or was interrupted a run-time failure (exit 1).
+fn backup_failure(e: backup::Error) -> Failure {
+    match e {
+        e @ (backup::Error::NoFile
+        | backup::Error::OwnFile(_)
+        | backup::Error::Exists(_)
+        | backup::Error::CannotCreate(..)) => Failure::Config(format!("{e}; nothing was written")),
+        e @ (backup::Error::Failed(..) | backup::Error::Interrupted(_)) => {
+            Failure::Runtime(e.to_string())
         }
     }
 }

@@ -4,6 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::phase::Phase;
+use crate::store::events;
 use crate::store::evidence::Evidence;
 use crate::store::phases::Survey;
 use crate::store::{rfc3339, Store, StoreError};
@@ -15,17 +16,20 @@ pub(crate) struct Status {
     pub(crate) survey: Survey,
     /// Evidence of legacy use since the phase last became dual.
     pub(crate) evidence: Evidence,
+    /// The audit trail's size.
+    pub(crate) events: events::Size,
 }
 
 impl Status {
     /// Reads everything in one read transaction, so the counts agree with each other.
     pub(crate) fn collect(store: &mut Store) -> Result<Status, StoreError> {
-        let (phase, schema_version, survey, evidence) = store.survey()?;
+        let (phase, schema_version, survey, evidence, events) = store.survey()?;
         Ok(Status {
             phase,
             schema_version,
             survey,
             evidence,
+            events,
         })
     }
 
@@ -46,6 +50,7 @@ impl Status {
             "last_legacy_read_at": self.evidence.last_legacy_read_at.map(rfc3339),
             "foreign_column_writes": self.evidence.foreign_column_writes,
             "last_foreign_column_write_at": self.evidence.last_foreign_column_write_at.map(rfc3339),
+            "events": {"rows": self.events.rows, "bytes": self.events.bytes},
         })
     }
 
@@ -64,6 +69,10 @@ impl Status {
             s.undecryptable.count
         );
         out.push_str(&self.evidence_text());
+        out.push_str(&format!(
+            "events           {} rows, {} bytes\n",
+            self.events.rows, self.events.bytes
+        ));
         if s.backfill_left > 0 {
             out.push_str(&format!(
                 "backfill from legacy unfinished: {} users left (their legacy column value wins until `keyrack migrate` reaches them)\n",

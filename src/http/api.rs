@@ -285,6 +285,22 @@ impl From<Invalid> for ApiError {
     }
 }
 
+/// Seconds a client is asked to wait after `key_changed`: the time for an operator's restart.
+const KEY_CHANGED_RETRY_SECS: &str = "30";
+
+/// 503 `key_changed`: the database's current key (key id `id`) is one this server does not hold.
+fn key_changed(id: &str) -> ApiError {
+    ApiError::new(
+        503,
+        "key_changed",
+        format!(
+            "the database's current key (key id {id}) changed and this server does not hold it; \
+             an operator must restart keyrack with that key as KEYRACK_ENCRYPTION_KEY"
+        ),
+    )
+    .with_header("Retry-After", KEY_CHANGED_RETRY_SECS.into())
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
@@ -309,14 +325,7 @@ impl From<StoreError> for ApiError {
                     "a stored key could not be decrypted; an operator must look at the server log",
                 )
             }
-            StoreError::KeyChanged(id) => ApiError::new(
-                503,
-                "key_changed",
-                format!(
-                    "the database's current key (key id {id}) changed and this server does not hold \
-                     it; an operator must restart keyrack with that key as KEYRACK_ENCRYPTION_KEY"
-                ),
-            ),
+            StoreError::KeyChanged(id) => key_changed(&id),
             StoreError::Changed => {
                 ApiError::new(503, "busy", "the data changed while it was read; try again")
                     .with_header("Retry-After", "1".into())

@@ -7,6 +7,7 @@
 
 pub mod api;
 mod page;
+pub(crate) mod rate;
 pub(crate) mod routes;
 
 use std::io::{Cursor, Read, Write};

@@ -136,6 +136,27 @@ fn authenticate(store: &mut Store, req: &Incoming) -> Result<User, ApiError> {
 
 /// The hash of the request's bearer token, as sessions are stored; 401 without one. The hot
 /// reads (the default key, the listing) check it in their own read transaction.
+/// `authenticate` for a write: the account's writes over its rate (`KEYRACK_WRITE_RATE`) answer
+/// 429 with `Retry-After`.
+fn authenticate_write(app: &App, store: &mut Store, req: &Incoming) -> Result<User, ApiError> {
+    let user = authenticate(store, req)?;
+    within_write_rate(app, user.id)?;
+    Ok(user)
+}
+
+fn within_write_rate(app: &App, user_id: i64) -> Result<(), ApiError> {
+    app.write_rate
+        .take(user_id, std::time::Instant::now())
+        .map_err(|wait| {
+            ApiError::new(
+                429,
+                "too_many_requests",
+                "this account's writes are over its rate; try again later",
+            )
+            .with_header("Retry-After", wait.to_string())
+        })
+}
+
 fn session_token(req: &Incoming) -> Result<[u8; 32], ApiError> {
     let header = req
         .authorization()
@@ -257,6 +278,8 @@ fn login(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
         }
     };
     app.throttle.record_success(&email);
+    // A session and an event per login: logins count among the account's writes.
+    within_write_rate(app, user.id)?;
     let token = auth::new_token();
     let expires_at = auth::session_expiry(app.session_ttl_secs);
     store.create_session(user.id, &auth::token_hash(token.expose()), expires_at)?;
@@ -384,8 +407,8 @@ fn expires_at_field(body: &super::api::Fields) -> Result<Option<ExpiresAt>, ApiE
         .transpose()?)
 }
 
-fn set_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
-    let user = authenticate(store, req)?;
+fn set_key(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let user = authenticate_write(app, store, req)?;
     let body = req.json()?;
     let key = ApiKey::parse(body.required_str("api_key")?)?;
     let provider = Provider::parse_or_default(body.optional_str("provider")?)?;
@@ -405,12 +428,12 @@ fn set_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
 }
 
 fn delete_default_key(
-    _: &App,
+    app: &App,
     store: &mut Store,
     req: &Incoming,
     _: &[&str],
 ) -> Result<Reply, ApiError> {
-    let user = authenticate(store, req)?;
+    let user = authenticate_write(app, store, req)?;
     let provider = provider_param(req)?;
     store.delete_default_key(user.id, &provider)?;
     Ok(Reply::no_content())
@@ -482,8 +505,8 @@ fn list_keys(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<R
     ))
 }
 
-fn add_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
-    let user = authenticate(store, req)?;
+fn add_key(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+    let user = authenticate_write(app, store, req)?;
     let body = req.json()?;
     let new = NewKey {
         provider: Provider::parse(body.required_str("provider")?)?,
@@ -506,12 +529,12 @@ fn add_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
 }
 
 fn delete_key(
-    _: &App,
+    app: &App,
     store: &mut Store,
     req: &Incoming,
     params: &[&str],
 ) -> Result<Reply, ApiError> {
-    let user = authenticate(store, req)?;
+    let user = authenticate_write(app, store, req)?;
     // An id that is not a number is not this user's key either.
     let id: i64 = params
         .first()
@@ -521,8 +544,13 @@ fn delete_key(
     Ok(Reply::no_content())
 }
 
-fn migrate_keys(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
-    let user = authenticate(store, req)?;
+fn migrate_keys(
+    app: &App,
+    store: &mut Store,
+    req: &Incoming,
+    _: &[&str],
+) -> Result<Reply, ApiError> {
+    let user = authenticate_write(app, store, req)?;
     let (moved, phase) = store.migrate_user(user.id)?;
     Ok(Reply::json(
         200,

@@ -1,7 +1,8 @@
 //! The audit trail: who did what to which key, when. An event is written in the transaction of
 //! the write it records; reveals and reads that found a key expired write nothing themselves and
 //! are queued with the usage counters (`usage::UsageLog`, as `ReadEvent`s), flushed about once a
-//! second (sooner when many are queued) and at a clean shutdown. An event holds ids, a provider,
+//! second (sooner when many are queued) and at a clean shutdown, folded (`fold`): repeated reads
+//! of one key by one actor within a window are one row with a `count` and first and last times. An event holds ids, a provider,
 //! a store and phase names: never a key, a masked key, a password, a token or an email.
 
 use rusqlite::{params, Connection};
@@ -75,8 +76,8 @@ impl Event {
 
 /// The event of a read (`key.revealed`, `key.expired`) done by the user, queued with the usage
 /// counters until the next flush. Plain values, no allocation: a busy server queues one per
-/// reveal, many thousands a second.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// reveal, many thousands a second. With `at` 0, the key a read is folded by (`fold`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct ReadEvent {
     pub(crate) at: i64,
     pub(crate) action: &'static str,
@@ -104,8 +105,17 @@ impl ReadEvent {
         }
     }
 
-    /// The same event as every other one is written: what `record_reads` writes (through
-    /// `columns`, without building it), as the tests check.
+    /// The key its reads are folded by (`fold`): the event without its time.
+    pub(crate) fn fold_key(self) -> ReadEvent {
+        ReadEvent { at: 0, ..self }
+    }
+
+    /// The provider read.
+    pub(crate) fn provider(&self) -> &str {
+        self.provider.as_str()
+    }
+
+    /// The same event as every other one is written: what `fold` writes, as the tests check.
     #[cfg(test)]
     pub(crate) fn to_event(self) -> Event {
         let mut e = Event::new(self.action, user_actor(self.user_id))
@@ -117,7 +127,7 @@ impl ReadEvent {
 }
 
 /// A provider name held inline (providers are at most 32 bytes: `domain::Provider`).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct ShortName {
     len: u8,
     bytes: [u8; 32],
@@ -151,15 +161,7 @@ impl std::fmt::Debug for ShortName {
 }
 
 pub(crate) fn user_actor(id: i64) -> String {
-    let mut actor = String::new();
-    write_user_actor(&mut actor, id);
-    actor
-}
-
-/// `user:<id>`, appended to `out`.
-fn write_user_actor(out: &mut String, id: i64) {
-    use std::fmt::Write;
-    let _ = write!(out, "user:{id}");
+    format!("user:{id}")
 }
 
 pub(crate) fn command_actor(name: &str) -> String {
@@ -179,9 +181,6 @@ macro_rules! one_row {
     };
 }
 const FIELDS: usize = 9;
-/// Events of reads written per statement: one statement's start (opening the table, its two
-/// indexes and the AUTOINCREMENT counter) shared by many rows.
-const ROWS_AT_ONCE: usize = 32;
 
 pub(crate) fn record(conn: &Connection, e: &Event) -> Result<()> {
     let mut stmt = conn.prepare_cached(concat!(insert_into!(), one_row!()))?;
@@ -190,40 +189,7 @@ pub(crate) fn record(conn: &Connection, e: &Event) -> Result<()> {
     Ok(())
 }
 
-/// Writes queued events of reads, in their order, `ROWS_AT_ONCE` rows per statement. Each is
-/// written as `ReadEvent::to_event` makes it, without making it (no allocation per event).
-pub(crate) fn record_reads(conn: &Connection, queued: &[ReadEvent]) -> Result<()> {
-    static MANY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let many = MANY.get_or_init(|| {
-        format!(
-            "{}{}",
-            insert_into!(),
-            [one_row!(); ROWS_AT_ONCE].join(", ")
-        )
-    });
-    // One actor text per event of the statement, reused from one statement to the next.
-    let mut actors = vec![String::new(); ROWS_AT_ONCE];
-    let mut chunks = queued.chunks_exact(ROWS_AT_ONCE);
-    if chunks.len() > 0 {
-        let mut stmt = conn.prepare_cached(many)?;
-        for chunk in &mut chunks {
-            for (i, (e, actor)) in chunk.iter().zip(&mut actors).enumerate() {
-                bind(&mut stmt, i * FIELDS, &e.columns(actor))?;
-            }
-            stmt.raw_execute()?;
-        }
-    }
-    if !chunks.remainder().is_empty() {
-        let mut stmt = conn.prepare_cached(concat!(insert_into!(), one_row!()))?;
-        for e in chunks.remainder() {
-            bind(&mut stmt, 0, &e.columns(&mut actors[0]))?;
-            stmt.raw_execute()?;
-        }
-    }
-    Ok(())
-}
-
-/// One event's columns as `insert_into!` names them, borrowed from an `Event` or a `ReadEvent`.
+/// One event's columns as `insert_into!` names them, borrowed from an `Event`.
 struct Columns<'a> {
     at: i64,
     action: &'a str,
@@ -248,25 +214,6 @@ impl Event {
             source: self.source,
             from: self.from,
             to: self.to,
-        }
-    }
-}
-
-impl ReadEvent {
-    /// The columns of `to_event`'s event, its actor written into `actor`.
-    fn columns<'a>(&'a self, actor: &'a mut String) -> Columns<'a> {
-        actor.clear();
-        write_user_actor(actor, self.user_id);
-        Columns {
-            at: self.at,
-            action: self.action,
-            actor,
-            user_id: Some(self.user_id),
-            api_key_id: self.api_key_id,
-            provider: Some(self.provider.as_str()),
-            source: Some(self.source.as_str()),
-            from: None,
-            to: None,
         }
     }
 }
@@ -311,7 +258,11 @@ impl Store {
 #[derive(Debug, Clone)]
 pub(crate) struct Recorded {
     pub(crate) id: i64,
+    /// The first (or only) time.
     pub(crate) at: i64,
+    /// How many events the row stands for (reads of one key folded: `fold`), and the last time.
+    pub(crate) count: i64,
+    pub(crate) last_at: i64,
     pub(crate) action: String,
     pub(crate) actor: String,
     pub(crate) user_id: Option<i64>,
@@ -323,11 +274,14 @@ pub(crate) struct Recorded {
 }
 
 impl Recorded {
-    /// The fields that apply, `at` in RFC 3339.
+    /// The fields that apply, times in RFC 3339 (`at` and `first_at` are the first time).
     pub(crate) fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("id".into(), json!(self.id));
         m.insert("at".into(), json!(rfc3339(self.at)));
+        m.insert("first_at".into(), json!(rfc3339(self.at)));
+        m.insert("last_at".into(), json!(rfc3339(self.last_at)));
+        m.insert("count".into(), json!(self.count));
         m.insert("action".into(), json!(self.action));
         m.insert("actor".into(), json!(self.actor));
         let optional = [
@@ -349,6 +303,13 @@ impl Recorded {
     /// One line for a person.
     pub(crate) fn to_text(&self) -> String {
         let mut line = format!("{} {} {}", rfc3339(self.at), self.action, self.actor);
+        if self.count != 1 || self.last_at != self.at {
+            line.push_str(&format!(
+                " count={} last_at={}",
+                self.count,
+                rfc3339(self.last_at)
+            ));
+        }
         if let Some(v) = self.user_id {
             line.push_str(&format!(" user_id={v}"));
         }
@@ -373,6 +334,7 @@ impl Recorded {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Query {
     pub(crate) user_id: Option<i64>,
+    /// Events (folded rows) whose last time is at or after this.
     pub(crate) since: Option<i64>,
     /// The most recent `limit` events.
     pub(crate) limit: i64,
@@ -381,9 +343,10 @@ pub(crate) struct Query {
 /// The most recent `q.limit` events matching `q`, newest first.
 pub(crate) fn newest_first(conn: &Connection, q: &Query) -> Result<Vec<Recorded>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, at, action, actor, user_id, api_key_id, provider, source, from_phase, to_phase
+        "SELECT id, at, action, actor, user_id, api_key_id, provider, source, from_phase, to_phase,
+                count, COALESCE(last_at, at)
          FROM events
-         WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR at >= ?2)
+         WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR COALESCE(last_at, at) >= ?2)
          ORDER BY id DESC LIMIT ?3",
     )?;
     let rows = stmt.query_map(params![q.user_id, q.since, q.limit], |r| {
@@ -398,17 +361,41 @@ pub(crate) fn newest_first(conn: &Connection, q: &Query) -> Result<Vec<Recorded>
             source: r.get(7)?,
             from: r.get(8)?,
             to: r.get(9)?,
+            count: r.get(10)?,
+            last_at: r.get(11)?,
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// Deletes the events older than `days` days. Returns how many went.
+/// Deletes the events (folded rows: their last time) older than `days` days. Returns how many
+/// went.
 pub(crate) fn prune(conn: &Connection, days: i64) -> Result<u64> {
     let cutoff = now() - days.saturating_mul(86_400);
     Ok(conn
-        .prepare_cached("DELETE FROM events WHERE at < ?1")?
+        .prepare_cached("DELETE FROM events WHERE at < ?1 AND COALESCE(last_at, at) < ?1")?
         .execute([cutoff])? as u64)
+}
+
+/// The audit trail's size: its rows, and the bytes of its table and indexes in the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Size {
+    pub(crate) rows: i64,
+    pub(crate) bytes: i64,
+}
+
+/// The audit trail's size (`status`, `/metrics`). The bytes are the pages SQLite's `dbstat`
+/// counts for the table and its indexes.
+pub(crate) fn size(conn: &Connection) -> Result<Size> {
+    let rows = conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+    let bytes = conn.query_row(
+        "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat('main', 1)
+         WHERE name = 'events' OR name IN
+               (SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'events')",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(Size { rows, bytes })
 }
 
 #[cfg(test)]
@@ -416,49 +403,6 @@ mod tests {
     use super::*;
     use crate::config::DbLocation;
     use crate::db::{self, Database};
-
-    #[test]
-    fn queued_reads_are_written_in_order_whole_statements_and_the_rest(
-    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let db = Database::new(&DbLocation::Memory)?;
-        let mut conn = db.connect()?;
-        db::migrate_schema(&mut conn)?;
-        let n = 2 * ROWS_AT_ONCE as i64 + 5;
-        let queued: Vec<ReadEvent> = (1..=n)
-            .map(|i| {
-                let (action, key) = if i % 2 == 0 {
-                    (KEY_REVEALED, Some(i * 10))
-                } else {
-                    (KEY_EXPIRED, None)
-                };
-                ReadEvent::new(action, i, key, &format!("p{i}"), Source::Table)
-            })
-            .collect();
-        record_reads(&conn, &queued)?;
-        let mut written = newest_first(
-            &conn,
-            &Query {
-                limit: MAX_LIMIT,
-                ..Query::default()
-            },
-        )?;
-        written.reverse();
-        assert_eq!(written.len(), queued.len());
-        for (got, want) in written.iter().zip(&queued) {
-            let want = want.to_event();
-            assert_eq!(
-                (got.at, got.action.as_str(), got.actor.as_str(), got.user_id),
-                (want.at, want.action, want.actor.as_str(), want.user_id)
-            );
-            assert_eq!(
-                (got.api_key_id, &got.provider),
-                (want.api_key_id, &want.provider)
-            );
-            assert_eq!(got.source.as_deref(), want.source);
-            assert_eq!((got.from.as_deref(), got.to.as_deref()), (None, None));
-        }
-        Ok(())
-    }
 
     #[test]
     fn records_lists_newest_first_filters_and_prunes() {
@@ -486,7 +430,8 @@ mod tests {
         assert_eq!(actions, [PHASE_CHANGED, KEY_REVEALED, KEY_CREATED]);
         assert_eq!(
             all[0].to_json(),
-            json!({"id": 3, "at": rfc3339(phase.at), "action": "phase.changed",
+            json!({"id": 3, "at": rfc3339(phase.at), "first_at": rfc3339(phase.at),
+                   "last_at": rfc3339(phase.at), "count": 1, "action": "phase.changed",
                    "actor": "command:migrate", "from": "legacy", "to": "dual"})
         );
         let one = newest_first(

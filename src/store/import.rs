@@ -5,6 +5,8 @@
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use super::{now, Result};
 use crate::domain::Email;
@@ -29,12 +31,15 @@ pub(crate) struct SourceRow {
     pub(crate) password: Option<Value>,
 }
 
-/// Opens a foreign database read-only: nothing this connection does can change it.
-pub(crate) fn open_source(path: &Path) -> Result<Connection> {
+/// Opens a foreign database read-only: nothing this connection does can change it. Once `stop`
+/// is set, every statement on it ends (SQLite's progress handler interrupts it within a few
+/// thousand steps), however long the table or view it reads.
+pub(crate) fn open_source(path: &Path, stop: Arc<AtomicBool>) -> Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
+    conn.progress_handler(1000, Some(move || stop.load(Ordering::Relaxed)));
     conn.busy_timeout(crate::db::BUSY_TIMEOUT)?;
     conn.execute_batch("PRAGMA query_only = ON")?;
     // Reading the schema fails here, not halfway through, when the file is not a database.

@@ -399,6 +399,23 @@ fn check_sealing_key(tx: &Connection, ctx: &Ctx<'_>, sealed: &str) -> Result<()>
     Err(StoreError::KeyChanged(recorded))
 }
 
+/// A read's value sealed with a key this process does not hold, when that key is the database's
+/// current one: `rotate-encryption-key`, run by another process, re-sealed it since this server
+/// started (which checked that it held every key in use), so the read answers `KeyChanged` (503,
+/// until a restart with the new key) as a write does. Any other key stays `KeyUnreadable`.
+fn rotated_since(conn: &Connection, e: StoreError) -> StoreError {
+    if let StoreError::KeyUnreadable {
+        reason: OpenError::UnknownKey(id),
+        ..
+    } = &e
+    {
+        if meta::key_id(conn).ok().flatten().as_deref() == Some(id.as_str()) {
+            return StoreError::KeyChanged(id.clone());
+        }
+    }
+    e
+}
+
 static KEY_CHANGE_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 // ---- the key operations of the HTTP API ----------------------------------------------------
@@ -632,13 +649,18 @@ impl Store {
         provider: &Provider,
         count_use: bool,
     ) -> Result<Option<DefaultKey>> {
-        let first = match self.default_key_at_once(session, provider)? {
+        let at_once = match self.default_key_at_once(session, provider) {
+            Ok(at_once) => at_once,
+            Err(e) => return Err(rotated_since(&self.conn, e)),
+        };
+        let first = match at_once {
             Some(first) => first,
             None => self.read(|tx, ctx| {
                 let Some(user) = session_in(tx, session)? else {
                     return Ok(None);
                 };
-                Ok(Some((user.id, lookup(tx, ctx, user.id, provider, false)?)))
+                let found = lookup(tx, ctx, user.id, provider, false);
+                Ok(Some((user.id, found.map_err(|e| rotated_since(tx, e))?)))
             })?,
         };
         let Some((user_id, mut found)) = first else {
@@ -646,7 +668,9 @@ impl Store {
         };
         if let Lookup::MustMove = found {
             let provider = provider.clone();
-            found = self.write(move |tx, ctx| lookup(tx, ctx, user_id, &provider, true))?;
+            found = self.write(move |tx, ctx| {
+                lookup(tx, ctx, user_id, &provider, true).map_err(|e| rotated_since(tx, e))
+            })?;
         }
         let key = match found {
             Lookup::Found(key, row_id) => {

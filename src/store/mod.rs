@@ -7,6 +7,7 @@
 pub(crate) mod classify;
 pub(crate) mod events;
 pub(crate) mod evidence;
+mod fold;
 mod group;
 pub(crate) mod import;
 pub(crate) mod inspect;
@@ -28,7 +29,7 @@ use group::GroupCommit;
 pub(crate) use usage::UsageLog;
 
 /// Which store a value was read from or written to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Source {
     /// The `api_keys` table.
     Table,
@@ -126,6 +127,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// What a database's connections share, the events of reads folded over windows of
+    /// `fold_window_secs` (`KEYRACK_AUDIT_FOLD_SECONDS`).
+    pub(crate) fn new(fold_window_secs: i64) -> Shared {
+        Shared {
+            writes: GroupCommit::default(),
+            usage: UsageLog::new(fold_window_secs),
+        }
+    }
+
     /// Tells the server's flusher to write what is pending once more and stop.
     pub(crate) fn stop_flusher(&self) {
         self.usage.stop();
@@ -186,14 +196,17 @@ impl Store {
     /// The phase, the schema version, the counts of every stored value and the evidence of
     /// legacy use, read in one transaction so that they agree (`keyrack status`,
     /// GET /admin/status).
-    pub(crate) fn survey(&mut self) -> Result<(Phase, i64, phases::Survey, evidence::Evidence)> {
+    pub(crate) fn survey(
+        &mut self,
+    ) -> Result<(Phase, i64, phases::Survey, evidence::Evidence, events::Size)> {
         let tx = self.conn.transaction()?;
         let phase = meta::phase(&tx)?;
         let schema_version = crate::db::schema_version(&tx)?;
         let survey = phases::survey(&tx, &self.ring, phase)?;
         let evidence = evidence::read(&tx)?;
+        let events = events::size(&tx)?;
         tx.commit()?;
-        Ok((phase, schema_version, survey, evidence))
+        Ok((phase, schema_version, survey, evidence, events))
     }
 
     /// Runs `f` in an IMMEDIATE transaction of its own and commits when it returns `Ok`. For

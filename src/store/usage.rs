@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
-use super::events::{self, ReadEvent};
+use super::events::ReadEvent;
+use super::fold::Folds;
 use super::{GroupCommit, Result};
 use crate::lock;
 
@@ -36,6 +37,8 @@ pub(crate) struct UsageLog {
     /// What the flusher waits for: (a flush is wanted now, the flusher is to stop).
     wake: Mutex<(bool, bool)>,
     woken: Condvar,
+    /// The open folded rows of the events of reads.
+    folds: Folds,
 }
 
 /// One connection's uses not yet written.
@@ -52,6 +55,14 @@ struct Queued {
 }
 
 impl UsageLog {
+    /// A log whose events of reads fold over windows of `fold_window_secs`.
+    pub(crate) fn new(fold_window_secs: i64) -> UsageLog {
+        UsageLog {
+            folds: Folds::new(fold_window_secs),
+            ..UsageLog::default()
+        }
+    }
+
     /// A new queue for one connection's uses, taken by the flusher from now on.
     pub(crate) fn queue(&self) -> Arc<Queue> {
         let q = Arc::new(Queue::default());
@@ -150,20 +161,24 @@ impl UsageLog {
             for (id, (n, at)) in &batch {
                 add_usage(&tx, *id, *n, *at)?;
             }
-            events::record_reads(&tx, &events)?;
+            let opened = self.folds.write(&tx, &events)?;
             tx.commit()?;
-            Ok::<(), super::StoreError>(())
+            Ok::<_, super::StoreError>(opened)
         })();
-        if let Err(e) = written {
-            // Kept for the next try, before the events queued meanwhile (the next flush puts
-            // them in the order they were recorded again).
-            if let Some(first) = queues.first() {
-                let mut q = lock(&first.0);
-                queued.append(&mut q.events);
-                q.events = queued;
+        let opened = match written {
+            Ok(opened) => opened,
+            Err(e) => {
+                // Kept for the next try, before the events queued meanwhile (the next flush puts
+                // them in the order they were recorded again).
+                if let Some(first) = queues.first() {
+                    let mut q = lock(&first.0);
+                    queued.append(&mut q.events);
+                    q.events = queued;
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
+        self.folds.remember(opened);
         // Subtract what was written; uses recorded meanwhile stay pending.
         for (q, taken) in queues.iter().zip(&taken) {
             let mut q = lock(&q.0);
@@ -193,6 +208,7 @@ fn add_usage(tx: &Transaction<'_>, id: i64, uses: i64, last_used_at: i64) -> Res
 
 #[cfg(test)]
 mod tests {
+    use super::super::events;
     use super::*;
 
     /// A fresh database with one user and one key (its id), for the flush's writes.
@@ -432,8 +448,9 @@ mod tests {
         }
         u.flush(&mut conn, &writes)?;
         assert_eq!(u.pending(key), (0, None));
+        // Folded: one row of the user's reads of the key, counting them all.
         let (count, events): (i64, i64) = conn.query_row(
-            "SELECT usage_count, (SELECT count(*) FROM events WHERE action = ?2)
+            "SELECT usage_count, (SELECT SUM(count) FROM events WHERE action = ?2)
              FROM api_keys WHERE id = ?1",
             rusqlite::params![key, events::KEY_REVEALED],
             |r| Ok((r.get(0)?, r.get(1)?)),

@@ -858,7 +858,7 @@ fn a_shutdown_writes_queued_reveals_past_a_lock_held_longer_than_the_busy_timeou
     assert_eq!(
         sql_value(
             &env.db(),
-            "SELECT count(*) FROM events WHERE action = 'key.revealed'"
+            "SELECT SUM(count) FROM events WHERE action = 'key.revealed'"
         ),
         rusqlite::types::Value::Integer(10)
     );

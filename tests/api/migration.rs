@@ -530,10 +530,24 @@ fn a_rotation_under_a_server_without_the_new_key_refuses_writes_and_says_to_rest
         let r = s.set_key(&t, "openai", "sk-after-rotation-0123");
         assert_eq!(r.status, 503, "{}", r.raw);
         assert_eq!(r.code(), "key_changed");
+        assert!(r.header("Retry-After").is_some(), "{:?}", r.headers);
         let msg = r.body["error"]["message"].as_str().unwrap();
         assert!(
             msg.contains("the database's current key") && msg.contains("restart"),
             "{msg}"
+        );
+    }
+    // Reads of the values the rotation re-sealed with B answer the same 503, never 500.
+    for path in ["/user/api-key?reveal=true", "/user/api-key"] {
+        let r = s.get(path, Some(&t));
+        assert_eq!(r.status, 503, "{path}: {}", r.raw);
+        assert_eq!(r.code(), "key_changed");
+        assert!(
+            r.header("Retry-After")
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|v| v >= 1),
+            "{:?}",
+            r.headers
         );
     }
     let logs = s.logs_settled();

@@ -24,7 +24,7 @@ fn schema_v2_over_a_legacy_database_starts_in_phase_legacy() {
     seed_legacy_users(&env.db(), 3);
     let st = status_json(&env);
     assert_eq!(st["phase"], "legacy");
-    assert_eq!(st["schema_version"], 5);
+    assert_eq!(st["schema_version"], 6);
     assert_eq!(st["column_keys"], 3);
     assert_eq!(st["unmigrated"], 0, "nothing is unmigrated in phase legacy");
 }

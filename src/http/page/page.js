@@ -508,6 +508,7 @@
       const details = [];
       if (ev.source) details.push("source " + ev.source);
       if (ev.from || ev.to) details.push((ev.from ?? "?") + " → " + (ev.to ?? "?"));
+      if (ev.count > 1) details.push(ev.count + " times, the last " + when(ev.last_at));
       tr.appendChild(cell("Details", details.join(", ") || "—"));
       body.appendChild(tr);
     }

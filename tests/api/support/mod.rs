@@ -61,7 +61,7 @@ impl Env {
         self.dir.path().join(name)
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.current_dir(self.dir.path())
             .env_clear()
