@@ -2,6 +2,7 @@
 //! parallel, each against its own server and database.
 
 mod deploy;
+mod disguised_text;
 mod foundation;
 mod hostile;
 mod http_layer;
