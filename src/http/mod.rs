@@ -6,8 +6,10 @@
 //! return. The HTTP layer's timeouts are settings (`HttpTimeouts`).
 
 pub mod api;
+pub(crate) mod hashing;
 mod page;
 pub(crate) mod routes;
+mod surveyor;
 
 use std::io::{Cursor, Read, Write};
 use std::net::TcpListener;
@@ -53,7 +55,11 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     let write_stores = (0..cfg.write_workers)
         .map(|_| app.store())
         .collect::<Result<Vec<_>, _>>()?;
+    let hashing_stores = (0..crate::auth::hash_slots())
+        .map(|_| app.store())
+        .collect::<Result<Vec<_>, _>>()?;
     let mut flusher_store = app.store()?;
+    let surveyor_store = app.store()?;
 
     let listener = TcpListener::bind(cfg.listen)
         .map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", cfg.listen)))?;
@@ -77,6 +83,8 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     );
 
     crate::metrics::init(&routes::route_patterns());
+    let surveyor = surveyor::start(surveyor_store, cfg.metrics_refresh)
+        .map_err(|e| Failure::Runtime(format!("cannot start the survey thread: {e}")))?;
 
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
@@ -103,6 +111,10 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
         })
         .collect::<Result<_, _>>()
         .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
+    // Logins and registrations hash a password: they wait in a pool of their own, never on a
+    // writer (`hashing`).
+    let (hashing, hashers) = hashing::start(&app, hashing_stores)
+        .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
     let workers: Vec<_> = stores
         .into_iter()
         .enumerate()
@@ -110,6 +122,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
             let server = server.clone();
             let app = app.clone();
             let to_writers = to_writers.clone();
+            let hashing = hashing.clone();
             thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .spawn(move || {
@@ -120,6 +133,12 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                         // here.
                         if rq.method().is_safe() {
                             handle(&app, &mut store, rq);
+                        } else if hashes_password(&rq) {
+                            // Queued for the hashing pool, or answered 503 when its queue is
+                            // full; served here only if no hashing thread is left.
+                            if let Some(rq) = hashing.offer(rq) {
+                                handle(&app, &mut store, rq);
+                            }
                         } else if let Err(mpsc::SendError(rq)) = to_writers.send(rq) {
                             // No writer left (only if one died): served here.
                             handle(&app, &mut store, rq);
@@ -130,6 +149,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
         .collect::<Result<_, _>>()
         .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
     drop(to_writers);
+    drop(hashing);
 
     let flusher = {
         let audit_days = app.audit_days;
@@ -225,12 +245,14 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     for w in workers {
         let _ = w.join();
     }
-    // The readers are gone: the writers answer what was passed to them, then stop.
-    for w in writers {
+    // The readers are gone: the writers and the hashing pool answer what was passed to them,
+    // then stop.
+    for w in writers.into_iter().chain(hashers) {
         let _ = w.join();
     }
     app.shared.stop_flusher();
     let _ = flusher.join();
+    surveyor.stop();
     log::info!("stopped");
     Ok(())
 }
@@ -262,13 +284,25 @@ fn handle(app: &App, store: &mut Store, mut rq: tiny_http::Request) {
     if let Err(e) = rq.respond(to_response(reply)) {
         log::debug!("could not write the response: {e}");
     }
+    answered(method, path, routes::served_route(path), status, start);
+}
+
+/// Counts an answered request under its route (`metrics::request`) and logs its line.
+fn answered(method: &str, path: &str, route: Option<usize>, status: u16, start: Instant) {
     let elapsed = start.elapsed();
-    crate::metrics::request(routes::served_route(path), status, elapsed);
+    crate::metrics::request(route, status, elapsed);
     // One line per request: never a body, never a header value, never the query string. The
     // logger escapes control characters in the path.
     // Tenths of a millisecond, rounded, in integers (cheaper than formatting a float).
     let tenths = (elapsed.as_micros() + 50) / 100;
     log::info!("{method} {path} {status} {}.{}ms", tenths / 10, tenths % 10);
+}
+
+/// Whether `rq` goes to the hashing pool (`routes::hashes_password`).
+fn hashes_password(rq: &tiny_http::Request) -> bool {
+    let url = rq.url();
+    let path = url.split_once('?').map_or(url, |(p, _)| p);
+    routes::hashes_password(rq.method().as_str(), path)
 }
 
 /// Reads what handlers need, and the body up to `MAX_BODY`: a larger declared length is refused
@@ -321,6 +355,7 @@ fn read_incoming<'a>(
         query: api::parse_query(query),
         authorization,
         body,
+        remote: rq.remote_addr().map(|a| a.ip()),
     })
 }
 

@@ -9,6 +9,8 @@ mod http_layer;
 mod import_legacy;
 mod instruments;
 mod keys;
+mod login_flood;
+mod metrics_survey;
 mod migration;
 mod operator;
 mod page;
