@@ -183,7 +183,8 @@ pub const DEFAULT_METRICS_REFRESH: std::time::Duration = std::time::Duration::fr
 
 /// A switch of the test suite, `KEYRACK_TEST_<name>` (trimmed), read in debug builds only:
 /// release builds never see one, whatever the environment holds. Each switch only makes a test
-/// quicker (a moved clock, a cheaper password hash, a lower connection cap, smaller batches).
+/// quicker (a moved clock, a cheaper password hash, a lower connection cap, smaller batches) or
+/// lets it hold a state long enough to look at it (a slow password hash, a short hashing queue).
 pub(crate) fn test_switch(name: &str) -> Option<String> {
     if cfg!(debug_assertions) {
         std::env::var(format!("KEYRACK_TEST_{name}"))

