@@ -10,7 +10,7 @@
 //! `promtool check metrics` checks the output in the test suite.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -131,6 +131,14 @@ pub fn group_commit(writes: usize) {
         .observe(writes as f64);
 }
 
+/// Logins and registrations waiting for the hashing pool (`http::hashing`).
+static HASH_QUEUE: AtomicI64 = AtomicI64::new(0);
+
+/// Counts requests entering (`1`) or leaving (`-1`) the hashing pool's queue.
+pub(crate) fn hash_queue(change: i64) {
+    HASH_QUEUE.fetch_add(change, Ordering::Relaxed);
+}
+
 /// The count of undecryptable values of the last background survey (`None` before the first),
 /// and the condition a scrape waits on for the first one.
 static UNDECRYPTABLE: (Mutex<Option<u64>>, Condvar) = (Mutex::new(None), Condvar::new());
@@ -239,7 +247,7 @@ pub(crate) fn render(counts: &Counts, undecryptable: Option<u64>) -> String {
     let _ = writeln!(
         out,
         "keyrack_password_hash_queue {}",
-        crate::http::hashing::queued()
+        HASH_QUEUE.load(Ordering::Relaxed).max(0)
     );
 
     let s = counts;

@@ -7,7 +7,6 @@
 //! commit), behind a bounded queue: when `QUEUE` requests already wait, the reader answers 503
 //! `busy` with `Retry-After` at once. A flood of logins then slows logins only.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -26,14 +25,6 @@ const QUEUE: usize = 64;
 /// suite fills the queue with a few requests. Release builds ignore it.
 fn queue_capacity() -> usize {
     crate::config::test_switch_positive("HASH_QUEUE").unwrap_or(QUEUE)
-}
-
-/// Requests in the queue now (for the metrics).
-static QUEUED: AtomicU64 = AtomicU64::new(0);
-
-/// How many requests wait for a hashing thread.
-pub(crate) fn queued() -> u64 {
-    QUEUED.load(Ordering::Relaxed)
 }
 
 /// The readers' end of the pool's queue.
@@ -61,7 +52,7 @@ pub(super) fn start(
                 .spawn(move || loop {
                     let next = from.lock().unwrap_or_else(PoisonError::into_inner).recv();
                     let Ok(rq) = next else { return };
-                    QUEUED.fetch_sub(1, Ordering::Relaxed);
+                    crate::metrics::hash_queue(-1);
                     super::handle(&app, &mut store, rq);
                 })
         })
@@ -73,16 +64,16 @@ impl Pool {
     /// Queues `rq` for a hashing thread, or answers it 503 `busy` when the queue is full.
     /// Gives it back only when no hashing thread is left (one died): the caller serves it.
     pub(super) fn offer(&self, rq: tiny_http::Request) -> Option<tiny_http::Request> {
-        QUEUED.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::hash_queue(1);
         match self.to.try_send(rq) {
             Ok(()) => None,
             Err(TrySendError::Full(rq)) => {
-                QUEUED.fetch_sub(1, Ordering::Relaxed);
+                crate::metrics::hash_queue(-1);
                 refuse_busy(rq);
                 None
             }
             Err(TrySendError::Disconnected(rq)) => {
-                QUEUED.fetch_sub(1, Ordering::Relaxed);
+                crate::metrics::hash_queue(-1);
                 Some(rq)
             }
         }
