@@ -6,7 +6,7 @@
 //! return. The HTTP layer's timeouts are settings (`HttpTimeouts`).
 
 pub mod api;
-pub(crate) mod hashing;
+mod hashing;
 mod page;
 pub(crate) mod routes;
 mod surveyor;
