@@ -22,6 +22,8 @@ pub struct App {
     /// What the connections to the database share (group commit, pending usage counts).
     pub(crate) shared: Arc<Shared>,
     pub(crate) throttle: Throttle,
+    /// Failed logins per client address (`KEYRACK_LOGIN_FAILURES_PER_ADDRESS`); `None` when 0.
+    pub(crate) address_throttle: Option<Throttle>,
     pub(crate) session_ttl_secs: i64,
     pub(crate) admin_token: Option<Secret>,
     /// `KEYRACK_SIGNUPS=open`: POST /auth/register creates accounts.
@@ -97,6 +99,8 @@ impl App {
             ring: Arc::new(ring),
             shared: Arc::new(Shared::new(config.audit_fold_secs)),
             throttle: Throttle::new(),
+            address_throttle: (config.login_failures_per_address > 0)
+                .then(|| Throttle::with_limit(config.login_failures_per_address)),
             session_ttl_secs: config.session_ttl_secs,
             admin_token: config.admin_token,
             signups_open: config.signups_open,

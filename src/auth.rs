@@ -37,14 +37,27 @@ fn cheap_test_hash() -> bool {
     *CHEAP.get_or_init(|| crate::config::test_switch("CHEAP_HASH").as_deref() == Some("1"))
 }
 
+/// How many passwords are hashed at once: one per core. The server's hashing pool has as many
+/// threads (`http::hashing`).
+pub fn hash_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// The free slots of `with_hash_slot`, and the condition its waiters wait on.
+fn slots() -> &'static (Mutex<usize>, Condvar) {
+    static SLOTS: OnceLock<(Mutex<usize>, Condvar)> = OnceLock::new();
+    SLOTS.get_or_init(|| (Mutex::new(hash_slots()), Condvar::new()))
+}
+
+/// How many passwords are being hashed or checked right now (for the metrics).
+pub fn hashes_running() -> usize {
+    hash_slots().saturating_sub(*crate::lock(&slots().0))
+}
+
 /// Password hashing is CPU- and memory-bound: more at once than there are cores only adds
 /// memory. Callers beyond that wait here.
 fn with_hash_slot<T>(f: impl FnOnce() -> T) -> T {
-    static SLOTS: OnceLock<(Mutex<usize>, Condvar)> = OnceLock::new();
-    let (free, cv) = SLOTS.get_or_init(|| {
-        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
-        (Mutex::new(n), Condvar::new())
-    });
+    let (free, cv) = slots();
     {
         let mut n = crate::lock(free);
         while *n == 0 {
@@ -60,7 +73,18 @@ fn with_hash_slot<T>(f: impl FnOnce() -> T) -> T {
         }
     }
     let _release = Release(free, cv);
+    if let Some(ms) = slow_test_hash() {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     f()
+}
+
+/// Debug builds only: `KEYRACK_TEST_SLOW_HASH=MS` (read once) makes every hash and check hold
+/// its slot MS milliseconds longer (sleeping, not computing), so that a test can keep every
+/// slot busy as long as it needs. Release builds ignore it.
+fn slow_test_hash() -> Option<u64> {
+    static SLOW: OnceLock<Option<u64>> = OnceLock::new();
+    *SLOW.get_or_init(|| crate::config::test_switch_positive("SLOW_HASH"))
 }
 
 /// Hashes a password with argon2id and a random salt (PHC string).
@@ -199,24 +223,49 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         == 0
 }
 
-/// Login throttle: after `MAX_FAILURES` failures for one email within `WINDOW_SECS`, further
-/// attempts are refused until the oldest failure leaves the window. Kept in memory: a restart
-/// forgets it (documented in the README).
+/// Login throttle: after `limit` failed logins for one key (an email, or a client's address)
+/// within `WINDOW_SECS`, further attempts are refused until the oldest failure leaves the
+/// window. Kept in memory: a restart forgets it (documented in the README).
 ///
-/// Bounded: an email is kept as its SHA-256 (32 bytes, whatever its length), and at most
-/// `MAX_TRACKED` emails are tracked. When the map is full, emails with no failure left in the
+/// Two are kept: per email (`MAX_FAILURES`), and per client address
+/// (`KEYRACK_LOGIN_FAILURES_PER_ADDRESS`, `address_key`), which stops one client trying many
+/// emails — each of them never reaching the per-email limit, each costing a password check.
+///
+/// Bounded: a key is kept as its SHA-256 (32 bytes, whatever its length), and at most
+/// `MAX_TRACKED` keys are tracked. When the map is full, keys with no failure left in the
 /// window go first; if every entry is recent, the one whose last failure is oldest gives way.
 pub struct Throttle {
     failures: Mutex<HashMap<[u8; 32], VecDeque<i64>>>,
+    limit: usize,
 }
 
+/// Failed logins for one email within `WINDOW_SECS` before its logins are refused.
 pub const MAX_FAILURES: usize = 10;
 pub const WINDOW_SECS: i64 = 15 * 60;
-/// Most emails tracked at once (about 150 bytes each).
+/// Most keys tracked at once (about 150 bytes each).
 pub const MAX_TRACKED: usize = 10_000;
+/// Default of `KEYRACK_LOGIN_FAILURES_PER_ADDRESS`: failed logins from one client address
+/// within `WINDOW_SECS` (whatever the emails) before its logins are refused.
+pub const DEFAULT_FAILURES_PER_ADDRESS: usize = 50;
 
 fn email_key(email: &str) -> [u8; 32] {
     Sha256::digest(email.as_bytes()).into()
+}
+
+/// What the per-address throttle counts a client by: its IPv4 address, or the /64 network of
+/// its IPv6 address (one host commonly holds a whole /64, and could otherwise take a new
+/// address for every few attempts).
+pub fn address_key(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
 }
 
 impl Default for Throttle {
@@ -226,9 +275,16 @@ impl Default for Throttle {
 }
 
 impl Throttle {
+    /// The per-email throttle: `MAX_FAILURES` failures.
     pub fn new() -> Throttle {
+        Throttle::with_limit(MAX_FAILURES)
+    }
+
+    /// A throttle that refuses after `limit` failures within the window.
+    pub fn with_limit(limit: usize) -> Throttle {
         Throttle {
             failures: Mutex::new(HashMap::new()),
+            limit,
         }
     }
 
@@ -239,7 +295,7 @@ impl Throttle {
         while q.front().is_some_and(|&t| t <= now - WINDOW_SECS) {
             q.pop_front();
         }
-        if q.len() >= MAX_FAILURES {
+        if q.len() >= self.limit {
             let oldest = q.front().copied().unwrap_or(now);
             Some((oldest + WINDOW_SECS - now).max(1))
         } else {
@@ -264,7 +320,7 @@ impl Throttle {
         }
         let q = map.entry(key).or_default();
         q.push_back(now);
-        while q.len() > MAX_FAILURES {
+        while q.len() > self.limit {
             q.pop_front();
         }
     }
@@ -368,6 +424,28 @@ mod tests {
         assert_eq!(t.check("other@b.c", 1010), None);
         // The oldest failure leaves the window: allowed again.
         assert_eq!(t.check("a@b.c", 1000 + WINDOW_SECS), None);
+    }
+
+    #[test]
+    fn a_throttle_with_another_limit_counts_to_it() {
+        let t = Throttle::with_limit(3);
+        for i in 0..2 {
+            t.record_failure("127.0.0.1", 1000 + i);
+        }
+        assert_eq!(t.check("127.0.0.1", 1002), None);
+        t.record_failure("127.0.0.1", 1002);
+        assert_eq!(t.check("127.0.0.1", 1003), Some(1000 + WINDOW_SECS - 1003));
+        assert_eq!(t.check("127.0.0.2", 1003), None);
+    }
+
+    #[test]
+    fn addresses_are_counted_by_ipv4_address_or_ipv6_network() {
+        let key = |s: &str| address_key(s.parse().unwrap());
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff::1"), key("2001:db8:1:2::9"));
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
     }
 
     #[test]

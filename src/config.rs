@@ -157,6 +157,9 @@ pub struct Config {
     pub audit_fold_secs: i64,
     /// `KEYRACK_WRITE_RATE`: the writes one account may make per minute (bursts up to as many).
     pub write_rate_per_minute: u32,
+    /// `KEYRACK_LOGIN_FAILURES_PER_ADDRESS`: failed logins from one client address within the
+    /// throttle's window before its logins are refused; 0 turns this throttle off.
+    pub login_failures_per_address: usize,
 }
 
 /// Default of `KEYRACK_AUDIT_FOLD_SECONDS`: an hour.
@@ -182,11 +185,18 @@ pub struct ServeConfig {
     pub write_workers: usize,
     /// The HTTP layer's timeouts.
     pub timeouts: HttpTimeouts,
+    /// `KEYRACK_METRICS_REFRESH`: the least time between two background counts of the
+    /// undecryptable values (`http::surveyor`), run only when the database changed.
+    pub metrics_refresh: std::time::Duration,
 }
+
+/// Default of `KEYRACK_METRICS_REFRESH`.
+pub const DEFAULT_METRICS_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A switch of the test suite, `KEYRACK_TEST_<name>` (trimmed), read in debug builds only:
 /// release builds never see one, whatever the environment holds. Each switch only makes a test
-/// quicker (a moved clock, a cheaper password hash, a lower connection cap, smaller batches).
+/// quicker (a moved clock, a cheaper password hash, a lower connection cap, smaller batches) or
+/// lets it hold a state long enough to look at it (a slow password hash, a short hashing queue).
 pub(crate) fn test_switch(name: &str) -> Option<String> {
     if cfg!(debug_assertions) {
         std::env::var(format!("KEYRACK_TEST_{name}"))
@@ -405,6 +415,20 @@ impl Config {
             i64::from(DEFAULT_WRITE_RATE),
             1..=1_000_000,
         )? as u32;
+        let login_failures_per_address = match lookup.get("KEYRACK_LOGIN_FAILURES_PER_ADDRESS") {
+            None => crate::auth::DEFAULT_FAILURES_PER_ADDRESS,
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= 1_000_000)
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "KEYRACK_LOGIN_FAILURES_PER_ADDRESS={v:?} is not valid; give a whole \
+                         number from 0 (no limit per address) to 1000000"
+                    ))
+                })?,
+        };
 
         Ok(Config {
             db: DbLocation::parse(&db),
@@ -422,6 +446,7 @@ impl Config {
             audit_days,
             audit_fold_secs,
             write_rate_per_minute,
+            login_failures_per_address,
         })
     }
 }
@@ -496,11 +521,27 @@ impl ServeConfig {
             DEFAULT_WRITE_WORKERS,
         )?;
         let timeouts = HttpTimeouts::resolve(lookup)?;
+        let metrics_refresh = match lookup.get("KEYRACK_METRICS_REFRESH") {
+            None => DEFAULT_METRICS_REFRESH,
+            Some(v) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|n| (0.1..=60.0).contains(n))
+                .map(std::time::Duration::from_secs_f64)
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "KEYRACK_METRICS_REFRESH={v:?} is not valid; give a number of seconds \
+                         from 0.1 to 60"
+                    ))
+                })?,
+        };
         Ok(ServeConfig {
             listen,
             workers,
             write_workers,
             timeouts,
+            metrics_refresh,
         })
     }
 }
@@ -620,11 +661,13 @@ mod tests {
         assert!(c.signups_open);
         assert_eq!(c.max_keys_per_user, 1000);
         assert_eq!(c.busy_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(c.login_failures_per_address, 50);
         let s = ServeConfig::resolve(None, None, &lookup(&[])).unwrap();
         assert_eq!(s.listen, "127.0.0.1:8080".parse().unwrap());
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         assert_eq!(s.workers, (cores * 2).clamp(4, 64));
         assert_eq!(s.write_workers, DEFAULT_WRITE_WORKERS);
+        assert_eq!(s.metrics_refresh, DEFAULT_METRICS_REFRESH);
         // The HTTP timeouts' default: `http_timeouts_are_seconds_with_a_default_of_ten`.
     }
 
@@ -655,6 +698,18 @@ mod tests {
     }
 
     #[test]
+    fn metrics_refresh_is_seconds_up_to_a_minute() {
+        let l = lookup(&[("KEYRACK_METRICS_REFRESH", "0.5")]);
+        let s = ServeConfig::resolve(None, None, &l).unwrap();
+        assert_eq!(s.metrics_refresh, std::time::Duration::from_millis(500));
+        for bad in ["0", "61", "soon"] {
+            let l = lookup(&[("KEYRACK_METRICS_REFRESH", bad)]);
+            let e = ServeConfig::resolve(None, None, &l).unwrap_err();
+            assert!(e.0.contains("KEYRACK_METRICS_REFRESH"), "{e}");
+        }
+    }
+
+    #[test]
     fn memory_has_no_key_file() {
         let c = Config::resolve(Some(":memory:"), &lookup(&[])).unwrap();
         assert_eq!(c.db, DbLocation::Memory);
@@ -679,6 +734,16 @@ mod tests {
         let l = lookup(&[("KEYRACK_MAX_KEYS_PER_USER", "0")]);
         let e = Config::resolve(Some("x.db"), &l).unwrap_err();
         assert!(e.0.contains("KEYRACK_MAX_KEYS_PER_USER"), "{e}");
+        for (v, n) in [("0", 0), (" 7 ", 7), ("1000000", 1_000_000)] {
+            let l = lookup(&[("KEYRACK_LOGIN_FAILURES_PER_ADDRESS", v)]);
+            let c = Config::resolve(Some("x.db"), &l).unwrap();
+            assert_eq!(c.login_failures_per_address, n);
+        }
+        for bad in ["-1", "many", "1000001"] {
+            let l = lookup(&[("KEYRACK_LOGIN_FAILURES_PER_ADDRESS", bad)]);
+            let e = Config::resolve(Some("x.db"), &l).unwrap_err();
+            assert!(e.0.contains("KEYRACK_LOGIN_FAILURES_PER_ADDRESS"), "{e}");
+        }
     }
 
     #[test]

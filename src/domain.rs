@@ -89,7 +89,16 @@ impl Email {
                 ))
             }
         }
-        if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        // An email is shown to operators (`status`, `inspect`, the page, listings): it must
+        // read as what it is, under the rule of key names (`disguises_text`).
+        if email.chars().any(disguises_text) {
+            return Err(Invalid::new(
+                "email",
+                "email must not contain control, line-separator or bidirectional formatting \
+                 characters",
+            ));
+        }
+        if email.chars().any(char::is_whitespace) {
             return Err(Invalid::new("email", "email must not contain spaces"));
         }
         Ok(Email(email))
@@ -284,6 +293,32 @@ mod tests {
         assert_eq!(long.len(), 255);
         assert!(Email::parse(&long).is_err());
         assert!(Email::parse(&long[1..]).is_ok());
+    }
+
+    /// Emails are shown to operators: none may carry what reorders or breaks a line, as key
+    /// names may not (`b\u{202e}exe.txt@example.com` would read `btxt.exe@example.com`).
+    #[test]
+    fn email_refuses_what_disguises_text() {
+        for bad in [
+            "b\u{202e}exe.txt@example.com",
+            "ada\u{2066}@example.com",
+            "ada@exa\u{200f}mple.com",
+            "ada@example.com\u{2028}x",
+            "ada\u{061c}@example.com",
+            "ada\u{7}@example.com",
+            "ada@exam\u{85}ple.com",
+        ] {
+            let err = Email::parse(bad).unwrap_err();
+            assert_eq!(err.field, "email", "{bad:?}");
+            assert!(
+                err.message.contains("bidirectional"),
+                "{bad:?}: {}",
+                err.message
+            );
+        }
+        // Other letters than ASCII stay allowed.
+        assert!(Email::parse("zoë@exämple.com").is_ok());
+        assert!(Email::parse("אדה@example.com").is_ok());
     }
 
     #[test]

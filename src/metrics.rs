@@ -2,19 +2,20 @@
 //! durations, writes per group commit. Counting is a few relaxed atomic additions into arrays
 //! sized once at start (no lock, no allocation per request); the text is written at scrape time,
 //! together with the gauges read from the database (keys by store, the phase, legacy reads,
-//! foreign column writes).
+//! foreign column writes: counts only, `store::counts`) and the count of undecryptable values
+//! kept by the background survey (`http::surveyor`): a scrape decrypts nothing.
 //!
 //! Written by hand rather than with `prometheus-client`: its labelled families look a label set
 //! up under a lock on every request, and the text format of a handful of fixed series is short.
 //! `promtool check metrics` checks the output in the test suite.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::phase::Phase;
-use crate::status::Status;
+use crate::store::counts::Counts;
 
 /// Upper bounds of the request duration buckets, in seconds.
 const DURATION_BUCKETS: [f64; 12] = [
@@ -130,8 +131,38 @@ pub fn group_commit(writes: usize) {
         .observe(writes as f64);
 }
 
-/// The Prometheus text format of every metric, with the database's figures from `status`.
-pub(crate) fn render(status: &Status) -> String {
+/// Logins and registrations waiting for the hashing pool (`http::hashing`).
+static HASH_QUEUE: AtomicI64 = AtomicI64::new(0);
+
+/// Counts requests entering (`1`) or leaving (`-1`) the hashing pool's queue.
+pub(crate) fn hash_queue(change: i64) {
+    HASH_QUEUE.fetch_add(change, Ordering::Relaxed);
+}
+
+/// The count of undecryptable values of the last background survey (`None` before the first),
+/// and the condition a scrape waits on for the first one.
+static UNDECRYPTABLE: (Mutex<Option<u64>>, Condvar) = (Mutex::new(None), Condvar::new());
+
+/// Keeps the count of undecryptable values the background survey found.
+pub(crate) fn set_undecryptable(count: u64) {
+    *crate::lock(&UNDECRYPTABLE.0) = Some(count);
+    UNDECRYPTABLE.1.notify_all();
+}
+
+/// The count of undecryptable values kept, waiting up to `wait` for the first survey (a scrape
+/// right after start).
+pub(crate) fn undecryptable(wait: Duration) -> Option<u64> {
+    let kept = crate::lock(&UNDECRYPTABLE.0);
+    let (kept, _) = UNDECRYPTABLE
+        .1
+        .wait_timeout_while(kept, wait, |n| n.is_none())
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *kept
+}
+
+/// The Prometheus text format of every metric, with the database's counts and the count of
+/// undecryptable values the background survey kept (no sample before its first survey).
+pub(crate) fn render(counts: &Counts, undecryptable: Option<u64>) -> String {
     let mut out = String::with_capacity(8192);
     let head = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -185,7 +216,41 @@ pub(crate) fn render(status: &Status) -> String {
         .get_or_init(|| Histogram::new(&GROUP_BUCKETS))
         .render(&mut out, "keyrack_group_commit_writes", "");
 
-    let s = &status.survey;
+    head(
+        &mut out,
+        "keyrack_password_hash_slots",
+        "gauge",
+        "Passwords hashed or checked at once at most (the hashing pool's threads).",
+    );
+    let _ = writeln!(
+        out,
+        "keyrack_password_hash_slots {}",
+        crate::auth::hash_slots()
+    );
+    head(
+        &mut out,
+        "keyrack_password_hashes_running",
+        "gauge",
+        "Passwords being hashed or checked now.",
+    );
+    let _ = writeln!(
+        out,
+        "keyrack_password_hashes_running {}",
+        crate::auth::hashes_running()
+    );
+    head(
+        &mut out,
+        "keyrack_password_hash_queue",
+        "gauge",
+        "Logins and registrations waiting for the hashing pool.",
+    );
+    let _ = writeln!(
+        out,
+        "keyrack_password_hash_queue {}",
+        HASH_QUEUE.load(Ordering::Relaxed).max(0)
+    );
+
+    let s = counts;
     head(
         &mut out,
         "keyrack_keys",
@@ -202,9 +267,11 @@ pub(crate) fn render(status: &Status) -> String {
         &mut out,
         "keyrack_undecryptable_keys",
         "gauge",
-        "Stored values that do not open with the configured keys.",
+        "Stored values that do not open with the configured keys, as of the last background survey.",
     );
-    let _ = writeln!(out, "keyrack_undecryptable_keys {}", s.undecryptable.count);
+    if let Some(n) = undecryptable {
+        let _ = writeln!(out, "keyrack_undecryptable_keys {n}");
+    }
     head(
         &mut out,
         "keyrack_users",
@@ -223,7 +290,7 @@ pub(crate) fn render(status: &Status) -> String {
             out,
             "keyrack_phase{{phase=\"{}\"}} {}",
             p.as_str(),
-            u8::from(p == status.phase)
+            u8::from(p == counts.phase)
         );
     }
     head(
@@ -235,7 +302,7 @@ pub(crate) fn render(status: &Status) -> String {
     let _ = writeln!(
         out,
         "keyrack_legacy_reads_total {}",
-        status.evidence.legacy_reads
+        counts.evidence.legacy_reads
     );
     head(
         &mut out,
@@ -246,7 +313,7 @@ pub(crate) fn render(status: &Status) -> String {
     let _ = writeln!(
         out,
         "keyrack_foreign_column_writes_total {}",
-        status.evidence.foreign_column_writes
+        counts.evidence.foreign_column_writes
     );
     head(
         &mut out,
@@ -254,14 +321,14 @@ pub(crate) fn render(status: &Status) -> String {
         "gauge",
         "Rows of the audit trail (repeated reads of one key by one actor are one row).",
     );
-    let _ = writeln!(out, "keyrack_events_rows {}", status.events.rows);
+    let _ = writeln!(out, "keyrack_events_rows {}", counts.events.rows);
     head(
         &mut out,
         "keyrack_events_bytes",
         "gauge",
         "Bytes of the audit trail's table and indexes in the database file.",
     );
-    let _ = writeln!(out, "keyrack_events_bytes {}", status.events.bytes);
+    let _ = writeln!(out, "keyrack_events_bytes {}", counts.events.bytes);
     out
 }
 

@@ -23,6 +23,8 @@ pub struct Incoming<'a> {
     pub authorization: Option<Zeroizing<String>>,
     /// The body (a key or a password, often): wiped when the request is dropped.
     pub body: Zeroizing<Vec<u8>>,
+    /// The client's address (the last hop: a reverse proxy's own address behind one).
+    pub remote: Option<std::net::IpAddr>,
 }
 
 impl Incoming<'_> {
@@ -400,6 +402,7 @@ mod tests {
             query: vec![],
             authorization: None,
             body: Zeroizing::new(br#"{"email": 5}"#.to_vec()),
+            remote: None,
         };
         let f = inc.json().unwrap();
         let e = f.required_str("email").unwrap_err();

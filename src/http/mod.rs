@@ -6,9 +6,11 @@
 //! return. The HTTP layer's timeouts are settings (`HttpTimeouts`).
 
 pub mod api;
+mod hashing;
 mod page;
 pub(crate) mod rate;
 pub(crate) mod routes;
+mod surveyor;
 
 use std::io::{Cursor, Read, Write};
 use std::net::TcpListener;
@@ -54,7 +56,11 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     let write_stores = (0..cfg.write_workers)
         .map(|_| app.store())
         .collect::<Result<Vec<_>, _>>()?;
+    let hashing_stores = (0..crate::auth::hash_slots())
+        .map(|_| app.store())
+        .collect::<Result<Vec<_>, _>>()?;
     let mut flusher_store = app.store()?;
+    let surveyor_store = app.store()?;
 
     let listener = TcpListener::bind(cfg.listen)
         .map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", cfg.listen)))?;
@@ -78,6 +84,8 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     );
 
     crate::metrics::init(&routes::route_patterns());
+    let surveyor = surveyor::start(surveyor_store, cfg.metrics_refresh)
+        .map_err(|e| Failure::Runtime(format!("cannot start the survey thread: {e}")))?;
 
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
@@ -104,6 +112,10 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
         })
         .collect::<Result<_, _>>()
         .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
+    // Logins and registrations hash a password: they wait in a pool of their own, never on a
+    // writer (`hashing`).
+    let (hashing, hashers) = hashing::start(&app, hashing_stores)
+        .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
     let workers: Vec<_> = stores
         .into_iter()
         .enumerate()
@@ -111,6 +123,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
             let server = server.clone();
             let app = app.clone();
             let to_writers = to_writers.clone();
+            let hashing = hashing.clone();
             thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .spawn(move || {
@@ -121,6 +134,12 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                         // here.
                         if rq.method().is_safe() {
                             handle(&app, &mut store, rq);
+                        } else if hashes_password(&rq) {
+                            // Queued for the hashing pool, or answered 503 when its queue is
+                            // full; served here only if no hashing thread is left.
+                            if let Some(rq) = hashing.offer(rq) {
+                                handle(&app, &mut store, rq);
+                            }
                         } else if let Err(mpsc::SendError(rq)) = to_writers.send(rq) {
                             // No writer left (only if one died): served here.
                             handle(&app, &mut store, rq);
@@ -131,6 +150,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
         .collect::<Result<_, _>>()
         .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
     drop(to_writers);
+    drop(hashing);
 
     let flusher = {
         let audit_days = app.audit_days;
@@ -226,12 +246,14 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     for w in workers {
         let _ = w.join();
     }
-    // The readers are gone: the writers answer what was passed to them, then stop.
-    for w in writers {
+    // The readers are gone: the writers and the hashing pool answer what was passed to them,
+    // then stop.
+    for w in writers.into_iter().chain(hashers) {
         let _ = w.join();
     }
     app.shared.stop_flusher();
     let _ = flusher.join();
+    surveyor.stop();
     log::info!("stopped");
     Ok(())
 }
@@ -250,12 +272,23 @@ fn handle(app: &App, store: &mut Store, mut rq: tiny_http::Request) {
         let (path, query) = url.split_once('?').unwrap_or((&url, ""));
         reply_to(app, store, &mut rq, method, path, query)
     };
-    let path = url.split_once('?').map_or(url.as_str(), |(path, _)| path);
+    let route = routes::served_route(url.split_once('?').map_or(url.as_str(), |(path, _)| path));
+    answer(rq, reply, method, url, route, start);
+}
+
+/// Sends `reply`; counts the request under its route (`metrics::request`) and logs its line
+/// once the answer has left whole, or failed to: tiny_http writes what the socket takes at once
+/// and leaves the rest to the connection's own thread, which then calls back (a client that
+/// does not read its answers holds only its own connection).
+fn answer(
+    rq: tiny_http::Request,
+    reply: Reply,
+    method: tiny_http::Method,
+    url: String,
+    route: Option<usize>,
+    start: Instant,
+) {
     let status = reply.status;
-    // Counted and logged once the answer has left whole, or failed to: tiny_http writes what
-    // the socket takes at once and leaves the rest to the connection's own thread, which then
-    // calls this (a client that does not read its answers holds only its own connection).
-    let route = routes::served_route(path);
     let context = crate::logging::request_context();
     let on_delivered = Box::new(move |outcome: std::io::Result<()>| {
         let _request = crate::logging::resume_request(context);
@@ -301,6 +334,13 @@ fn reply_to(
         },
         Err(e) => e.into_reply(),
     }
+}
+
+/// Whether `rq` goes to the hashing pool (`routes::hashes_password`).
+fn hashes_password(rq: &tiny_http::Request) -> bool {
+    let url = rq.url();
+    let path = url.split_once('?').map_or(url, |(p, _)| p);
+    routes::hashes_password(rq.method().as_str(), path)
 }
 
 /// Reads what handlers need, and the body up to `MAX_BODY`: a larger declared length is refused
@@ -353,6 +393,7 @@ fn read_incoming<'a>(
         query: api::parse_query(query),
         authorization,
         body,
+        remote: rq.remote_addr().map(|a| a.ip()),
     })
 }
 

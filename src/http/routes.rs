@@ -44,6 +44,16 @@ const ROUTES: &[(&str, &[(&str, Handler)])] = &[
     ("/metrics", &[("GET", metrics)]),
 ];
 
+/// The routes whose handler hashes or checks a password (argon2, tens of milliseconds of a
+/// core each): the server serves them in its hashing pool (`http::hashing`), never on a
+/// writer, so that a flood of logins slows logins only.
+const HASHING: &[(&str, &str)] = &[("POST", "/auth/login"), ("POST", "/auth/register")];
+
+/// Whether a request of `method` to `path` (no query) hashes or checks a password.
+pub(crate) fn hashes_password(method: &str, path: &str) -> bool {
+    HASHING.iter().any(|(m, p)| *m == method && *p == path)
+}
+
 fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
     if !pattern.contains('{') {
         // Most patterns have no parameter: one comparison, no splitting.
@@ -242,6 +252,16 @@ fn login(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
     let email = raw_email.trim().to_lowercase();
     let password = crate::domain::Secret::new(raw_password.to_owned());
     let t = now();
+    let address = req.remote.map(auth::address_key);
+    let from_address = app.address_throttle.as_ref().zip(address.as_deref());
+    if let Some(wait) = from_address.and_then(|(throttle, a)| throttle.check(a, t)) {
+        return Err(ApiError::new(
+            429,
+            "too_many_requests",
+            "too many failed logins from this address; try again later",
+        )
+        .with_header("Retry-After", wait.to_string()));
+    }
     if let Some(wait) = app.throttle.check(&email, t) {
         return Err(ApiError::new(
             429,
@@ -266,6 +286,11 @@ fn login(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Rep
         Ok(user) => user,
         Err(account) => {
             app.throttle.record_failure(&email, t);
+            // A success from the address never clears its failures: one account's right
+            // password would otherwise let its holder try other accounts' again.
+            if let Some((throttle, a)) = from_address {
+                throttle.record_failure(a, t);
+            }
             // Only for an existing account, by id: an email typed at a failed login is never kept.
             if let Some(id) = account {
                 store.record_event(Event::by_user(events::LOGIN_FAILED, id))?;
@@ -574,14 +599,19 @@ fn admin_status(
     Ok(Reply::json(200, status.to_json()))
 }
 
-/// GET /metrics: the Prometheus text format, behind the admin token like /admin/*.
+/// How long a scrape right after start waits for the first count of undecryptable values.
+const FIRST_SURVEY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// GET /metrics: the Prometheus text format, behind the admin token like /admin/*. Counts only:
+/// the undecryptable values are counted in the background (`http::surveyor`).
 fn metrics(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
     check_admin(app, req)?;
-    let status = Status::collect(store)?;
+    let counts = store.counts()?;
+    let undecryptable = crate::metrics::undecryptable(FIRST_SURVEY_WAIT);
     let mut reply = Reply::json(200, json!(null));
     reply.content_type = "text/plain; version=0.0.4; charset=utf-8";
     reply.body = Some(zeroize::Zeroizing::new(
-        crate::metrics::render(&status).into_bytes(),
+        crate::metrics::render(&counts, undecryptable).into_bytes(),
     ));
     Ok(reply)
 }
@@ -765,6 +795,23 @@ mod tests {
             extra.is_empty(),
             "documented routes that do not exist: {extra:?}"
         );
+    }
+
+    /// The routes served by the hashing pool exist, and are the ones that hash a password.
+    #[test]
+    fn the_hashing_routes_are_routes() {
+        for (m, p) in HASHING {
+            let methods = ROUTES.iter().find(|(path, _)| path == p).map(|(_, ms)| *ms);
+            assert!(
+                methods.is_some_and(|ms| ms.iter().any(|(method, _)| method == m)),
+                "{m} {p} is not routed"
+            );
+        }
+        assert!(hashes_password("POST", "/auth/login"));
+        assert!(hashes_password("POST", "/auth/register"));
+        assert!(!hashes_password("POST", "/user/api-key"));
+        assert!(!hashes_password("POST", "/auth/logout"));
+        assert!(!hashes_password("GET", "/auth/login"));
     }
 
     #[test]

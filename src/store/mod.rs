@@ -5,6 +5,7 @@
 //! process takes effect at the next request.
 
 pub(crate) mod classify;
+pub(crate) mod counts;
 pub(crate) mod events;
 pub(crate) mod evidence;
 mod fold;
@@ -207,6 +208,26 @@ impl Store {
         let events = events::size(&tx)?;
         tx.commit()?;
         Ok((phase, schema_version, survey, evidence, events))
+    }
+
+    /// The counts `GET /metrics` reads at every scrape, in one read snapshot; nothing is
+    /// decrypted (`store::counts`).
+    pub(crate) fn counts(&mut self) -> Result<counts::Counts> {
+        self.read(|conn, _| counts::counts(conn))
+    }
+
+    /// The number of stored values that do not open (every value decrypted, as `survey`
+    /// counts them), with the database's data version read just before the survey's snapshot:
+    /// while the version is unchanged, so is the count.
+    pub(crate) fn undecryptable(&mut self) -> Result<(u64, Option<u32>)> {
+        let version = meta::current_version(&self.conn)?;
+        let (_, _, survey, _, _) = self.survey()?;
+        Ok((survey.undecryptable.count, version))
+    }
+
+    /// The database's data version now (`meta::current_version`).
+    pub(crate) fn data_version(&self) -> Result<Option<u32>> {
+        meta::current_version(&self.conn)
     }
 
     /// Runs `f` in an IMMEDIATE transaction of its own and commits when it returns `Ok`. For

@@ -651,6 +651,9 @@ fn keeps_accepting_after_running_out_of_descriptors() {
         ])
         .env("KEYRACK_ENCRYPTION_KEY", KEY_A)
         .env("RUST_LOG", "warn")
+        // Few database connections (each holds descriptors from the start: a reader's, a
+        // writer's, a hashing thread's per core), so that the server starts within the limit.
+        .env("KEYRACK_WRITE_WORKERS", "4")
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(env.path("fd.log")).unwrap())
         .spawn()

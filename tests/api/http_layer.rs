@@ -415,13 +415,12 @@ fn sigterm_answers_a_read_pipelined_behind_a_waiting_write() {
     );
     let mut c = connect(&s.addr, Duration::from_secs(10));
     c.write_all(req.as_bytes()).unwrap();
-    // The write waits in SQLite's busy handler; the read, behind it, in the connection's buffer.
+    // The write (a registration: a thread of the hashing pool serves it) waits in SQLite's busy
+    // handler; the read, behind it, in the connection's buffer.
     assert!(
-        poll_until(Duration::from_secs(10), || thread_waits_in(
-            s.child.id(),
-            "writer-0",
-            "nanosleep"
-        )),
+        poll_until(Duration::from_secs(10), || (0..256).any(|i| {
+            thread_waits_in(s.child.id(), &format!("hasher-{i}"), "nanosleep")
+        })),
         "{}",
         s.logs()
     );

@@ -3,6 +3,7 @@
 
 mod audit;
 mod deploy;
+mod disguised_text;
 mod foundation;
 mod hostile;
 mod http_layer;
@@ -10,6 +11,8 @@ mod import_legacy;
 mod instruments;
 mod interrupted;
 mod keys;
+mod login_flood;
+mod metrics_survey;
 mod migration;
 mod operator;
 mod page;
