@@ -296,3 +296,31 @@ fn a_pipelined_stream_cut_anywhere_is_framed_the_same() {
         );
     }
 }
+
+/// Fails on be4b7c9 (the worker returns only at the write timeout): past 1 MiB waiting
+/// (`response_sink::MAX_WAITING`) a worker writes with a blocking write under the write
+/// timeout, so an answer larger than the socket buffers and 1 MiB holds the worker while its
+/// client does not read (keyrack: GET /user/api-keys of about 15,000 keys, 5.2 MB, with
+/// KEYRACK_MAX_KEYS_PER_USER raised). Ignored so the suite stays green until the fix.
+#[test]
+#[ignore = "known defect of be4b7c9: a large answer holds the worker until the write timeout"]
+fn a_worker_never_waits_for_a_client_that_does_not_read_a_large_answer() {
+    let (server, addr) = server(ConnectionOptions {
+        write_timeout: Some(Duration::from_secs(20)),
+        ..Default::default()
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let rq = server.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = rq.respond_then(
+            Response::from_data(vec![0u8; 16 << 20]),
+            Box::new(|_| {}),
+        );
+        tx.send(()).ok();
+    });
+    // The worker writes what the socket takes and returns; the rest is the connection's.
+    assert_eq!(rx.recv_timeout(Duration::from_secs(3)), Ok(()));
+    drop(c);
+}
