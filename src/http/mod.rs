@@ -32,6 +32,12 @@ use api::{ApiError, Incoming, Reply, MAX_BODY};
 
 /// How often expired sessions are deleted (also once at start).
 const SESSION_PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// The send buffer asked of each connection's socket (the kernel doubles it: 256 KiB). An
+/// answer is counted delivered once handed to the kernel whole, so this bounds how far that is
+/// from the client, and what a client that does not read holds in the kernel (Linux otherwise
+/// grows it to 4 MiB). Larger answers (a listing of a thousand keys, 345 KB) are finished by a
+/// thread of their own, never by a worker.
+const SEND_BUFFER: usize = 128 * 1024;
 /// Most connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 1024;
 
@@ -78,6 +84,7 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
                 head_timeout: Some(cfg.timeouts.head),
                 idle_timeout: Some(cfg.timeouts.idle),
                 answer_head: every_answer(),
+                send_buffer: Some(SEND_BUFFER),
             },
         )
         .map_err(|e| Failure::Runtime(format!("cannot start the HTTP server: {e}")))?,

@@ -190,7 +190,7 @@ fn a_client_that_never_reads_its_answers_holds_no_worker() {
     // The answers have filled every buffer between the server and the attacker.
     assert!(
         poll_until(Duration::from_secs(20), || {
-            s.logs().matches("GET /openapi.yaml 200").count() >= 20
+            s.logs().matches("GET /openapi.yaml 200").count() >= 5
         }),
         "{}",
         s.logs()
@@ -273,12 +273,11 @@ fn a_pipelined_flood_on_one_connection_does_not_grow_the_server() {
     drop((flood, stuck));
 }
 
-/// Fails on be4b7c9 (answered after 29.9 s, the attackers' write timeout): a connection whose
-/// thread writes an answer its client does not read is neither idle nor reading a head, so the
-/// accept thread never makes room from it. Ignored so the branch stays green until the fix (a
-/// `Delivering` state in the tracker, made room from after a second like a slow head).
+/// Failed on be4b7c9 (answered after 29.9 s, the attackers' write timeout): a connection waiting
+/// for an answer its client does not read was neither idle nor reading a head, so the accept
+/// thread never made room from it. Such a connection is now `Answering` in the tracker, made
+/// room from after a second like a slow head.
 #[test]
-#[ignore = "known defect of be4b7c9: a delivering connection is never made room from at the cap"]
 fn at_the_cap_connections_whose_clients_do_not_read_make_room() {
     // A long socket timeout: a connection writing an answer nobody reads holds its thread that
     // long. The cap is 4 connections (debug builds only).
@@ -301,7 +300,7 @@ fn at_the_cap_connections_whose_clients_do_not_read_make_room() {
     assert!(poll_until(Duration::from_secs(20), || {
         std::thread::sleep(Duration::from_millis(300));
         let now = s.logs().matches("GET /openapi.yaml 200").count();
-        let settled = now >= 4 * 20 && now == last;
+        let settled = now >= 4 * 5 && now == last;
         last = now;
         settled
     }));

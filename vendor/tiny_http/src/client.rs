@@ -54,6 +54,9 @@ pub struct ClientConnection {
     id: u64,
     // keyrack patch: when the connection was accepted (`now_ms`), until its first head begins
     accepted: Option<u64>,
+    // keyrack patch: the request handed out last, until its answer has left: told then (its
+    // connection is busy meanwhile, not idle)
+    in_flight: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 /// keyrack patch: the longest request line; past it, 414.
@@ -139,6 +142,7 @@ impl ClientConnection {
             tracker,
             id,
             accepted: Some(now_ms()),
+            in_flight: None,
         }
     }
 
@@ -173,7 +177,9 @@ impl ClientConnection {
         // reads and answers it (the connection thread waits for a write's answer before it
         // reads on, so the shutdown can begin meanwhile).
         let pipelined = self.next_header_source.has_buffered();
-        if !self.tracker.enter_idle(self.id, self.accepted, self.close_handle.as_ref())
+        if !self
+            .tracker
+            .enter_idle(self.id, self.accepted, self.in_flight.is_some(), self.close_handle.as_ref())
             && !pipelined
         {
             return Err(ReadError::Closed);
@@ -329,18 +335,42 @@ impl ClientConnection {
             .with_sink(self.sink.clone()))
     }
 
-    /// keyrack patch: once the request handed out last has been answered, writes what of its
-    /// answer the worker left (waiting for the client, under the write timeout). `false` when
-    /// the connection cannot go on.
-    pub(crate) fn deliver(&mut self) -> bool {
-        if self.sink.deliver() {
+    /// keyrack patch: hands `rq` out (through `push`), to be answered before the next request
+    /// of this connection is handed out (`await_answer`).
+    pub(crate) fn hand_out(&mut self, rq: Request, push: impl FnOnce(Request)) {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        self.in_flight = Some(receiver);
+        push(rq.with_notify_sender(sender));
+    }
+
+    /// keyrack patch: waits until the request handed out last (if any) has been answered and
+    /// its answer has left (or failed to). While it waits for a client that does not read, the
+    /// connection may be closed to make room at the cap. `false` when the connection cannot go
+    /// on: its answer was not delivered, or it closes.
+    pub(crate) fn await_answer(&mut self) -> bool {
+        let Some(answered) = self.in_flight.take() else {
             return true;
+        };
+        let done = match answered.try_recv() {
+            Ok(()) => true,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => false,
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                self.tracker.begin_answer(self.id, self.close_handle.as_ref());
+                let done = answered.recv().is_ok();
+                self.tracker.forget(self.id);
+                done
+            }
+        };
+        if !done || self.sink.failed() {
+            self.no_more_requests = true;
+            return false;
         }
-        if let Some(handle) = &self.close_handle {
-            let _ = handle.shutdown(Shutdown::Both);
+        if self.closing.load(AtomicOrdering::Acquire) {
+            self.linger();
+            self.no_more_requests = true;
+            return false;
         }
-        self.no_more_requests = true;
-        false
+        true
     }
 
     /// keyrack patch: answers a request that cannot be served, then closes the connection.
@@ -349,11 +379,15 @@ impl ClientConnection {
     /// `ConnectionOptions::answer_head`.
     #[inline(never)]
     fn refuse<R: Read>(&mut self, response: crate::Response<R>, version: HTTPVersion) {
+        // After the answer to the request before it, never into it.
+        if !self.await_answer() {
+            return;
+        }
         let response = response.with_raw_head(self.options.answer_head);
         let mut writer = self.sink.clone();
         response.raw_print(&mut writer, version, &[], false, None).ok();
         writer.flush().ok();
-        if self.sink.deliver() {
+        if self.sink.finish() {
             self.linger();
         }
     }

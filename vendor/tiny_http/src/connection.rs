@@ -104,6 +104,42 @@ impl Connection {
         }
     }
 
+    /// keyrack patch: see `RefinedTcpStream::set_write_timeout`.
+    pub(crate) fn set_write_timeout(&self, t: Option<std::time::Duration>) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_write_timeout(t),
+            #[cfg(unix)]
+            Self::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// keyrack patch: asks for a send buffer of `size` bytes (`SO_SNDBUF`); best effort.
+    #[cfg(unix)]
+    #[allow(unsafe_code)]
+    pub(crate) fn set_send_buffer(&self, size: usize) {
+        use std::os::unix::io::AsRawFd;
+        let fd = match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        };
+        let size = <libc::c_int as std::convert::TryFrom<usize>>::try_from(size).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fd` is this connection's open socket; the option value is a c_int of the
+        // length given.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+
+    /// keyrack patch: elsewhere nothing.
+    #[cfg(not(unix))]
+    pub(crate) fn set_send_buffer(&self, _size: usize) {}
+
     /// keyrack patch: one `send` that does not wait for room in the socket's buffer
     /// (`MSG_DONTWAIT`, for this call only: the descriptor, shared with the connection's
     /// reading half, stays blocking) and raises no SIGPIPE.

@@ -104,7 +104,6 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -151,6 +150,11 @@ pub struct ConnectionOptions {
     /// 408, 414, 417, 431, 501 and 505), so that they carry the same headers as the
     /// application's answers (which add them with `Response::with_raw_head`).
     pub answer_head: &'static [u8],
+    /// keyrack patch: the send buffer asked of each accepted socket (`SO_SNDBUF`; the kernel
+    /// doubles it). Bounds what a client that does not read holds in the kernel, and how far an
+    /// answer counted as delivered (handed to the kernel) can be from the client. None: the
+    /// system's own (on Linux, growing to `net.ipv4.tcp_wmem`'s maximum, 4 MiB by default).
+    pub send_buffer: Option<usize>,
 }
 
 /// keyrack patch: the register of live connections: their number (for `max_connections`,
@@ -193,6 +197,14 @@ enum WaitState {
     Idle,
     /// reading a head: made room from after `EVICT_AFTER_MS`; a shutdown lets it finish
     Head,
+    /// waiting for its next request while the last one is still served: made room from after
+    /// `EVICT_AFTER_MS` (closing only its reading half: the answer still goes out); a shutdown
+    /// closes its reading half at once
+    Busy,
+    /// holding its next request until the last answer has left, the client not reading it:
+    /// made room from after `EVICT_AFTER_MS` (closed both ways, so the writing stops); a
+    /// shutdown lets it finish (under the write timeout)
+    Answering,
 }
 
 /// keyrack patch: a connection reading its head for less than this is never closed to make room.
@@ -221,7 +233,13 @@ impl Tracker {
     /// The connection waits for its next request, or for its first one when `accepted` (the
     /// `now_ms` of its accept) is given: false when the server is shutting down. Wakes the
     /// accept thread, which may be waiting at the cap for a connection to make room.
-    pub(crate) fn enter_idle(&self, id: u64, accepted: Option<u64>, handle: Option<&Arc<Connection>>) -> bool {
+    pub(crate) fn enter_idle(
+        &self,
+        id: u64,
+        accepted: Option<u64>,
+        busy: bool,
+        handle: Option<&Arc<Connection>>,
+    ) -> bool {
         let mut st = self.lock();
         if st.draining {
             return false;
@@ -231,6 +249,7 @@ impl Tracker {
             // room from after the same second as a slow head.
             let (since, state) = match accepted {
                 Some(at) => (at, WaitState::Fresh),
+                None if busy => (now_ms(), WaitState::Busy),
                 None => (now_ms(), WaitState::Idle),
             };
             st.waiting.insert(id, Waiting { since, state, conn: h.clone() });
@@ -239,6 +258,24 @@ impl Tracker {
             self.changed.notify_all();
         }
         true
+    }
+
+    /// The connection holds its next request until its last answer has left.
+    pub(crate) fn begin_answer(&self, id: u64, handle: Option<&Arc<Connection>>) {
+        if let Some(h) = handle {
+            let mut st = self.lock();
+            st.waiting.insert(
+                id,
+                Waiting {
+                    since: now_ms(),
+                    state: WaitState::Answering,
+                    conn: h.clone(),
+                },
+            );
+            if st.accept_waits {
+                self.changed.notify_all();
+            }
+        }
     }
 
     /// The first byte of a head has come.
@@ -270,7 +307,11 @@ impl Tracker {
                 .map(|(id, _)| *id);
             if let Some(id) = victim {
                 if let Some(w) = st.waiting.remove(&id) {
-                    let _ = w.conn.shutdown(Shutdown::Read);
+                    let how = match w.state {
+                        WaitState::Answering => Shutdown::Both,
+                        _ => Shutdown::Read,
+                    };
+                    let _ = w.conn.shutdown(how);
                 }
             }
             // Woken when a connection ends or turns idle; a head may become old enough to
@@ -290,7 +331,7 @@ impl Tracker {
         let mut st = self.lock();
         st.draining = true;
         st.waiting.retain(|_, w| {
-            let waits = w.state != WaitState::Head;
+            let waits = !matches!(w.state, WaitState::Head | WaitState::Answering);
             if waits {
                 let _ = w.conn.shutdown(Shutdown::Read);
             }
@@ -528,6 +569,9 @@ impl Server {
                         tcp.set_nodelay(true).ok();
                         tcp.set_read_timeout(options.read_timeout)?;
                         tcp.set_write_timeout(options.write_timeout)?;
+                        if let Some(size) = options.send_buffer {
+                            sock.set_send_buffer(size);
+                        }
                     }
                     Ok(sock)
                 });
@@ -578,24 +622,27 @@ impl Server {
                         tasks_pool.spawn(Box::new(move || {
                             if let Some((mut client, _live)) = client.take() {
                                 // keyrack patch: one request of a connection at a time. The
-                                // connection's thread reads the next request only once the
-                                // last one is answered and its answer has left (what the
-                                // worker could not write at once is written here, waiting
-                                // for the client under the write timeout). What one
-                                // connection has in flight is then one request and one
-                                // answer, held by its own thread: a client that pipelines
+                                // connection's thread reads the next request while the last
+                                // one is served (as the original did), but hands it out only
+                                // once the last one is answered and its answer has left (what
+                                // the worker could not write at once is written by a thread of
+                                // its own, waiting for the client under the write timeout,
+                                // `util::response_sink`). What one connection has in flight is
+                                // then one request and one answer: a client that pipelines
                                 // without reading its answers fills its own socket, never a
                                 // worker or the shared queue (RFC 9112 section 9.3.2 lets a
-                                // server answer pipelined requests one by one). The original
-                                // handed every pipelined request out at once, each worker
-                                // then waiting, without a limit, for its turn to write.
-                                let (sender, receiver) = mpsc::sync_channel(1);
+                                // server answer pipelined requests one by one). A client that
+                                // waits for each answer never waits here. The original handed
+                                // every pipelined request out at once, each worker then
+                                // waiting, without a limit, for its turn to write.
                                 while let Some(rq) = client.next() {
-                                    messages.push(rq.with_notify_sender(sender.clone()).into());
-                                    if receiver.recv().is_err() || !client.deliver() {
+                                    if !client.await_answer() {
                                         break;
                                     }
+                                    client.hand_out(rq, |rq| messages.push(rq.into()));
                                 }
+                                // The last answer is written before the connection goes.
+                                client.await_answer();
                             }
                         }));
                     }

@@ -537,16 +537,35 @@ impl Request {
         R: Read,
     {
         let res = self.respond_impl(response);
-        match &self.sink {
-            Some(sink) => self.left_to_connection = sink.settle(done),
-            None => done.call(match &res {
-                Ok(()) => Ok(()),
-                Err(e) => Err(IoError::new(e.kind(), e.to_string())),
-            }),
+        // keyrack patch: the connection's thread, told below that this answer is done, must
+        // see first whether it closes the connection (it may hold the next request already).
+        if self.close_after_response {
+            if let Some(flag) = &self.closing {
+                flag.store(true, std::sync::atomic::Ordering::Release);
+            }
         }
-        if let Some(sender) = self.notify_when_responded.take() {
-            // keyrack patch: the original unwrapped; the connection's thread may be gone
-            let _ = sender.send(());
+        let notify = self.notify_when_responded.take();
+        let answered = move || {
+            if let Some(sender) = notify {
+                // keyrack patch: the original unwrapped; the connection's thread may be gone
+                let _ = sender.send(());
+            }
+        };
+        match &self.sink {
+            Some(sink) => {
+                let close = self
+                    .close_handle
+                    .clone()
+                    .filter(|_| self.close_after_response);
+                self.left_to_connection = sink.settle(done, answered, close);
+            }
+            None => {
+                done.call(match &res {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(IoError::new(e.kind(), e.to_string())),
+                });
+                answered();
+            }
         }
         res
     }
@@ -612,8 +631,18 @@ impl Drop for Request {
         if self.response_writer.is_some() {
             let response = Response::empty(500);
             let _ = self.respond_impl(response); // ignoring any potential error
-            if let Some(sender) = self.notify_when_responded.take() {
-                let _ = sender.send(());
+            let notify = self.notify_when_responded.take();
+            let answered = move || {
+                if let Some(sender) = notify {
+                    let _ = sender.send(());
+                }
+            };
+            // keyrack patch: what the socket does not take at once is delivered as any answer's
+            match &self.sink {
+                Some(sink) => {
+                    self.left_to_connection = sink.settle(OnDeliveredOr::Nothing, answered, None)
+                }
+                None => answered(),
             }
         }
         // keyrack patch: a response with `Connection: close` ends the connection: the client

@@ -232,6 +232,16 @@ fn timed_out() -> std::io::Error {
 }
 
 impl RefinedTcpStream {
+    /// keyrack patch: the socket's write timeout (the delivery of an answer shortens it to
+    /// what is left of its deadline).
+    pub(crate) fn set_write_timeout(&self, t: Option<Duration>) -> IoResult<()> {
+        match &self.stream {
+            Stream::Http(conn) => conn.set_write_timeout(t),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => Ok(()),
+        }
+    }
+
     /// keyrack patch: writes what the socket takes at once, without waiting for room
     /// (`WouldBlock` when it takes nothing). TLS streams wait as `write` does.
     pub(crate) fn write_now(&mut self, buf: &[u8]) -> IoResult<usize> {

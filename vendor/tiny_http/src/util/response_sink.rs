@@ -5,9 +5,14 @@
 //! its answers held that worker until the socket's write timeout, and with pipelining, every
 //! worker that had one of its requests. Here a worker only ever writes into memory and then
 //! sends what the socket takes at once (`MSG_DONTWAIT`); whatever the socket does not take is
-//! left to the connection's own thread (`ResponseSink::deliver`), which writes it under the
-//! write timeout before it reads the connection's next request. A client that does not read
-//! holds its own connection's thread, and nothing else.
+//! written by a thread of its own, started for that answer (`ResponseSink::settle`), under the
+//! write timeout. Only then is the connection told that the answer is done, and its next
+//! request handed out. A client that does not read holds its own connection, and nothing else;
+//! a client that reads costs nothing more than before (the connection's thread reads its next
+//! request meanwhile, as it always did).
+//!
+//! "Delivered" means handed to the kernel whole: the socket's send buffer is bounded
+//! (`ConnectionOptions::send_buffer`), so that is at most that much short of the client.
 //!
 //! The bytes of a response may carry secrets (keyrack reveals keys): the buffer is wiped once
 //! its bytes have left, and shrunk back when a large response made it grow.
@@ -27,9 +32,9 @@ pub type OnDelivered = Box<dyn FnOnce(IoResult<()>) + Send + 'static>;
 /// Past this many bytes waiting, a write tries the socket at once (without waiting).
 const EARLY_SEND: usize = 64 * 1024;
 /// Past this many bytes waiting that the socket would not take, a write waits for the socket
-/// (only a writer streaming a large body through `Request::into_writer` gets there; keyrack's
-/// answers are far smaller).
-const MAX_WAITING: usize = 1024 * 1024;
+/// (only a writer streaming a huge body through `Request::into_writer` gets there; keyrack's
+/// answers, built whole in memory before they are written, are far smaller).
+const MAX_WAITING: usize = 64 * 1024 * 1024;
 /// The buffer's room kept between responses.
 const KEPT_ROOM: usize = 16 * 1024;
 
@@ -39,8 +44,6 @@ struct Inner {
     waiting: Vec<u8>,
     /// The first error the socket gave; nothing more is written after it.
     failed: Option<IoError>,
-    /// Called once `waiting` is empty (by `deliver`, on the connection's thread).
-    on_delivered: Option<OnDelivered>,
     write_timeout: Option<Duration>,
 }
 
@@ -54,7 +57,6 @@ impl ResponseSink {
             stream,
             waiting: Vec::with_capacity(4096),
             failed: None,
-            on_delivered: None,
             write_timeout,
         })))
     }
@@ -63,44 +65,78 @@ impl ResponseSink {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// After a response was written and flushed: calls `done` now when every byte has left
-    /// (or the socket failed), else keeps it for `deliver`. Returns whether bytes are left.
-    pub(crate) fn settle(&self, done: OnDeliveredOr) -> bool {
-        let mut inner = self.lock();
-        if inner.waiting.is_empty() || inner.failed.is_some() {
-            let outcome = inner.outcome();
-            drop(inner);
-            done.call(outcome);
-            false
-        } else {
-            inner.on_delivered = Some(done.boxed());
-            true
+    /// After a response was written and flushed: when every byte has left (or the socket
+    /// failed), calls `done` and then `answered` here, at once. Otherwise a thread of its own
+    /// writes the rest, waiting for the client under the write timeout, then calls `done`,
+    /// closes the sending half when `close` is given (the answer closes the connection), and
+    /// calls `answered`. Returns whether bytes were left to that thread.
+    pub(crate) fn settle(
+        &self,
+        done: OnDeliveredOr,
+        answered: impl FnOnce() + Send + 'static,
+        close: Option<Arc<crate::connection::Connection>>,
+    ) -> bool {
+        {
+            let mut inner = self.lock();
+            if inner.waiting.is_empty() || inner.failed.is_some() {
+                let outcome = inner.outcome();
+                drop(inner);
+                done.call(outcome);
+                answered();
+                return false;
+            }
         }
+        let sink = self.clone();
+        let deliver = move || {
+            let outcome = sink.deliver();
+            done.call(outcome);
+            if let Some(conn) = close {
+                let _ = conn.shutdown(std::net::Shutdown::Write);
+            }
+            answered();
+        };
+        // A small stack: the thread only writes a buffer it does not copy.
+        let spawned = std::thread::Builder::new()
+            .name("tiny-http-deliver".into())
+            .stack_size(64 * 1024)
+            .spawn(deliver);
+        if let Err(e) = spawned {
+            // No thread to be had: this one waits for the client instead, as the original did.
+            log::warn!("cannot start a thread to deliver an answer, writing it here: {e}");
+            let mut inner = self.lock();
+            if let Err(e) = inner.write_waiting() {
+                inner.failed = Some(e);
+            }
+            inner.wipe();
+        }
+        true
     }
 
-    /// On the connection's thread, before it reads the next request: writes what the worker
-    /// left, waiting for the socket (at most the write timeout in all), then tells the
-    /// application. `false` when the connection cannot go on (the socket failed or timed out).
-    pub(crate) fn deliver(&self) -> bool {
+    /// Writes what is waiting, waiting for the socket (at most the write timeout in all);
+    /// whether the answer left whole.
+    fn deliver(&self) -> IoResult<()> {
         let mut inner = self.lock();
         if !inner.waiting.is_empty() && inner.failed.is_none() {
             if let Err(e) = inner.write_waiting() {
                 inner.failed = Some(e);
             }
         }
-        let outcome = inner.outcome();
-        let ok = outcome.is_ok();
-        let done = inner.on_delivered.take();
-        drop(inner);
-        if let Some(done) = done {
-            done(outcome);
-        }
-        ok
+        inner.outcome()
+    }
+
+    /// Whether the socket failed: the connection cannot go on.
+    pub(crate) fn failed(&self) -> bool {
+        self.lock().failed.is_some()
+    }
+
+    /// On the connection's thread, for an answer it wrote itself (an error of the layer):
+    /// writes what the socket did not take at once. `false` when the connection cannot go on.
+    pub(crate) fn finish(&self) -> bool {
+        self.deliver().is_ok()
     }
 }
 
-/// A callback given by value (called at once in the common case, without an allocation) and
-/// boxed only when it must wait for the connection's thread.
+/// The application's callback, if it gave one.
 pub(crate) enum OnDeliveredOr {
     Boxed(OnDelivered),
     Nothing,
@@ -110,12 +146,6 @@ impl OnDeliveredOr {
     pub(crate) fn call(self, outcome: IoResult<()>) {
         if let OnDeliveredOr::Boxed(f) = self {
             f(outcome)
-        }
-    }
-    fn boxed(self) -> OnDelivered {
-        match self {
-            OnDeliveredOr::Boxed(f) => f,
-            OnDeliveredOr::Nothing => Box::new(|_| {}),
         }
     }
 }
@@ -135,6 +165,19 @@ impl Inner {
         if self.waiting.capacity() > KEPT_ROOM {
             self.waiting = Vec::with_capacity(4096);
         }
+    }
+
+    /// Adds `buf` to what waits. The buffer grows by hand: `Vec`'s own growth would free the
+    /// old allocation with the answer's bytes still in it.
+    fn append(&mut self, buf: &[u8]) {
+        let needed = self.waiting.len() + buf.len();
+        if needed > self.waiting.capacity() {
+            let mut grown = Vec::with_capacity(needed.max(self.waiting.capacity() * 2));
+            grown.extend_from_slice(&self.waiting);
+            let mut old = std::mem::replace(&mut self.waiting, grown);
+            old.zeroize();
+        }
+        self.waiting.extend_from_slice(buf);
     }
 
     /// Sends what the socket takes without waiting; the rest stays in `waiting`.
@@ -177,6 +220,11 @@ impl Inner {
                     "the client did not read its answer in time",
                 ));
             }
+            // Each write waits at most what is left of the timeout, not the whole of it again.
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                let _ = self.stream.set_write_timeout(Some(left));
+            }
             match self.stream.write(&self.waiting[sent..]) {
                 Ok(0) => break Err(ErrorKind::WriteZero.into()),
                 Ok(n) => sent += n,
@@ -190,6 +238,9 @@ impl Inner {
                 Err(e) => break Err(e),
             }
         };
+        if let Some(t) = self.write_timeout {
+            let _ = self.stream.set_write_timeout(Some(t));
+        }
         self.wipe();
         result
     }
@@ -198,12 +249,12 @@ impl Inner {
 impl Write for ResponseSink {
     fn write(&mut self, buf: &[u8]) -> IoResult<usize> {
         let mut inner = self.lock();
-        if inner.failed.is_some() {
-            // The client is gone: what is written goes nowhere, as the original's ignored
-            // errors of a closed socket did.
-            return Ok(buf.len());
+        if let Some(e) = &inner.failed {
+            // The client is gone: the writer learns it, and stops (`respond` ignores the
+            // errors of a closed connection).
+            return Err(IoError::new(e.kind(), e.to_string()));
         }
-        inner.waiting.extend_from_slice(buf);
+        inner.append(buf);
         if inner.waiting.len() >= EARLY_SEND {
             inner.send_now();
             if inner.waiting.len() >= MAX_WAITING {
