@@ -218,12 +218,18 @@ pub(crate) fn confirm(yes: bool, word: &str, what: &str, command: &str) -> Resul
 
 /// Where a phase command writes its backup: `--backup PATH`, or beside the database, named
 /// with the date and time.
-enum BackupTo {
+pub(crate) enum BackupTo {
     Given(PathBuf),
-    Beside(PathBuf),
+    /// Beside the database, named with the date and time and then this suffix.
+    Beside(PathBuf, String),
 }
 
 impl BackupTo {
+    /// Beside the file `db`: `<db>.backup-<date>-<time><suffix>`.
+    pub(crate) fn beside(db: &Path, suffix: &str) -> BackupTo {
+        BackupTo::Beside(db.to_path_buf(), suffix.to_owned())
+    }
+
     fn new(db: &DbLocation, given: Option<&Path>, command: &str) -> Result<BackupTo, Failure> {
         let DbLocation::File(db_path) = db else {
             return Err(Failure::Config(format!(
@@ -242,14 +248,16 @@ impl BackupTo {
         }
         Ok(match given {
             Some(p) => BackupTo::Given(p.to_path_buf()),
-            None => BackupTo::Beside(db_path.clone()),
+            None => BackupTo::Beside(db_path.clone(), String::new()),
         })
     }
 
     fn describe(&self) -> String {
         match self {
             BackupTo::Given(p) => p.display().to_string(),
-            BackupTo::Beside(db) => format!("{}.backup-<date>-<time>", db.display()),
+            BackupTo::Beside(db, suffix) => {
+                format!("{}.backup-<date>-<time>{suffix}", db.display())
+            }
         }
     }
 
@@ -280,12 +288,13 @@ impl BackupTo {
     fn name(&self, n: u32, stamp: &str) -> PathBuf {
         match self {
             BackupTo::Given(p) => p.clone(),
-            BackupTo::Beside(db) => {
+            BackupTo::Beside(db, suffix) => {
                 let mut s = db.as_os_str().to_owned();
                 s.push(format!(".backup-{stamp}"));
                 if n > 1 {
                     s.push(format!("-{n}"));
                 }
+                s.push(suffix);
                 PathBuf::from(s)
             }
         }
@@ -297,7 +306,7 @@ impl BackupTo {
     /// which never replaces a file: the backup's path holds a whole backup or nothing, even when
     /// keyrack is killed while writing it, so that a rerun of the same command is not refused by
     /// a partial copy. A backup that fails is removed.
-    fn write(&self, conn: &rusqlite::Connection) -> Result<PathBuf, Failure> {
+    pub(crate) fn write(&self, conn: &rusqlite::Connection) -> Result<PathBuf, Failure> {
         let stamp = time::OffsetDateTime::now_utc()
             .format(time::macros::format_description!(
                 "[year][month][day]-[hour][minute][second]"

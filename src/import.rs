@@ -80,6 +80,11 @@ impl LegacyKeys {
     fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The first key: the one `export-legacy --format fernet` seals with.
+    pub(crate) fn first(&self) -> Option<&Fernet> {
+        self.0.first()
+    }
 }
 
 /// What one value of the key column turned out to be.
@@ -681,6 +686,9 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
             ids.join(", ")
         )));
     }
+    // `export-legacy` leaves these users' rows of the application alone.
+    let unreadable: Vec<i64> = report.unreadable.iter().map(|(id, _)| *id).collect();
+    crate::store::export::note_unreadable_at_import(&tx, &unreadable).map_err(db_fail)?;
     tx.commit().map_err(|e| db_fail(e.into()))?;
     source::close_target(conn).map_err(db_fail)?;
     drop(src);

@@ -163,16 +163,19 @@ struct Health {
     status: &'static str,
     phase: &'static str,
     version: &'static str,
+    schema_version: i64,
 }
 
 fn healthz(_: &App, store: &mut Store, _: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
     let phase = store.phase()?;
+    let schema_version = store.schema_version()?;
     Ok(Reply::of(
         200,
         &Health {
             status: "ok",
             phase: phase.as_str(),
             version: env!("CARGO_PKG_VERSION"),
+            schema_version,
         },
     ))
 }

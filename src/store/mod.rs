@@ -7,6 +7,7 @@
 pub(crate) mod classify;
 pub(crate) mod events;
 pub(crate) mod evidence;
+pub(crate) mod export;
 mod group;
 pub(crate) mod import;
 pub(crate) mod inspect;
@@ -181,6 +182,11 @@ impl Store {
     /// The phase, as the next request will see it (GET /healthz).
     pub(crate) fn phase(&self) -> Result<Phase> {
         meta::phase(&self.conn)
+    }
+
+    /// The highest applied schema migration (`GET /healthz`).
+    pub(crate) fn schema_version(&self) -> Result<i64> {
+        Ok(crate::db::schema_version(&self.conn)?)
     }
 
     /// The phase, the schema version, the counts of every stored value and the evidence of
