@@ -75,12 +75,17 @@ pub fn hash_password(password: &Password) -> Result<String, argon2::password_has
 
 /// Checks a password against a stored hash (with the parameters the hash names). A malformed
 /// hash never matches. Besides keyrack's own argon2id, the forms `import-legacy` carries over
-/// from another application are verified: bcrypt (`$2a$`, `$2b$`, `$2y$`) and any argon2 PHC
-/// string (`$argon2i$`, `$argon2d$`, other parameters).
+/// from another application are verified: bcrypt (`$2a$`, `$2b$`, `$2y$`), any argon2 PHC
+/// string (`$argon2i$`, `$argon2d$`, other parameters), and Werkzeug's scrypt and pbkdf2,
+/// Django's and passlib's pbkdf2-sha256 (`crate::passwords`).
 pub fn verify_password(password: &str, hash: &str) -> bool {
     if is_bcrypt(hash) {
         // Truncates at 72 bytes, as the application that wrote the hash did when it checked it.
         return with_hash_slot(|| bcrypt::verify(password.as_bytes(), hash).unwrap_or(false));
+    }
+    if crate::passwords::form(hash).is_some() {
+        // Werkzeug, Django and passlib hashes an import kept (`crate::passwords`).
+        return with_hash_slot(|| crate::passwords::verify(password, hash));
     }
     if hash == NO_PASSWORD {
         // An account with no usable password: never matches, in the time a check takes.
@@ -106,6 +111,19 @@ pub const NO_PASSWORD: &str = "!no-password";
 pub enum HashForm {
     Bcrypt,
     Argon2,
+    /// Werkzeug, Django or passlib.
+    Other(crate::passwords::Form),
+}
+
+impl HashForm {
+    /// The name the import's counts and report use.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashForm::Bcrypt => "bcrypt",
+            HashForm::Argon2 => "argon2",
+            HashForm::Other(f) => f.name(),
+        }
+    }
 }
 
 fn is_bcrypt(hash: &str) -> bool {
@@ -126,6 +144,9 @@ pub fn hash_form(hash: &str) -> Option<HashForm> {
                 .iter()
                 .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'/');
         return well_formed.then_some(HashForm::Bcrypt);
+    }
+    if let Some(f) = crate::passwords::form(hash) {
+        return Some(HashForm::Other(f));
     }
     let parsed = PasswordHash::new(hash).ok()?;
     let argon2 = ["argon2id", "argon2i", "argon2d"].contains(&parsed.algorithm.as_str());

@@ -19,6 +19,7 @@ pub mod logging;
 pub(crate) mod metrics;
 pub mod open;
 pub mod operator;
+pub mod passwords;
 pub(crate) mod phase;
 pub(crate) mod progress;
 pub(crate) mod status;

@@ -334,12 +334,17 @@ struct ImportArgs {
     /// The column of OpenAI keys, plaintext or Fernet tokens
     #[arg(long, value_name = "C", default_value = "openai_api_key")]
     key_column: String,
-    /// A column of bcrypt or argon2 password hashes to carry over [default: none]
+    /// A column of password hashes to carry over: bcrypt, argon2, Werkzeug scrypt or
+    /// pbkdf2:sha256, Django pbkdf2_sha256, passlib pbkdf2-sha256 [default: none]
     #[arg(long, value_name = "C")]
     password_column: Option<String>,
     /// Import users whose key does not decode without their key, instead of refusing (exit 3)
     #[arg(long)]
     skip_unreadable: bool,
+    /// Write a JSON report (mode 0600) of the users without a usable password, the rows skipped
+    /// and the keys that did not decode; never a key or a hash. PATH must not exist
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
     #[command(flatten)]
     settings: Settings,
 }
@@ -483,6 +488,7 @@ fn run(cli: Cli, name: &str) -> Result<(), Failure> {
             key_column: a.key_column,
             password_column: a.password_column,
             skip_unreadable: a.skip_unreadable,
+            report: a.report,
         };
         let fernet_keys = lookup.get(import::FERNET_VAR);
         return import::run(config, fernet_keys.as_deref(), &opts);

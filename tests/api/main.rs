@@ -1,6 +1,7 @@
 //! One test binary for every end-to-end test: it links once, and cargo runs its tests in
 //! parallel, each against its own server and database.
 
+mod adoption;
 mod deploy;
 mod foundation;
 mod hostile;
