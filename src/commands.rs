@@ -362,7 +362,6 @@ impl BackupTo {
         if let Ok(dir) = std::fs::File::open(folder) {
             let _ = dir.sync_all();
         }
-        println!("backup written to {}", path.display());
         Ok(path)
     }
 }
@@ -506,6 +505,7 @@ pub fn remove_legacy_column(
     )?;
     // VACUUM INTO writes a consistent snapshot, whoever else is writing.
     let backup_path = backup_to.write(&conn)?;
+    println!("backup written to {}", backup_path.display());
 
     let start = Instant::now();
     let tx = immediate(&mut conn)?;
@@ -623,6 +623,7 @@ pub fn revert(
     }
     confirm(yes, "revert", &what, "revert")?;
     let backup_path = backup_to.write(&conn)?;
+    println!("backup written to {}", backup_path.display());
 
     let tx = immediate(&mut conn)?;
     let Some(target) = plan(Command::Revert, meta::phase(&tx).map_err(store_err)?)? else {

