@@ -29,6 +29,8 @@ pub struct App {
     pub(crate) max_keys_per_user: i64,
     /// `KEYRACK_AUDIT_DAYS`: how long events are kept.
     pub(crate) audit_days: i64,
+    /// The database's schema version once opened (`GET /healthz`).
+    pub(crate) schema_version: i64,
 }
 
 /// What the start-up does beside opening, as `crate::open` decides it from a command's needs.
@@ -121,6 +123,12 @@ impl App {
                 e,
             )
         };
+        let schema_version = db::schema_version(&conn).map_err(|e| {
+            Failure::Runtime(format!(
+                "cannot read the schema version of {}: {e}",
+                describe(&config.db)
+            ))
+        })?;
         let ring = if start.key {
             phases::ensure_column_index(&conn).map_err(sql)?;
             crate::store::evidence::ensure_triggers(&conn).map_err(sql)?;
@@ -141,6 +149,7 @@ impl App {
             signups_open: config.signups_open,
             max_keys_per_user: config.max_keys_per_user,
             audit_days: config.audit_days,
+            schema_version,
         })
     }
 

@@ -184,11 +184,6 @@ impl Store {
         meta::phase(&self.conn)
     }
 
-    /// The highest applied schema migration (`GET /healthz`).
-    pub(crate) fn schema_version(&self) -> Result<i64> {
-        Ok(crate::db::schema_version(&self.conn)?)
-    }
-
     /// The phase, the schema version, the counts of every stored value and the evidence of
     /// legacy use, read in one transaction so that they agree (`keyrack status`,
     /// GET /admin/status).
