@@ -359,13 +359,27 @@ mod tests {
             NO_PASSWORD,
             "",
             "pbkdf2_sha256$260000$salt$hash",
-            "$pbkdf2-sha256$29000$N2YuDQGUfW3pvj3z.q/pQA$9p5Bq0cJ8oDeY4BsyxNbE9QSB3oiGJHylq9KqDM5SEs",
+            "$pbkdf2-sha512$25000$N2YuDQGUfW3pvj3z.q/pQA$9p5Bq0cJ8oDeY4BsyxNbE9QSB3oiGJHylq9KqDM5SEs",
+            "pbkdf2:sha1:1000$salt$0123456789abcdef0123456789abcdef01234567",
             "$6$rounds=5000$salt$hash",
         ] {
             assert_eq!(hash_form(h), None, "{h}");
             assert!(!verify_password("", h), "{h}");
             assert!(!verify_password("correct horse battery", h), "{h}");
         }
+    }
+
+    #[test]
+    fn werkzeug_django_and_passlib_hashes_verify_and_are_replaced() {
+        // Made by passlib 1.9.5 (`pbkdf2_sha256.using(rounds=1000).hash`).
+        let h = "$pbkdf2-sha256$1000$k1IK4RxDCOF8TwkhxHjvHQ$nus3lSLfiPediy9lc4TetwkDm9hG/CL/y1ftvBjLJLs";
+        assert_eq!(
+            hash_form(h),
+            Some(HashForm::Other(crate::passwords::Form::PasslibPbkdf2))
+        );
+        assert!(verify_password("correct horse battery", h));
+        assert!(!verify_password("correct horse batter", h));
+        assert!(needs_rehash(h));
     }
 
     #[test]

@@ -966,7 +966,7 @@ mod tests {
         assert_eq!(decode_password(&text(" ")), PasswordValue::None);
         assert_eq!(
             decode_password(&text("$pbkdf2-sha256$29000$abc$def")),
-            PasswordValue::Unsupported("passlib pbkdf2-sha256")
+            PasswordValue::Unsupported("malformed passlib pbkdf2-sha256")
         );
         assert_eq!(
             decode_password(&text(&bcrypt[..50])),

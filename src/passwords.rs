@@ -126,7 +126,8 @@ fn werkzeug_scrypt(rest: &str) -> Option<Parsed> {
     if 128u64.checked_mul(u64::from(r))?.checked_mul(n)? > MAX_SCRYPT_BYTES {
         return None;
     }
-    let expected = hex(digest)?;
+    // Werkzeug's scrypt key is 64 bytes.
+    let expected = hex(digest).filter(|d| d.len() == 64)?;
     Some(Parsed {
         kdf: Kdf::Scrypt {
             log_n: n.trailing_zeros() as u8,
@@ -148,7 +149,7 @@ fn werkzeug_pbkdf2(rest: &str) -> Option<Parsed> {
     Some(Parsed {
         kdf: Kdf::Pbkdf2Sha256 { iterations },
         salt: nonempty(salt)?.as_bytes().to_vec(),
-        expected: hex(digest)?,
+        expected: sha256_sized(hex(digest)?)?,
     })
 }
 
@@ -161,7 +162,7 @@ fn django(rest: &str) -> Option<Parsed> {
             iterations: iterations(iters)?,
         },
         salt: nonempty(salt)?.as_bytes().to_vec(),
-        expected: nonempty_bytes(expected)?,
+        expected: sha256_sized(expected)?,
     })
 }
 
@@ -173,7 +174,7 @@ fn passlib(rest: &str) -> Option<Parsed> {
             iterations: iterations(rounds)?,
         },
         salt: ab64(salt)?,
-        expected: nonempty_bytes(ab64(checksum)?)?,
+        expected: sha256_sized(ab64(checksum)?)?,
     })
 }
 
@@ -199,13 +200,14 @@ fn nonempty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
-fn nonempty_bytes(b: Vec<u8>) -> Option<Vec<u8>> {
-    (!b.is_empty() && b.len() <= 1024).then_some(b)
+/// A PBKDF2-HMAC-SHA256 digest as these programs write it: the hash's own size, 32 bytes.
+fn sha256_sized(b: Vec<u8>) -> Option<Vec<u8>> {
+    (b.len() == 32).then_some(b)
 }
 
-/// Lowercase or uppercase hexadecimal, at least 16 bytes.
+/// Lowercase or uppercase hexadecimal.
 fn hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() < 32 || s.len() > 2048 {
+    if s.len() % 2 != 0 || s.len() > 256 {
         return None;
     }
     (0..s.len())
