@@ -78,6 +78,11 @@ pub const NEEDS: &[(&str, Option<Needs>)] = &[
     ("export-legacy", needs(Existing, true, false)),
     // import-legacy builds its new database itself (`crate::import`), at the current schema.
     ("import-legacy", needs(MayCreate, true, false)),
+    // The people and service-token commands (declared ahead of them): none reads a sealed value.
+    ("users", needs(Existing, false, false)),
+    ("delete-user", needs(Existing, false, false)),
+    ("invite", needs(Existing, false, false)),
+    ("service-token", needs(Existing, false, false)),
     ("gen-key", None),
     ("key-id", None),
     ("healthcheck", None),
