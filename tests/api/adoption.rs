@@ -196,13 +196,9 @@ fn decode(env: &Env, app: &Path, fernet_keys: &str) -> Vec<(i64, Option<String>,
         ))
         .arg("--venv")
         .arg(std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("legacy-py"))
-        .args([
-            "decode",
-            "--db",
-            app.to_str().unwrap(),
-            "--fernet-keys",
-            fernet_keys,
-        ])
+        // `--fernet-keys=…` in one argument: a key may start with `-`.
+        .args(["decode", "--db", app.to_str().unwrap()])
+        .arg(format!("--fernet-keys={fernet_keys}"))
         .current_dir(env.dir.path())
         .output()
         .unwrap();
