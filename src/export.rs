@@ -75,9 +75,9 @@ impl Counts {
     }
 }
 
-/// One write planned: the application's row id, and the key (None: NULL).
+/// One write planned: the application's row id as stored, and the key (None: NULL).
 struct Write {
-    id: String,
+    id: rusqlite::types::Value,
     key: Option<ApiKey>,
 }
 
@@ -217,7 +217,7 @@ fn plan(app: &App, rows: &[sql::AppRow]) -> Result<(Vec<Write>, Counts), Failure
             Ok(Some(key)) => {
                 counts.keys += 1;
                 writes.push(Write {
-                    id: row.id.clone(),
+                    id: row.stored.clone(),
                     key: Some(key),
                 });
             }
@@ -225,7 +225,7 @@ fn plan(app: &App, rows: &[sql::AppRow]) -> Result<(Vec<Write>, Counts), Failure
             Ok(None) => {
                 counts.nulls += 1;
                 writes.push(Write {
-                    id: row.id.clone(),
+                    id: row.stored.clone(),
                     key: None,
                 });
             }

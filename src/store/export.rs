@@ -3,6 +3,7 @@
 //! anything; on the application's side, its rows' ids and the one column the export writes.
 //! What is written is decided in `crate::export`.
 
+use rusqlite::types::Value;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::collections::HashSet;
 use std::path::Path;
@@ -185,35 +186,42 @@ pub(crate) fn open_app(path: &Path, write: bool) -> Result<Connection> {
     Ok(conn)
 }
 
-/// One row of the application's table: its id as text.
+/// One row of the application's table: its id as text (what is matched), and as stored (what
+/// the write names, so that it finds the row through the table's index).
 #[derive(Debug)]
 pub(crate) struct AppRow {
     pub(crate) id: String,
+    pub(crate) stored: Value,
 }
 
 /// Every row of the application's table (ids compared as text; a NULL id is never matched).
 pub(crate) fn app_rows(conn: &Connection, table: &str, id: &str) -> Result<Vec<AppRow>> {
     let sql = format!(
-        "SELECT CAST({} AS TEXT) FROM {} WHERE {0} IS NOT NULL",
+        "SELECT CAST({} AS TEXT), {0} FROM {} WHERE {0} IS NOT NULL",
         quote(id),
         quote(table)
     );
     let mut stmt = conn.prepare(&sql)?;
     let rows = stmt
-        .query_map([], |r| Ok(AppRow { id: r.get(0)? }))?
+        .query_map([], |r| {
+            Ok(AppRow {
+                id: r.get(0)?,
+                stored: r.get(1)?,
+            })
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
-/// Sets the key column of the rows whose id, as text, is `id`. Returns the rows changed.
+/// Sets the key column of the rows whose id is `id` as stored. Returns the rows changed.
 pub(crate) fn set_app_key(
     conn: &Connection,
     (table, id_col, key_col): (&str, &str, &str),
-    id: &str,
+    id: &Value,
     value: Option<&str>,
 ) -> Result<usize> {
     let sql = format!(
-        "UPDATE {} SET {} = ?1 WHERE CAST({} AS TEXT) = ?2",
+        "UPDATE {} SET {} = ?1 WHERE {} = ?2",
         quote(table),
         quote(key_col),
         quote(id_col)
