@@ -67,6 +67,24 @@ fn six_password_forms_log_in_are_rehashed_and_the_report_names_the_rest() {
     assert_eq!(std::fs::read_to_string(&report).unwrap(), "keep me");
     std::fs::remove_file(&report).unwrap();
 
+    // Refused (a key does not decode, no --skip-unreadable): nothing is created, and the report
+    // names whom to look at.
+    let out = import(
+        &env,
+        &app,
+        &[
+            "--password-column",
+            "hashed_password",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(!env.db().exists());
+    let refused: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(refused["unreadable"][0]["id"], 9, "{refused}");
+    std::fs::remove_file(&report).unwrap();
+
     let out = import(
         &env,
         &app,
