@@ -16,7 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     let server = Arc::new(tiny_http::Server::from_listener(listener, None)?);
-    let body = br#"{"phase":"dual","status":"ok","version":"0.1.0"}"#;
+    // The size of keyrack's own answer to GET /healthz.
+    let body = br#"{"status":"ok","phase":"dual","version":"0.2.0","schema_version":5}"#;
     let handles: Vec<_> = (0..workers)
         .map(|_| {
             let server = server.clone();

@@ -33,25 +33,49 @@ pub struct App {
     pub(crate) audit_days: i64,
     /// `KEYRACK_WRITE_RATE`: the writes one account may make (`http::rate`).
     pub(crate) write_rate: crate::http::rate::WriteRate,
+    /// The database's schema version once opened (`GET /healthz`).
+    pub(crate) schema_version: i64,
+}
+
+/// What the start-up does beside opening, as `crate::open` decides it from a command's needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Start {
+    /// Apply pending schema migrations (on a plan's copy: logged as what would be applied).
+    pub migrations: bool,
+    /// Settle the encryption key (configured, key file, the identity the database recorded).
+    /// Without it the app holds a throwaway key that seals nothing and opens nothing stored,
+    /// and the start-up writes nothing: no key id, no key file, no triggers.
+    pub key: bool,
 }
 
 impl App {
     /// Opens the database, applies pending schema migrations and checks the encryption key.
     pub fn open(config: Config) -> Result<App, Failure> {
+        App::open_with(
+            config,
+            Start {
+                migrations: true,
+                key: true,
+            },
+        )
+    }
+
+    /// Opens the database and does what `start` says.
+    pub fn open_with(config: Config, start: Start) -> Result<App, Failure> {
         let db = Database::new(&config.db).map_err(|e| {
             Failure::Runtime(format!(
                 "cannot open the database {}: {e}",
                 describe(&config.db)
             ))
         })?;
-        App::start(config, db, true)
+        App::start(config, db, true, start)
     }
 
     /// For a plan (`--dry-run`): the same start-up, run on an in-memory copy of the database
     /// file, so that nothing is written: not the schema migrations or other upgrades an older
     /// database gets at start, not a key file. A path that does not exist: exit 2, nothing
     /// created.
-    pub fn open_copy(config: Config) -> Result<App, Failure> {
+    pub fn open_copy(config: Config, start: Start) -> Result<App, Failure> {
         let db = match &config.db {
             DbLocation::File(p) if !p.exists() => {
                 return Err(Failure::Config(format!(
@@ -65,12 +89,18 @@ impl App {
             DbLocation::Memory => Database::new(&config.db)
                 .map_err(|e| Failure::Runtime(format!("cannot open the database :memory:: {e}")))?,
         };
-        App::start(config, db, false)
+        App::start(config, db, false, start)
     }
 
     /// The start-up shared by `open` and `open_copy`; `may_create_files` allows creating the key
-    /// file beside a database that holds no sealed value yet.
-    fn start(mut config: Config, db: Database, may_create_files: bool) -> Result<App, Failure> {
+    /// file beside a database that holds no sealed value yet (and says the database is the
+    /// real one, not a plan's copy).
+    fn start(
+        mut config: Config,
+        db: Database,
+        may_create_files: bool,
+        start: Start,
+    ) -> Result<App, Failure> {
         let db = db.with_busy_timeout(config.busy_timeout);
         let mut conn = db.connect().map_err(|e| {
             Failure::Runtime(format!(
@@ -78,22 +108,41 @@ impl App {
                 describe(&config.db)
             ))
         })?;
-        db::migrate_schema(&mut conn).map_err(|e| {
-            Failure::Runtime(format!(
-                "cannot apply schema migrations to {}: {e}",
-                describe(&config.db)
-            ))
-        })?;
+        if start.migrations {
+            let applied = if may_create_files {
+                db::migrate_schema(&mut conn)
+            } else {
+                db::migrate_schema_of_copy(&mut conn)
+            };
+            applied.map_err(|e| {
+                Failure::Runtime(format!(
+                    "cannot apply schema migrations to {}: {e}",
+                    describe(&config.db)
+                ))
+            })?;
+        }
         let sql = |e: crate::store::StoreError| {
             Failure::store(
                 format!("cannot prepare the database {}", describe(&config.db)),
                 e,
             )
         };
-        phases::ensure_column_index(&conn).map_err(sql)?;
-        crate::store::evidence::ensure_triggers(&conn).map_err(sql)?;
-        meta::upgrade_backfill_flag(&conn).map_err(sql)?;
-        let ring = settle_key(&mut config, &conn, may_create_files)?;
+        let schema_version = db::schema_version(&conn).map_err(|e| {
+            Failure::Runtime(format!(
+                "cannot read the schema version of {}: {e}",
+                describe(&config.db)
+            ))
+        })?;
+        let ring = if start.key {
+            phases::ensure_column_index(&conn).map_err(sql)?;
+            crate::store::evidence::ensure_triggers(&conn).map_err(sql)?;
+            meta::upgrade_backfill_flag(&conn).map_err(sql)?;
+            settle_key(&mut config, &conn, may_create_files)?
+        } else {
+            // Commands that neither read nor write a sealed value: no key is read, checked or
+            // created; this one is never recorded and seals nothing.
+            KeyRing::new(EncryptionKey::generate(), Vec::new())
+        };
         Ok(App {
             db,
             ring: Arc::new(ring),
@@ -107,6 +156,7 @@ impl App {
             max_keys_per_user: config.max_keys_per_user,
             audit_days: config.audit_days,
             write_rate: crate::http::rate::WriteRate::new(config.write_rate_per_minute),
+            schema_version,
         })
     }
 

@@ -99,12 +99,17 @@ pub fn hash_password(password: &Password) -> Result<String, argon2::password_has
 
 /// Checks a password against a stored hash (with the parameters the hash names). A malformed
 /// hash never matches. Besides keyrack's own argon2id, the forms `import-legacy` carries over
-/// from another application are verified: bcrypt (`$2a$`, `$2b$`, `$2y$`) and any argon2 PHC
-/// string (`$argon2i$`, `$argon2d$`, other parameters).
+/// from another application are verified: bcrypt (`$2a$`, `$2b$`, `$2y$`), any argon2 PHC
+/// string (`$argon2i$`, `$argon2d$`, other parameters), and Werkzeug's scrypt and pbkdf2,
+/// Django's and passlib's pbkdf2-sha256 (`crate::passwords`).
 pub fn verify_password(password: &str, hash: &str) -> bool {
     if is_bcrypt(hash) {
         // Truncates at 72 bytes, as the application that wrote the hash did when it checked it.
         return with_hash_slot(|| bcrypt::verify(password.as_bytes(), hash).unwrap_or(false));
+    }
+    if crate::passwords::form(hash).is_some() {
+        // Werkzeug, Django and passlib hashes an import kept (`crate::passwords`).
+        return with_hash_slot(|| crate::passwords::verify(password, hash));
     }
     if hash == NO_PASSWORD {
         // An account with no usable password: never matches, in the time a check takes.
@@ -130,6 +135,19 @@ pub const NO_PASSWORD: &str = "!no-password";
 pub enum HashForm {
     Bcrypt,
     Argon2,
+    /// Werkzeug, Django or passlib.
+    Other(crate::passwords::Form),
+}
+
+impl HashForm {
+    /// The name the import's counts and report use.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashForm::Bcrypt => "bcrypt",
+            HashForm::Argon2 => "argon2",
+            HashForm::Other(f) => f.name(),
+        }
+    }
 }
 
 fn is_bcrypt(hash: &str) -> bool {
@@ -150,6 +168,9 @@ pub fn hash_form(hash: &str) -> Option<HashForm> {
                 .iter()
                 .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'/');
         return well_formed.then_some(HashForm::Bcrypt);
+    }
+    if let Some(f) = crate::passwords::form(hash) {
+        return Some(HashForm::Other(f));
     }
     let parsed = PasswordHash::new(hash).ok()?;
     let argon2 = ["argon2id", "argon2i", "argon2d"].contains(&parsed.algorithm.as_str());
@@ -394,13 +415,27 @@ mod tests {
             NO_PASSWORD,
             "",
             "pbkdf2_sha256$260000$salt$hash",
-            "$pbkdf2-sha256$29000$N2YuDQGUfW3pvj3z.q/pQA$9p5Bq0cJ8oDeY4BsyxNbE9QSB3oiGJHylq9KqDM5SEs",
+            "$pbkdf2-sha512$25000$N2YuDQGUfW3pvj3z.q/pQA$9p5Bq0cJ8oDeY4BsyxNbE9QSB3oiGJHylq9KqDM5SEs",
+            "pbkdf2:sha1:1000$salt$0123456789abcdef0123456789abcdef01234567",
             "$6$rounds=5000$salt$hash",
         ] {
             assert_eq!(hash_form(h), None, "{h}");
             assert!(!verify_password("", h), "{h}");
             assert!(!verify_password("correct horse battery", h), "{h}");
         }
+    }
+
+    #[test]
+    fn werkzeug_django_and_passlib_hashes_verify_and_are_replaced() {
+        // Made by passlib 1.9.5 (`pbkdf2_sha256.using(rounds=1000).hash`).
+        let h = "$pbkdf2-sha256$1000$k1IK4RxDCOF8TwkhxHjvHQ$nus3lSLfiPediy9lc4TetwkDm9hG/CL/y1ftvBjLJLs";
+        assert_eq!(
+            hash_form(h),
+            Some(HashForm::Other(crate::passwords::Form::PasslibPbkdf2))
+        );
+        assert!(verify_password("correct horse battery", h));
+        assert!(!verify_password("correct horse batter", h));
+        assert!(needs_rehash(h));
     }
 
     #[test]

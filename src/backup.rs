@@ -24,7 +24,9 @@ use crate::logging::printable;
 /// named with the date and time (the phase commands' default).
 pub(crate) enum BackupTo {
     Given(PathBuf),
-    Beside(PathBuf),
+    /// Beside the database, named with the date and time and then this suffix (a schema
+    /// upgrade's backup: `-schema-<n>`).
+    Beside(PathBuf, String),
 }
 
 /// Why a backup was not written. Each command says it in its own terms (`backup` exits 2 for a
@@ -89,14 +91,21 @@ impl BackupTo {
         Ok(match given {
             Some(p) if is_own_file(db_path, p) => return Err(Error::OwnFile(p.to_path_buf())),
             Some(p) => BackupTo::Given(p.to_path_buf()),
-            None => BackupTo::Beside(db_path.clone()),
+            None => BackupTo::Beside(db_path.clone(), String::new()),
         })
+    }
+
+    /// Beside the file `db`: `<db>.backup-<date>-<time><suffix>`.
+    pub(crate) fn beside(db: &Path, suffix: &str) -> BackupTo {
+        BackupTo::Beside(db.to_path_buf(), suffix.to_owned())
     }
 
     pub(crate) fn describe(&self) -> String {
         match self {
             BackupTo::Given(p) => p.display().to_string(),
-            BackupTo::Beside(db) => format!("{}.backup-<date>-<time>", db.display()),
+            BackupTo::Beside(db, suffix) => {
+                format!("{}.backup-<date>-<time>{suffix}", db.display())
+            }
         }
     }
 
@@ -123,12 +132,13 @@ impl BackupTo {
     fn name(&self, n: u32, stamp: &str) -> PathBuf {
         match self {
             BackupTo::Given(p) => p.clone(),
-            BackupTo::Beside(db) => {
+            BackupTo::Beside(db, suffix) => {
                 let mut s = db.as_os_str().to_owned();
                 s.push(format!(".backup-{stamp}"));
                 if n > 1 {
                     s.push(format!("-{n}"));
                 }
+                s.push(suffix);
                 PathBuf::from(s)
             }
         }

@@ -149,6 +149,72 @@ pub fn migrate_schema(conn: &mut Connection) -> Result<(), refinery::Error> {
     Ok(())
 }
 
+/// The same on a plan's in-memory copy (`--dry-run`): the migrations run on the copy only, and
+/// the log says what a real run would apply, never that anything was applied.
+pub fn migrate_schema_of_copy(conn: &mut Connection) -> Result<(), refinery::Error> {
+    let report = embedded::migrations::runner().set_grouped(true).run(conn)?;
+    for m in report.applied_migrations() {
+        log::info!("dry run: schema migration {m} would be applied (not written)");
+    }
+    Ok(())
+}
+
+/// The schema version this binary brings: the highest embedded migration.
+pub fn binary_schema_version() -> i64 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0)
+}
+
+/// What a database file is, read on a read-only connection before anything opens it for
+/// writing (`crate::open`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// No table at all: an empty file, as a command that creates a database starts from.
+    pub empty: bool,
+    /// The highest applied schema migration (0: none).
+    pub schema_version: i64,
+    /// Users in the database (0 when it has no users table yet).
+    pub users: u64,
+}
+
+/// Reads what [`Probe`] says without writing a byte of the database file: a read-only
+/// connection (SQLite may make the `-wal` and `-shm` files it reads through; the `-wal` then
+/// holds no frame).
+pub fn probe(path: &std::path::Path) -> rusqlite::Result<Probe> {
+    let conn = Connection::open_with_flags(
+        plain_name(path)?,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let has = |table: &str| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1)",
+            [table],
+            |r| r.get(0),
+        )
+    };
+    let tables: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |r| r.get(0))?;
+    let schema_version = if has("refinery_schema_history")? {
+        schema_version(&conn)?
+    } else {
+        0
+    };
+    let users = if has("users")? {
+        conn.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?
+    } else {
+        0
+    };
+    Ok(Probe {
+        empty: tables == 0,
+        schema_version,
+        users,
+    })
+}
+
 /// The highest applied schema migration.
 pub fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row(

@@ -35,6 +35,16 @@ use crate::Failure;
 /// The environment variable holding the application's Fernet keys, comma-separated.
 pub const FERNET_VAR: &str = "KEYRACK_LEGACY_FERNET_KEY";
 
+/// The password hash forms kept, in the order the summary counts them.
+const KEPT_FORMS: [HashForm; 6] = [
+    HashForm::Bcrypt,
+    HashForm::Argon2,
+    HashForm::Other(crate::passwords::Form::WerkzeugScrypt),
+    HashForm::Other(crate::passwords::Form::WerkzeugPbkdf2),
+    HashForm::Other(crate::passwords::Form::DjangoPbkdf2),
+    HashForm::Other(crate::passwords::Form::PasslibPbkdf2),
+];
+
 /// Detail lines printed per kind of problem before "… and N more".
 const SHOWN: usize = 20;
 
@@ -48,6 +58,8 @@ pub struct Options {
     pub key_column: String,
     pub password_column: Option<String>,
     pub skip_unreadable: bool,
+    /// `--report PATH`: the JSON report, written new (mode 0600).
+    pub report: Option<PathBuf>,
 }
 
 /// The application's Fernet keys: every one is tried on every token (its own rotations).
@@ -79,6 +91,11 @@ impl LegacyKeys {
 
     fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The first key: the one `export-legacy --format fernet` seals with.
+    pub(crate) fn first(&self) -> Option<&Fernet> {
+        self.0.first()
     }
 }
 
@@ -182,13 +199,17 @@ pub fn decode_password(value: &Value) -> PasswordValue {
 
 /// A name for a password hash form keyrack does not verify, for the report only.
 fn unsupported_form(hash: &str) -> &'static str {
-    const FORMS: [(&str, &str); 8] = [
-        ("$pbkdf2-sha256$", "passlib pbkdf2-sha256"),
+    const FORMS: [(&str, &str); 12] = [
+        ("$pbkdf2-sha256$", "malformed passlib pbkdf2-sha256"),
         ("$pbkdf2-sha512$", "passlib pbkdf2-sha512"),
         ("$pbkdf2$", "passlib pbkdf2-sha1"),
-        ("pbkdf2_sha256$", "Django pbkdf2_sha256"),
-        ("pbkdf2:sha256:", "Werkzeug pbkdf2:sha256"),
-        ("scrypt:", "Werkzeug scrypt"),
+        ("pbkdf2_sha256$", "malformed Django pbkdf2_sha256"),
+        ("pbkdf2_sha1$", "Django pbkdf2_sha1"),
+        ("argon2$", "Django argon2"),
+        ("bcrypt_sha256$", "Django bcrypt_sha256"),
+        ("pbkdf2:sha256", "malformed Werkzeug pbkdf2:sha256"),
+        ("pbkdf2:", "Werkzeug pbkdf2 with another digest"),
+        ("scrypt:", "malformed or too costly Werkzeug scrypt"),
         ("$6$", "sha512-crypt"),
         ("$5$", "sha256-crypt"),
     ];
@@ -214,11 +235,15 @@ pub struct Report {
     /// Rows not imported: (the id as the table holds it, why).
     pub skipped: Vec<(String, String)>,
     pub skipped_by_reason: BTreeMap<&'static str, u64>,
-    pub passwords_bcrypt: u64,
-    pub passwords_argon2: u64,
+    /// Users whose hash was kept, by its form's name (`HashForm::name`).
+    pub passwords_kept: BTreeMap<&'static str, u64>,
     pub passwords_none: u64,
     pub passwords_unsupported: BTreeMap<&'static str, u64>,
     pub password_column: bool,
+    /// Users imported without a usable password: (id, email, why), for `--report`.
+    pub without_password: Vec<(i64, String, String)>,
+    /// Emails of the users whose key did not decode, by user id, for `--report`.
+    pub unreadable_emails: HashMap<i64, String>,
 }
 
 impl Report {
@@ -255,9 +280,20 @@ impl Report {
         out.push('\n');
         if self.password_column {
             let unsupported: u64 = self.passwords_unsupported.values().sum();
+            let kept: Vec<String> = KEPT_FORMS
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{} {}",
+                        f.name(),
+                        self.passwords_kept.get(f.name()).copied().unwrap_or(0)
+                    )
+                })
+                .collect();
             out += &format!(
-                "passwords: bcrypt {}, argon2 {}, none {}, unsupported {unsupported}",
-                self.passwords_bcrypt, self.passwords_argon2, self.passwords_none
+                "passwords: {}, none {}, unsupported {unsupported}",
+                kept.join(", "),
+                self.passwords_none
             );
             if unsupported > 0 {
                 let forms: Vec<String> = self
@@ -276,7 +312,33 @@ impl Report {
 
     /// Users who can log in only after `keyrack reset-password`.
     fn without_password(&self) -> u64 {
-        self.users - self.passwords_bcrypt - self.passwords_argon2
+        self.users - self.passwords_kept.values().sum::<u64>()
+    }
+
+    /// The `--report` file's JSON: who has no usable password, which rows were skipped, whose
+    /// key did not decode, and why. Never a key or a hash.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let user = |id: i64, email: &str, reason: &str| json!({"id": id, "email": email, "external_id": id.to_string(), "reason": reason});
+        json!({
+            "users_without_password": self
+                .without_password
+                .iter()
+                .map(|(id, email, why)| user(*id, email, why))
+                .collect::<Vec<_>>(),
+            "skipped": self
+                .skipped
+                .iter()
+                .map(|(id, why)| json!({"id": id, "reason": why}))
+                .collect::<Vec<_>>(),
+            "unreadable": self
+                .unreadable
+                .iter()
+                .map(|(id, why)| {
+                    user(*id, self.unreadable_emails.get(id).map_or("", String::as_str), why)
+                })
+                .collect::<Vec<_>>(),
+        })
     }
 
     /// The problem lines for stderr, at most `SHOWN` of each kind.
@@ -392,21 +454,35 @@ impl Importer<'_> {
 
         let hash = match row.password.as_ref().map(decode_password) {
             Some(PasswordValue::Usable(form, hash)) => {
-                match form {
-                    HashForm::Bcrypt => self.report.passwords_bcrypt += 1,
-                    HashForm::Argon2 => self.report.passwords_argon2 += 1,
-                }
+                *self.report.passwords_kept.entry(form.name()).or_default() += 1;
                 hash
             }
             Some(PasswordValue::Unsupported(form)) => {
                 *self.report.passwords_unsupported.entry(form).or_default() += 1;
+                self.report.without_password.push((
+                    id,
+                    email.as_str().to_owned(),
+                    format!("a password hash keyrack does not verify: {form}"),
+                ));
                 auth::NO_PASSWORD.to_owned()
             }
             Some(PasswordValue::None) => {
                 self.report.passwords_none += 1;
+                self.report.without_password.push((
+                    id,
+                    email.as_str().to_owned(),
+                    "no password hash (NULL or empty)".to_owned(),
+                ));
                 auth::NO_PASSWORD.to_owned()
             }
-            None => auth::NO_PASSWORD.to_owned(),
+            None => {
+                self.report.without_password.push((
+                    id,
+                    email.as_str().to_owned(),
+                    "no password column was imported (--password-column)".to_owned(),
+                ));
+                auth::NO_PASSWORD.to_owned()
+            }
         };
         source::insert_user(tx, id, &email, &hash)?;
         self.report.users += 1;
@@ -418,6 +494,9 @@ impl Importer<'_> {
             }
             Decoded::Unreadable(why) => {
                 self.report.unreadable.push((id, why));
+                self.report
+                    .unreadable_emails
+                    .insert(id, email.as_str().to_owned());
                 return Ok(());
             }
             Decoded::Plain(k) => {
@@ -544,6 +623,30 @@ fn settle_key(
     Ok((KeyRing::new(key, old), Some((key_file, copy))))
 }
 
+/// Writes `--report PATH` (a new file, mode 0600), when asked for.
+fn write_report(opts: &Options, report: &Report) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let Some(path) = &opts.report else {
+        return Ok(());
+    };
+    let fail = |e: std::io::Error| {
+        Failure::Runtime(format!("cannot write the report {}: {e}", path.display()))
+    };
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(fail)?;
+    let mut text = serde_json::to_string_pretty(&report.to_json()).unwrap_or_default();
+    text.push('\n');
+    f.write_all(text.as_bytes()).map_err(fail)?;
+    f.sync_all().map_err(fail)?;
+    log::info!("wrote the import report {}", path.display());
+    Ok(())
+}
+
 /// Runs `keyrack import-legacy`.
 pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Result<(), Failure> {
     // SIGINT and SIGTERM stop the import at any stage within a second, leaving nothing: noted
@@ -580,6 +683,15 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
                 "{} already exists; import-legacy only creates a new database and never writes \
                  into an existing one: give --db a path that does not exist yet",
                 p.display()
+            )));
+        }
+    }
+    if let Some(r) = &opts.report {
+        if r.symlink_metadata().is_ok() {
+            return Err(Failure::Config(format!(
+                "--report {}: the file already exists (a report never replaces a file); give a \
+                 new path; nothing was created",
+                r.display()
             )));
         }
     }
@@ -686,6 +798,8 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
         eprintln!("{line}");
     }
     if !report.unreadable.is_empty() && !opts.skip_unreadable {
+        // The report names the users whose key did not decode, though nothing was imported.
+        write_report(opts, &report)?;
         let ids: Vec<String> = report
             .unreadable
             .iter()
@@ -705,6 +819,9 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
             ids.join(", ")
         )));
     }
+    // `export-legacy` leaves these users' rows of the application alone.
+    let unreadable: Vec<i64> = report.unreadable.iter().map(|(id, _)| *id).collect();
+    crate::store::export::note_unreadable_at_import(&tx, &unreadable).map_err(db_fail)?;
     tx.commit().map_err(|e| db_fail(e.into()))?;
     source::close_target(conn).map_err(db_fail)?;
     drop(src);
@@ -762,6 +879,7 @@ pub fn run(mut config: Config, fernet_keys: Option<&str>, opts: &Options) -> Res
         target.display(),
         started.elapsed()
     );
+    write_report(opts, &report)?;
     print!("{}", report.summary(&opts.from, &cols.table));
     let without = report.without_password();
     if without > 0 {
@@ -872,7 +990,7 @@ mod tests {
         assert_eq!(decode_password(&text(" ")), PasswordValue::None);
         assert_eq!(
             decode_password(&text("$pbkdf2-sha256$29000$abc$def")),
-            PasswordValue::Unsupported("passlib pbkdf2-sha256")
+            PasswordValue::Unsupported("malformed passlib pbkdf2-sha256")
         );
         assert_eq!(
             decode_password(&text(&bcrypt[..50])),

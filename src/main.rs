@@ -5,14 +5,15 @@
 //! command, turn its outcome into an exit code. The work lives in the library (`src/lib.rs`);
 //! see ARCHITECTURE.md for the map.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use keyrack::config::{Config, DbLocation, Lookup, ServeConfig};
+use keyrack::open;
 use keyrack::operator::{Keep, Stores};
-use keyrack::{app, commands, fixtures, http, import, Failure};
+use keyrack::{commands, export, fixtures, http, import, Failure};
 
 /// The settings and exit codes, shown by `keyrack --help`.
 const AFTER_HELP: &str = "\
@@ -43,14 +44,19 @@ else ./.env when it exists), the file over the default. An empty variable counts
   KEYRACK_SOCKET_TIMEOUT       serve: seconds each socket read or write may take (10)
   KEYRACK_BUSY_TIMEOUT         seconds a statement waits for a lock another process holds
                                (default 5; past it a request answers 503 busy)
-  KEYRACK_LEGACY_FERNET_KEY    import-legacy: comma-separated Fernet keys of the application
+  KEYRACK_LEGACY_FERNET_KEY    import-legacy, export-legacy: comma-separated Fernet keys of the
+                               application (export-legacy seals with the first)
+  KEYRACK_UPGRADE_BACKUP       off: serve, migrate and upgrade apply schema migrations without
+                               first writing the backup <database>.backup-<time>-schema-<n>
   RUST_LOG                     log filter (default info); logs go to stderr
 
 Exit codes:
   0  success
   1  failure at run time (also: an email already taken by add-user)
-  2  usage or configuration error, or a --db file that does not exist (only serve and
-     load-fixtures create a database), or a backup PATH that already exists
+  2  usage or configuration error, or a --db file that does not exist (only serve,
+     load-fixtures and import-legacy create a database), or a backup PATH that already
+     exists, or a database whose schema is older (run `keyrack upgrade`) or newer than this
+     binary's
   3  refused by a safety check
 
 Every file keyrack creates (database, -wal, -shm, key file, backups) is readable by its owner only.";
@@ -251,6 +257,19 @@ enum Cmd {
     /// Create the --db database (which must not exist) in phase legacy from another
     /// application's users table; keys in plaintext or as Fernet tokens (KEYRACK_LEGACY_FERNET_KEY)
     ImportLegacy(ImportArgs),
+    /// Give an adopted application its keys back in its own column (plaintext or Fernet), after a
+    /// backup of its database
+    ExportLegacy(ExportArgs),
+    /// Apply pending schema migrations to the database, after a backup beside it
+    Upgrade {
+        /// Do not write the backup first
+        #[arg(long)]
+        no_backup: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Print keyrack's version and the schema version it uses (uses no database)
+    Version,
     /// Set a user's password (from a terminal prompt, or the first line of stdin) and end their
     /// sessions
     ResetPassword {
@@ -280,19 +299,12 @@ impl Cmd {
             | Cmd::Resolve { settings, .. }
             | Cmd::Audit { settings, .. }
             | Cmd::ClearKey { settings, .. }
+            | Cmd::Upgrade { settings, .. }
             | Cmd::ResetPassword { settings, .. } => settings.clone(),
             Cmd::ImportLegacy(a) => a.settings.clone(),
-            Cmd::GenKey => Settings::default(),
+            Cmd::ExportLegacy(a) => a.settings.clone(),
+            Cmd::GenKey | Cmd::Version => Settings::default(),
         }
-    }
-
-    /// Whether the command may create its database. Every other command refuses a `--db` path
-    /// that does not exist: a typo must not leave an empty database (and key file) behind.
-    fn creates_database(&self) -> bool {
-        matches!(
-            self,
-            Cmd::Serve(_) | Cmd::LoadFixtures { .. } | Cmd::ImportLegacy(_)
-        )
     }
 }
 
@@ -326,14 +338,56 @@ struct ImportArgs {
     /// The column of OpenAI keys, plaintext or Fernet tokens
     #[arg(long, value_name = "C", default_value = "openai_api_key")]
     key_column: String,
-    /// A column of bcrypt or argon2 password hashes to carry over [default: none]
+    /// A column of password hashes to carry over: bcrypt, argon2, Werkzeug scrypt or
+    /// pbkdf2:sha256, Django pbkdf2_sha256, passlib pbkdf2-sha256 [default: none]
     #[arg(long, value_name = "C")]
     password_column: Option<String>,
     /// Import users whose key does not decode without their key, instead of refusing (exit 3)
     #[arg(long)]
     skip_unreadable: bool,
+    /// Write a JSON report (mode 0600) of the users without a usable password, the rows skipped
+    /// and the keys that did not decode; never a key or a hash. PATH must not exist
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
     #[command(flatten)]
     settings: Settings,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// The application's SQLite database, whose key column is written
+    #[arg(long, value_name = "APP.db")]
+    to: PathBuf,
+    /// How the keys are written: plaintext, or Fernet tokens under the first key of
+    /// KEYRACK_LEGACY_FERNET_KEY
+    #[arg(long, value_enum)]
+    format: FormatArg,
+    /// The application's users table
+    #[arg(long, value_name = "T", default_value = "users")]
+    users_table: String,
+    /// The column of the application's user ids (matched, as text, to keyrack's external ids)
+    #[arg(long, value_name = "C", default_value = "id")]
+    id_column: String,
+    /// The column the keys are written to
+    #[arg(long, value_name = "C", default_value = "openai_api_key")]
+    key_column: String,
+    /// Where to write the backup of APP.db [default: beside it, named with the date and time]
+    #[arg(long, value_name = "PATH")]
+    backup: Option<PathBuf>,
+    /// Print the counts, write nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask for confirmation
+    #[arg(long)]
+    yes: bool,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum FormatArg {
+    Plaintext,
+    Fernet,
 }
 
 #[derive(clap::Args, Default)]
@@ -360,8 +414,14 @@ fn main() -> ExitCode {
         libc::umask(0o077);
     }
     tune_allocator();
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = Cli::command().get_matches();
+    // The command's name as typed (no command: serve), the key of its needs in `keyrack::open`.
+    let name = matches.subcommand_name().unwrap_or("serve").to_owned();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match run(cli, &name) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             eprintln!("keyrack: {}", f.message());
@@ -370,10 +430,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
+fn run(cli: Cli, name: &str) -> Result<(), Failure> {
     let command = cli.command.unwrap_or(Cmd::Serve(ServeArgs::default()));
+    let needs = open::for_command(name)?;
     if let Cmd::GenKey = command {
         commands::gen_key();
+        return Ok(());
+    }
+    if let Cmd::Version = command {
+        println!(
+            "keyrack {}\nschema version {}",
+            open::VERSION,
+            keyrack::db::binary_schema_version()
+        );
         return Ok(());
     }
     let settings = command.settings().or(cli.settings);
@@ -423,19 +492,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
             key_column: a.key_column,
             password_column: a.password_column,
             skip_unreadable: a.skip_unreadable,
+            report: a.report,
         };
         let fernet_keys = lookup.get(import::FERNET_VAR);
         return import::run(config, fernet_keys.as_deref(), &opts);
     }
 
-    let new_files = if command.creates_database() {
+    let Some(needs) = needs else {
+        return Err(Failure::Runtime(format!("{name} uses no database (a bug)")));
+    };
+    let new_files = if needs.database == open::Database::MayCreate {
         NewFiles::before_opening(&db_location)
     } else {
         if let DbLocation::File(path) = &db_location {
             if !path.exists() {
                 return Err(Failure::Config(format!(
-                    "the database {} does not exist; check --db / KEYRACK_DB (only `keyrack serve` \
-                     and `keyrack load-fixtures` create a database)",
+                    "the database {} does not exist; check --db / KEYRACK_DB (only `keyrack serve`, \
+                     `keyrack load-fixtures` and `keyrack import-legacy` create a database)",
                     keyrack::logging::printable(&path.display().to_string())
                 )));
             }
@@ -458,12 +531,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
             | Cmd::RemoveLegacyColumn { dry_run: true, .. }
             | Cmd::Revert { dry_run: true, .. }
     );
-    let opened = if dry_run {
-        app::App::open_copy(config)
-    } else {
-        app::App::open(config)
+    let options = open::Options {
+        dry_run,
+        no_backup: matches!(
+            command,
+            Cmd::Upgrade {
+                no_backup: true,
+                ..
+            }
+        ) || upgrade_backup_off(&lookup)?,
     };
-    let app = opened.and_then(|app| {
+    let app = open::open(config, needs, options).and_then(|(app, opened)| {
+        if let Cmd::Upgrade { .. } = command {
+            report_upgrade(&db_location, &opened);
+        }
         if serving {
             // Values sealed with a key outside the ring stop a server before it loads anything.
             app.check_keys_for_serving()?;
@@ -553,8 +634,67 @@ fn run(cli: Cli) -> Result<(), Failure> {
             ..
         } => keyrack::operator::audit(&app, user.as_deref(), since.as_deref(), limit, json),
         Cmd::ResetPassword { email, .. } => commands::reset_password(&app, &email),
-        Cmd::GenKey | Cmd::KeyId { .. } | Cmd::ImportLegacy(_) | Cmd::Healthcheck { .. } => Ok(()),
+        Cmd::ExportLegacy(a) => export::run(
+            &app,
+            &export::Options {
+                to: a.to,
+                format: match a.format {
+                    FormatArg::Plaintext => export::Format::Plaintext,
+                    FormatArg::Fernet => export::Format::Fernet,
+                },
+                users_table: a.users_table,
+                id_column: a.id_column,
+                key_column: a.key_column,
+                backup: a.backup,
+                dry_run: a.dry_run,
+                yes: a.yes,
+            },
+            lookup.get(import::FERNET_VAR).as_deref(),
+        ),
+        Cmd::Upgrade { .. } => Ok(()),
+        Cmd::GenKey
+        | Cmd::Version
+        | Cmd::KeyId { .. }
+        | Cmd::ImportLegacy(_)
+        | Cmd::Healthcheck { .. } => Ok(()),
     }
+}
+
+/// `KEYRACK_UPGRADE_BACKUP=off`: schema upgrades write no backup first.
+fn upgrade_backup_off(lookup: &Lookup) -> Result<bool, Failure> {
+    match lookup.get("KEYRACK_UPGRADE_BACKUP").as_deref() {
+        None | Some("on") => Ok(false),
+        Some("off") => Ok(true),
+        Some(_) => Err(Failure::Config(
+            "KEYRACK_UPGRADE_BACKUP must be on (the default) or off".into(),
+        )),
+    }
+}
+
+/// What `keyrack upgrade` did, on stdout.
+fn report_upgrade(db: &DbLocation, opened: &open::Opened) {
+    let db = match db {
+        DbLocation::File(p) => keyrack::logging::printable(&p.display().to_string()),
+        DbLocation::Memory => ":memory:".to_owned(),
+    };
+    if opened.schema_before == opened.schema_after {
+        println!(
+            "{db} is at schema version {} already; nothing to upgrade",
+            opened.schema_after
+        );
+        return;
+    }
+    let backup = match &opened.backup {
+        Some(p) => format!(
+            "; the backup is {}",
+            keyrack::logging::printable(&p.display().to_string())
+        ),
+        None => "; no backup was written".to_owned(),
+    };
+    println!(
+        "upgraded {db} from schema version {} to {}{backup}",
+        opened.schema_before, opened.schema_after
+    );
 }
 
 /// The files a command that creates a database would leave behind, when they did not exist

@@ -37,6 +37,7 @@ impl Status {
         let s = &self.survey;
         json!({
             "phase": self.phase.as_str(),
+            "version": crate::open::VERSION,
             "schema_version": self.schema_version,
             "users": s.users,
             "column_keys": s.column_keys,
@@ -57,9 +58,10 @@ impl Status {
     pub(crate) fn to_text(&self) -> String {
         let s = &self.survey;
         let mut out = format!(
-            "phase            {}\nschema version   {}\nusers            {}\ncolumn keys      {}\n\
+            "phase            {}\nversion          {}\nschema version   {}\nusers            {}\ncolumn keys      {}\n\
              table keys       {}\nunmigrated       {}\nconflicts        {}\nundecryptable    {}\n",
             self.phase,
+            crate::open::VERSION,
             self.schema_version,
             s.users,
             s.column_keys,

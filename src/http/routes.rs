@@ -194,16 +194,21 @@ struct Health {
     status: &'static str,
     phase: &'static str,
     version: &'static str,
+    schema_version: i64,
 }
 
-fn healthz(_: &App, store: &mut Store, _: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
+fn healthz(app: &App, store: &mut Store, _: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
     let phase = store.phase()?;
+    // Read once at start: only serve, migrate and upgrade change it, and this server applied
+    // every migration it knows before serving.
+    let schema_version = app.schema_version;
     Ok(Reply::of(
         200,
         &Health {
             status: "ok",
             phase: phase.as_str(),
             version: env!("CARGO_PKG_VERSION"),
+            schema_version,
         },
     ))
 }

@@ -8,6 +8,7 @@ pub(crate) mod classify;
 pub(crate) mod counts;
 pub(crate) mod events;
 pub(crate) mod evidence;
+pub(crate) mod export;
 mod fold;
 mod group;
 pub(crate) mod import;

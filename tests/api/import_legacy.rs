@@ -15,10 +15,10 @@ use std::sync::OnceLock;
 use crate::support::*;
 
 /// The application's Fernet keys (URL-safe base64 of 32 bytes), as its settings would hold them.
-const FERNET_A: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
-const FERNET_B: &str = "QEFCQ0RFRkdISUpLTE1OT1BRUlNUVVZXWFlaW1xdXl8=";
+pub(crate) const FERNET_A: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+pub(crate) const FERNET_B: &str = "QEFCQ0RFRkdISUpLTE1OT1BRUlNUVVZXWFlaW1xdXl8=";
 /// A key the application never used.
-const FERNET_WRONG: &str = "YGFiY2RlZmdoaWprbG1ub3BxcnN0dXZ3eHl6e3x9fn8=";
+pub(crate) const FERNET_WRONG: &str = "YGFiY2RlZmdoaWprbG1ub3BxcnN0dXZ3eHl6e3x9fn8=";
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/legacy_app.py");
 
@@ -28,7 +28,7 @@ fn venv_dir() -> PathBuf {
 
 /// Sets up the script's virtual environment once; `false` when Python is not there to run it
 /// (then one line says so on stderr, past the test harness's capture, once per run).
-fn python_ready() -> bool {
+pub(crate) fn python_ready() -> bool {
     static READY: OnceLock<Result<(), String>> = OnceLock::new();
     let ready = READY.get_or_init(|| {
         let out = Command::new("python3")
@@ -65,7 +65,7 @@ fn python_ready() -> bool {
     }
 }
 
-fn script(args: &[&str], stdin: Option<&str>) {
+pub(crate) fn script(args: &[&str], stdin: Option<&str>) {
     let mut child = Command::new("python3")
         .arg(SCRIPT)
         .arg("--venv")
@@ -86,7 +86,7 @@ fn script(args: &[&str], stdin: Option<&str>) {
 }
 
 /// The application's database from a list of rows (see the script for their form).
-fn app_db(env: &Env, rows: Value) -> PathBuf {
+pub(crate) fn app_db(env: &Env, rows: Value) -> PathBuf {
     let out = env.path("app.db");
     script(
         &[
@@ -101,14 +101,14 @@ fn app_db(env: &Env, rows: Value) -> PathBuf {
     out
 }
 
-fn import(env: &Env, app: &Path, extra: &[&str]) -> Output {
+pub(crate) fn import(env: &Env, app: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["import-legacy", "--from", app.to_str().unwrap()];
     args.extend_from_slice(extra);
     env.run(&args)
 }
 
 /// Every file in the environment's directory but the application's database.
-fn files_beside(env: &Env) -> Vec<String> {
+pub(crate) fn files_beside(env: &Env) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(env.dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -119,7 +119,7 @@ fn files_beside(env: &Env) -> Vec<String> {
 }
 
 /// Opens a column value of keyrack's database with AES-256-GCM written here, not keyrack's code.
-fn open_column(key_b64: &str, user_id: i64, sealed: &str) -> String {
+pub(crate) fn open_column(key_b64: &str, user_id: i64, sealed: &str) -> String {
     use aes_gcm::aead::{Aead, KeyInit, Payload};
     use aes_gcm::{Aes256Gcm, Key, Nonce};
     use base64::Engine as _;
@@ -141,7 +141,7 @@ fn open_column(key_b64: &str, user_id: i64, sealed: &str) -> String {
 }
 
 /// Every user's column key, opened independently.
-fn column_keys(db: &Path) -> Vec<(i64, String, Option<String>)> {
+pub(crate) fn column_keys(db: &Path) -> Vec<(i64, String, Option<String>)> {
     let c = rusqlite::Connection::open(db).unwrap();
     let mut stmt = c
         .prepare("SELECT id, email, openai_api_key FROM users ORDER BY id")
@@ -162,7 +162,7 @@ fn column_keys(db: &Path) -> Vec<(i64, String, Option<String>)> {
         .collect()
 }
 
-fn login_with(server: &Server, email: &str, password: &str) -> Resp {
+pub(crate) fn login_with(server: &Server, email: &str, password: &str) -> Resp {
     server.post(
         "/auth/login",
         None,
@@ -170,12 +170,12 @@ fn login_with(server: &Server, email: &str, password: &str) -> Resp {
     )
 }
 
-fn token(r: &Resp) -> String {
+pub(crate) fn token(r: &Resp) -> String {
     assert_eq!(r.status, 200, "{}", r.raw);
     r.body["token"].as_str().unwrap().to_owned()
 }
 
-fn password_hash(db: &Path, id: i64) -> String {
+pub(crate) fn password_hash(db: &Path, id: i64) -> String {
     match sql_value(
         db,
         &format!("SELECT password_hash FROM users WHERE id = {id}"),
@@ -229,11 +229,11 @@ fn ten_thousand_users_import_migrate_serve_revert_and_remove() {
         "empty: 1000",
         "unreadable: 0",
         "skipped: 0",
-        "passwords: bcrypt 9800, argon2 100, none 0, unsupported 100 (passlib pbkdf2-sha256 100)",
-        "100 users have no usable password",
+        "passwords: bcrypt 9800, argon2 100, werkzeug scrypt 0, werkzeug pbkdf2 0, django pbkdf2_sha256 0, passlib pbkdf2-sha256 100, none 0, unsupported 0",
     ] {
         assert!(report.contains(line), "{line:?} not in:\n{report}");
     }
+    assert!(!report.contains("no usable password"), "{report}");
     // The application's database is not changed, not even by a journal.
     assert_eq!(std::fs::read(&app).unwrap(), app_before);
     assert!(!env.path("app.db-wal").exists() && !env.path("app.db-journal").exists());
@@ -290,9 +290,13 @@ fn ten_thousand_users_import_migrate_serve_revert_and_remove() {
     );
     let wrong = login_with(&server, "user5@example.com", "bcrypt pass 6");
     assert_eq!(wrong.status, 401);
-    // A pbkdf2-sha256 account has no usable password until reset-password.
-    let pbkdf2 = login_with(&server, "user100@example.com", "pbkdf2 pass 2");
-    assert_eq!(pbkdf2.status, 401);
+    // A passlib pbkdf2-sha256 account logs in with its old password, then has keyrack's hash.
+    assert_eq!(
+        login_with(&server, "user100@example.com", "pbkdf2 pass 3").status,
+        401
+    );
+    token(&login_with(&server, "user100@example.com", "pbkdf2 pass 2"));
+    assert!(password_hash(&env.db(), 100).starts_with("$argon2id$v=19$m=9216,t=4,p=1$"));
     server.terminate();
 
     let out = env.run(&["migrate"]);
@@ -415,7 +419,7 @@ fn mixed_formats_in_one_column() {
         "keys: 5 (plaintext 2, fernet 3)",
         "empty: 2",
         "unreadable: 1",
-        "passwords: bcrypt 4, argon2 1, none 2, unsupported 1 (passlib pbkdf2-sha256 1)",
+        "passwords: bcrypt 4, argon2 1, werkzeug scrypt 0, werkzeug pbkdf2 0, django pbkdf2_sha256 0, passlib pbkdf2-sha256 1, none 2, unsupported 0",
     ] {
         assert!(report.contains(line), "{line:?} not in:\n{report}");
     }
@@ -443,13 +447,13 @@ fn mixed_formats_in_one_column() {
         ("fernet-b@example.com", "password three"),
         ("blob@example.com", "password four"),
         ("spaced.upper@example.com", "password eight"),
+        ("garbage@example.com", "password seven"),
     ] {
         token(&login_with(&server, email, pw));
     }
     for (email, pw) in [
         ("null@example.com", "anything at all"),
         ("blank@example.com", "anything at all"),
-        ("garbage@example.com", "password seven"),
     ] {
         assert_eq!(login_with(&server, email, pw).status, 401, "{email}");
     }

@@ -1,6 +1,7 @@
 //! One test binary for every end-to-end test: it links once, and cargo runs its tests in
 //! parallel, each against its own server and database.
 
+mod adoption;
 mod audit;
 mod deploy;
 mod disguised_text;
@@ -18,3 +19,4 @@ mod operator;
 mod page;
 mod phases;
 mod support;
+mod upgrade;

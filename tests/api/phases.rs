@@ -22,6 +22,11 @@ fn schema_v2_over_a_legacy_database_starts_in_phase_legacy() {
          DROP TABLE keyrack_meta; DELETE FROM refinery_schema_history WHERE version >= 2;",
     );
     seed_legacy_users(&env.db(), 3);
+    // An older schema: only serve, migrate and upgrade apply migrations.
+    let out = env.run(&["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("keyrack upgrade"), "{}", stderr(&out));
+    says(&env.run(&["upgrade"]), 0, "from schema version 1 to");
     let st = status_json(&env);
     assert_eq!(st["phase"], "legacy");
     assert_eq!(st["schema_version"], 6);

@@ -2,13 +2,16 @@
 """Builds the SQLite database of a typical Python web application that keeps each user's OpenAI
 key in a column of its `users` table: the schema SQLAlchemy writes for such a model, keys in
 plaintext or as Fernet tokens made with the `cryptography` package, passwords hashed with the
-`bcrypt` package (and a few with `argon2-cffi` and passlib's pbkdf2-sha256 format). keyrack's
-`import-legacy` tests read what this script writes; nothing here uses keyrack's code.
+`bcrypt` package (and others with `argon2-cffi`, and in the formats of Werkzeug's scrypt and
+pbkdf2:sha256, Django's pbkdf2_sha256 and passlib's pbkdf2-sha256, made with Python's
+hashlib). keyrack's `import-legacy` and `export-legacy` tests read what this script writes, and
+`decode` reads back what `export-legacy` wrote; nothing here uses keyrack's code.
 
     python3 tests/scripts/legacy_app.py --venv DIR setup
     python3 tests/scripts/legacy_app.py --venv DIR rows --out APP.db < rows.json
     python3 tests/scripts/legacy_app.py --venv DIR bulk --out APP.db --users N \
         --fernet-keys K1,K2 --manifest M.json
+    python3 tests/scripts/legacy_app.py --venv DIR decode --db APP.db --fernet-keys K1,K2
 
 The script runs itself inside a virtual environment at DIR, which it creates and fills with
 `cryptography`, `bcrypt` and `argon2-cffi` from PyPI the first time. Exit 3: Python's `venv`
@@ -17,7 +20,12 @@ module or the packages are unavailable (the caller may skip).
 `rows` reads a JSON list of rows: {"id": 1, "email": "a@b.c" | null, "key": K, "password": P}
 with K one of null, {"plain": "sk-…"}, {"fernet": "sk-…", "with": 0, "blob": false},
 {"raw": "any text"} and P one of null, {"bcrypt": "pw", "prefix": "$2b$"}, {"argon2": "pw"},
-{"pbkdf2": "pw"}, {"raw": "text"}. `with` is the index of the Fernet key in --fernet-keys.
+{"pbkdf2": "pw"} (passlib), {"werkzeug_scrypt": "pw"}, {"werkzeug_pbkdf2": "pw"},
+{"django": "pw"}, {"raw": "text"}. `with` is the index of the Fernet key in --fernet-keys.
+
+`decode` prints, as JSON, every row's id and its key column decoded as the application would
+read it: {"id": 1, "key": "sk-…" | null, "stored": "plaintext" | "fernet" | "null"}; a value that
+is neither: exit 1.
 
 `bulk` writes N users with a mix of every format (`--all-fernet`: every key a Fernet token) and
 a manifest (JSON) of what each user's password and key are, for the test to check against.
@@ -94,9 +102,48 @@ def ab64(raw):
 
 
 def pbkdf2_sha256(password, rounds=1000):
+    """passlib's `pbkdf2_sha256.hash`: 16 random salt bytes, a 32-byte checksum, both ab64."""
     salt = os.urandom(16)
     dk = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, rounds)
     return f"$pbkdf2-sha256${rounds}${ab64(salt)}${ab64(dk)}"
+
+
+def text_salt():
+    """Werkzeug's gen_salt(16) and Django's salts: letters and digits, used as their text."""
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    return "".join(alphabet[b % len(alphabet)] for b in os.urandom(16))
+
+
+def werkzeug_scrypt(password, n=1024, r=8, p=1):
+    """Werkzeug 3's `generate_password_hash` with method scrypt (its default is
+    scrypt:32768:8:1): a 64-byte key in hexadecimal."""
+    salt = text_salt()
+    dk = hashlib.scrypt(password.encode(), salt=salt.encode(), n=n, r=r, p=p, maxmem=132 * 1024 * 1024)
+    return f"scrypt:{n}:{r}:{p}${salt}${dk.hex()}"
+
+
+def werkzeug_pbkdf2(password, iterations=1000):
+    """Werkzeug's method pbkdf2:sha256:<iterations> (its default: 1,000,000 since 3.1)."""
+    salt = text_salt()
+    dk = hashlib.pbkdf2_hmac("sha256", password.encode(), salt.encode(), iterations)
+    return f"pbkdf2:sha256:{iterations}${salt}${dk.hex()}"
+
+
+def django_pbkdf2(password, iterations=1000):
+    """Django's PBKDF2PasswordHasher: pbkdf2_sha256$<iterations>$<salt>$<standard base64>."""
+    salt = text_salt()
+    dk = hashlib.pbkdf2_hmac("sha256", password.encode(), salt.encode(), iterations)
+    return f"pbkdf2_sha256${iterations}${salt}${base64.b64encode(dk).decode()}"
+
+
+FORMS = {
+    "bcrypt": None,
+    "argon2": None,
+    "pbkdf2": pbkdf2_sha256,
+    "werkzeug_scrypt": werkzeug_scrypt,
+    "werkzeug_pbkdf2": werkzeug_pbkdf2,
+    "django": django_pbkdf2,
+}
 
 
 class Hashes:
@@ -116,7 +163,7 @@ class Hashes:
             return None
         if "raw" in spec:
             return spec["raw"]
-        form = next(k for k in ("bcrypt", "argon2", "pbkdf2") if k in spec)
+        form = next(k for k in FORMS if k in spec)
         pw = spec[form]
         prefix = spec.get("prefix", "$2b$")
         cache_key = (form, pw, prefix)
@@ -127,7 +174,7 @@ class Hashes:
             elif form == "argon2":
                 h = self.argon2.hash(pw)
             else:
-                h = pbkdf2_sha256(pw)
+                h = FORMS[form](pw)
             self.cache[cache_key] = h
         return self.cache[cache_key]
 
@@ -212,6 +259,39 @@ def cmd_bulk(args, fernets):
         json.dump(manifest, f)
 
 
+def cmd_decode(args, fernets):
+    """Reads the key column back as the application would: a Fernet token is decrypted with
+    the application's keys; anything else is taken as a plaintext key."""
+    from cryptography.fernet import InvalidToken
+
+    db = sqlite3.connect(f"file:{args.db}?mode=ro", uri=True)
+    out = []
+    for row_id, value in db.execute("SELECT id, openai_api_key FROM users ORDER BY id"):
+        if value is None:
+            out.append({"id": row_id, "key": None, "stored": "null"})
+            continue
+        text = value.decode() if isinstance(value, bytes) else value
+        if text.startswith("gAAAAA"):
+            key = None
+            for f in fernets:
+                try:
+                    key = f.decrypt(text.encode()).decode()
+                    break
+                except InvalidToken:
+                    continue
+            if key is None:
+                print(f"row {row_id}: a Fernet token no key opens", file=sys.stderr)
+                sys.exit(1)
+            out.append({"id": row_id, "key": key, "stored": "fernet"})
+        elif text.startswith("kr1:"):
+            print(f"row {row_id}: a value sealed by keyrack, unreadable here", file=sys.stderr)
+            sys.exit(1)
+        else:
+            out.append({"id": row_id, "key": text, "stored": "plaintext"})
+    db.close()
+    json.dump(out, sys.stdout)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--venv", required=True)
@@ -226,6 +306,9 @@ def main():
     b.add_argument("--fernet-keys", default="")
     b.add_argument("--manifest", required=True)
     b.add_argument("--all-fernet", action="store_true", help="every user's key as a Fernet token")
+    d = sub.add_parser("decode")
+    d.add_argument("--db", required=True)
+    d.add_argument("--fernet-keys", default="")
     args = p.parse_args()
 
     if not in_venv(args.venv):
@@ -237,6 +320,8 @@ def main():
     fernets = [Fernet(k.encode()) for k in args.fernet_keys.split(",") if k]
     if args.cmd == "rows":
         cmd_rows(args, fernets)
+    elif args.cmd == "decode":
+        cmd_decode(args, fernets)
     else:
         cmd_bulk(args, fernets)
 
