@@ -170,6 +170,11 @@ pub struct ServeConfig {
     pub write_workers: usize,
     /// The HTTP layer's timeouts.
     pub timeouts: HttpTimeouts,
+    /// `--exit-with-parent` / `KEYRACK_EXIT_WITH_PARENT`: stop (as on SIGTERM) when the process
+    /// that started the server is gone.
+    pub exit_with_parent: bool,
+    /// The process that started keyrack, as it was when the settings were read (early).
+    pub parent_pid: u32,
 }
 
 /// A switch of the test suite, `KEYRACK_TEST_<name>` (trimmed), read in debug builds only:
@@ -446,11 +451,26 @@ impl ServeConfig {
             DEFAULT_WRITE_WORKERS,
         )?;
         let timeouts = HttpTimeouts::resolve(lookup)?;
+        let exit_with_parent = match lookup
+            .get("KEYRACK_EXIT_WITH_PARENT")
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("0" | "false" | "no" | "off") => false,
+            Some("1" | "true" | "yes" | "on") => true,
+            Some(v) => {
+                return Err(ConfigError(format!(
+                    "KEYRACK_EXIT_WITH_PARENT {v:?} is not valid; give 1 (or true) or 0 (or false)"
+                )))
+            }
+        };
         Ok(ServeConfig {
             listen,
             workers,
             write_workers,
             timeouts,
+            exit_with_parent,
+            parent_pid: std::os::unix::process::parent_id(),
         })
     }
 }
@@ -602,6 +622,22 @@ mod tests {
                 Err(e) => assert!(e.0.contains("KEYRACK_WRITE_WORKERS"), "{}", e.0),
             }
         }
+    }
+
+    #[test]
+    fn exit_with_parent_is_a_yes_or_no() {
+        let on = |v: &str| {
+            ServeConfig::resolve(None, None, &lookup(&[("KEYRACK_EXIT_WITH_PARENT", v)]))
+                .map(|s| s.exit_with_parent)
+        };
+        for v in ["1", "true", " yes ", "on"] {
+            assert!(on(v).unwrap(), "{v:?}");
+        }
+        for v in ["0", "false", "no", "off", ""] {
+            assert!(!on(v).unwrap(), "{v:?}");
+        }
+        let e = on("sometimes").unwrap_err();
+        assert!(e.0.contains("KEYRACK_EXIT_WITH_PARENT"), "{}", e.0);
     }
 
     #[test]

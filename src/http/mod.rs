@@ -7,13 +7,14 @@
 
 pub mod api;
 mod page;
+mod parent;
 pub(crate) mod routes;
+mod workers;
 
 use std::io::{Cursor, Read, Write};
 use std::net::TcpListener;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -45,16 +46,6 @@ fn max_connections() -> usize {
 
 /// Binds, prints the ready line, serves until SIGINT or SIGTERM.
 pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
-    // Every worker's connection is opened before the ready line, so a harness that saw it
-    // can rely on the server.
-    let stores = (0..cfg.workers)
-        .map(|_| app.store())
-        .collect::<Result<Vec<_>, _>>()?;
-    let write_stores = (0..cfg.write_workers)
-        .map(|_| app.store())
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut flusher_store = app.store()?;
-
     let listener = TcpListener::bind(cfg.listen)
         .map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", cfg.listen)))?;
     let addr = listener
@@ -80,63 +71,46 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
 
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
+    if cfg.exit_with_parent {
+        parent::exit_with_parent(cfg.parent_pid)?;
+    }
 
     // Writes wait for their group's commit to reach the disk; the more writers wait, the larger
     // the group. They wait in a pool of their own, so the readers stay few (as many as keep the
-    // cores busy) and a burst of writes never holds them.
-    let (to_writers, writes) = mpsc::channel::<tiny_http::Request>();
-    let writes = Arc::new(Mutex::new(writes));
-    let writers: Vec<_> = write_stores
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut store)| {
-            let writes = writes.clone();
-            let app = app.clone();
-            thread::Builder::new()
-                .name(format!("writer-{i}"))
-                .spawn(move || loop {
-                    // Ends once every reader is gone and the queue is empty.
-                    let next = writes.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                    let Ok(rq) = next else { return };
-                    handle(&app, &mut store, rq);
-                })
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
-    let workers: Vec<_> = stores
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut store)| {
-            let server = server.clone();
-            let app = app.clone();
-            let to_writers = to_writers.clone();
-            thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .spawn(move || {
-                    while let Ok(rq) = server.recv() {
-                        // The writers take what may change something (the methods that are
-                        // not safe, as the connection's reader also counts them). A read that
-                        // happens to write (a key moved from the legacy column on read) stays
-                        // here.
-                        if rq.method().is_safe() {
-                            handle(&app, &mut store, rq);
-                        } else if let Err(mpsc::SendError(rq)) = to_writers.send(rq) {
-                            // No writer left (only if one died): served here.
-                            handle(&app, &mut store, rq);
-                        }
-                    }
-                })
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
-    drop(to_writers);
+    // cores busy) and a burst of writes never holds them. Both pools start with what the first
+    // request needs (one reader) and grow on demand (`workers.rs`).
+    let workers =
+        workers::Workers::start(app.clone(), server.clone(), cfg.workers, cfg.write_workers);
+
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "keyrack listening on http://{addr}");
+        let _ = out.flush();
+    }
+    // Nothing below is needed by the first request: it starts after the ready line.
 
     let flusher = {
         let audit_days = app.audit_days;
         // Expired sessions and events older than KEYRACK_AUDIT_DAYS are pruned at start and
         // then every hour, on the flusher's thread.
         let mut pruned_at: Option<Instant> = None;
+        let app = app.clone();
+        let mut flusher_store = None;
         let run = move || loop {
+            // Its own connection, opened here rather than before the ready line.
+            let flusher_store = match &mut flusher_store {
+                Some(s) => s,
+                None => match app.store() {
+                    Ok(s) => flusher_store.insert(s),
+                    Err(f) => {
+                        log::warn!("cannot open the flusher's connection yet: {}", f.message());
+                        if app.shared.wait_for_flush(Duration::from_secs(1)) {
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
             if pruned_at.is_none_or(|t| t.elapsed() >= SESSION_PRUNE_EVERY) {
                 pruned_at = Some(Instant::now());
                 match flusher_store.prune_sessions() {
@@ -192,11 +166,6 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
             .map_err(|e| Failure::Runtime(format!("cannot start the flusher thread: {e}")))?
     };
 
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "keyrack listening on http://{addr}");
-        let _ = out.flush();
-    }
     // From here on log lines are written by a thread of their own, many in one write; every
     // line still waiting is written when this guard drops, as `serve` returns.
     let _log_writer = crate::logging::serve_batched()
@@ -219,16 +188,8 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     if !server.shutdown_gracefully(limit) {
         log::warn!("some connections were still open after {limit:?}; closing them");
     }
-    for _ in 0..workers.len() {
-        server.unblock();
-    }
-    for w in workers {
-        let _ = w.join();
-    }
-    // The readers are gone: the writers answer what was passed to them, then stop.
-    for w in writers {
-        let _ = w.join();
-    }
+    // The readers stop, then the writers answer what was passed to them and stop.
+    workers.stop();
     app.shared.stop_flusher();
     let _ = flusher.join();
     log::info!("stopped");

@@ -3,6 +3,7 @@
 
 mod deploy;
 mod foundation;
+mod harness;
 mod hostile;
 mod http_layer;
 mod import_legacy;
