@@ -229,3 +229,64 @@ fn a_bad_exit_with_parent_setting_is_refused() {
         stderr(&out)
     );
 }
+
+#[test]
+fn the_readme_tour_runs_twice_and_says_how_to_stop_its_server() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let tour = readme
+        .split_once("A short tour")
+        .and_then(|(_, rest)| rest.split_once("```sh\n"))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(block, _)| block)
+        .expect("the README's tour");
+    assert!(
+        tour.lines().any(|l| l.starts_with("kill ")),
+        "the tour does not say how to stop its server:\n{tour}"
+    );
+    // The tour's server command, as written, on port 0, run twice from one directory.
+    let line = tour.lines().next().unwrap();
+    let args: Vec<String> = line
+        .split_once("cargo run --release -- ")
+        .and_then(|(_, rest)| rest.split(" &").next())
+        .expect("the tour starts a server")
+        .split_whitespace()
+        .map(|a| match a.strip_prefix("fixtures/") {
+            Some(f) => repo_fixture(f),
+            None => a.to_owned(),
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    for run in 1..=2 {
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .args(["--listen", "127.0.0.1:0"])
+            .current_dir(dir.path())
+            .env_clear()
+            .env("KEYRACK_TEST_CHEAP_HASH", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        if !ready.contains("listening on") {
+            let out = child.wait_with_output().unwrap();
+            panic!("run {run} of the tour: {}", stderr(&out));
+        }
+        let base = ready
+            .trim()
+            .trim_start_matches("keyrack listening on ")
+            .to_owned();
+        let r = ureq::post(&format!("{base}/auth/login"))
+            .send_json(json!({"email": "ada@example.com", "password": "correct horse battery"}))
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        signal(&child, libc::SIGTERM);
+        let status = wait_timeout(&mut child, Duration::from_secs(10)).expect("stopped");
+        assert_eq!(status.code(), Some(0), "run {run}");
+    }
+}
