@@ -57,7 +57,8 @@ replicate-drill:
 replicate-drill-s3:
 	DRILL_REPLICA=s3 bash tests/scripts/replicate-drill.sh
 
-# deploy/keyrack.service: systemd-analyze verify and security (exposure at most 2.0).
+# deploy/keyrack.service and deploy/keyrack-litestream.service: systemd-analyze verify and
+# security (exposure at most 2.0 each), keyrack's LimitNOFILE=; see docs/deploy.md.
 check-unit:
 	bash tests/scripts/check-unit.sh
 
