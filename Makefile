@@ -1,5 +1,5 @@
 # keyrack: the everyday commands. The README gives the same ones.
-.PHONY: run test browser-test slow-tests bench cost fmt lint ci fuzz-api faults load fuzz fuzz-http replicate-drill replicate-drill-s3 check-unit
+.PHONY: run test browser-test slow-tests bench bench-start cost fmt lint ci fuzz-api faults load fuzz fuzz-http replicate-drill replicate-drill-s3 check-unit
 
 run:
 	cargo run --release
@@ -21,6 +21,13 @@ slow-tests:
 
 bench:
 	bash benches/run.sh
+
+# Only the start-up part of `make bench`: start to ready line against the bare tiny_http server
+# (:memory: and a fresh file), and fifty servers at once (PSS, threads). See docs/harness.md.
+bench-start:
+	cargo build --release --bin keyrack --example baseline --example start_to_ready
+	python3 benches/start.py target/release/keyrack target/release/examples/baseline \
+	  target/release/examples/start_to_ready
 
 # Instructions per request under callgrind (valgrind): for a machine shared with other work.
 cost:
@@ -50,7 +57,8 @@ replicate-drill:
 replicate-drill-s3:
 	DRILL_REPLICA=s3 bash tests/scripts/replicate-drill.sh
 
-# deploy/keyrack.service: systemd-analyze verify and security (exposure at most 2.0).
+# deploy/keyrack.service and deploy/keyrack-litestream.service: systemd-analyze verify and
+# security (exposure at most 2.0 each), keyrack's LimitNOFILE=; see docs/deploy.md.
 check-unit:
 	bash tests/scripts/check-unit.sh
 

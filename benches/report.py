@@ -136,6 +136,17 @@ s = results["start_to_ready_ms"]
 print()
 print(f"- start to ready line (median of 20): fresh {s['fresh']:.1f} ms (target < 20), "
       f"100,000 users {s['users_100k']:.1f} ms (target < 50); the measuring script alone {s['harness_only']:.1f} ms")
+start_json = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "bench", "start.json")
+if os.path.exists(start_json):
+    st = json.load(open(start_json))
+    r = st["start_to_ready"]
+    base = r["baseline"]["median_ms"]
+    print(f"- start to ready line against the bare server (median of {st['runs']}, same run): baseline "
+          f"{base:.2f} ms, :memory: {r['memory']['median_ms']:.2f} ms ({r['memory']['median_ms'] / base:.2f}x), "
+          f"fresh file {r['file']['median_ms']:.2f} ms ({r['file']['median_ms'] / base:.2f}x) (target < 2x)")
+    m = st["fifty_at_once"]["keyrack_memory"]
+    print(f"- fifty servers on :memory: at once: all ready in {m['all_ready_s']:.2f} s, "
+          f"PSS {m['pss_mib_mean']:.2f} MiB each (target < 3), {m['threads_max']} threads")
 print(f"- disk sync ceiling: {sync_ceiling:.0f} single-row commits/s (synchronous=FULL)")
 for label, v in results["commands"].items():
     print(f"- {label}: {v['seconds']:.2f} s, peak RSS {v['peak_rss_mib']:.1f} MiB")

@@ -2,6 +2,8 @@
 # keyrack's benchmark (`make bench`). Builds the release binary and measures, in one run, over
 # throwaway servers and databases:
 #   - start to ready line, on a fresh database and on one holding 100,000 users with keys
+#   - start to ready line against the bare tiny_http server, on :memory: and a fresh file, and
+#     fifty servers started at once (benches/start.py; `make bench-start` runs only this part)
 #   - requests/s and p50/p99 latency at 1, 16 and 64 keep-alive connections (wrk), for
 #     /healthz, reveal, the dual-write POST, the 10-key listing, and logins
 #   - a baseline tiny_http server (benches/baseline.rs) answering /healthz, and the disk's sync
@@ -36,7 +38,8 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-cargo build --release --bin keyrack --example baseline --example sync_ceiling --example seed_legacy >&2
+cargo build --release --bin keyrack --example baseline --example sync_ceiling --example seed_legacy \
+  --example start_to_ready >&2
 BIN=$PWD/target/release/keyrack
 EX=$PWD/target/release/examples
 OUT=$PWD/target/bench
@@ -117,6 +120,9 @@ EOF
 chmod +x "$WORK/noop.sh"
 hyperfine -N --warmup 3 --runs 20 --export-json "$WORK/ready-noop.json" "$WORK/noop.sh" >&2
 record ready:harness "$(python3 -c "import json;print(json.load(open('$WORK/ready-noop.json'))['results'][0]['median'])")"
+
+echo "== start-up against the bare server, fifty servers at once (target/bench/start.json)" >&2
+python3 benches/start.py "$BIN" "$EX/baseline" "$EX/start_to_ready" >&2
 
 echo "== sync ceiling" >&2
 record sync_ceiling "$("$EX/sync_ceiling" "$WORK" 3)"

@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::auth::Throttle;
 use crate::config::{Config, DbLocation};
@@ -35,6 +35,11 @@ pub struct App {
     pub(crate) write_rate: crate::http::rate::WriteRate,
     /// The database's schema version once opened (`GET /healthz`).
     pub(crate) schema_version: i64,
+    /// The start-up's connection, kept for the first `store()` (a server's first worker), so
+    /// that a start opens one connection, not two. On a fresh file (`Database::finish_start`)
+    /// the start-up is made durable when it is first taken: no connection of this process
+    /// writes before that.
+    first: Mutex<Option<rusqlite::Connection>>,
 }
 
 /// What the start-up does beside opening, as `crate::open` decides it from a command's needs.
@@ -62,6 +67,16 @@ impl App {
 
     /// Opens the database and does what `start` says.
     pub fn open_with(config: Config, start: Start) -> Result<App, Failure> {
+        let app = App::open_to_serve(config, start)?;
+        let conn = app.connection()?;
+        *app.first.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
+        Ok(app)
+    }
+
+    /// `open_with` for a server: on a fresh file, the start-up is made durable by the first
+    /// `store()` (the first request's, or the flusher's right after the ready line) instead of
+    /// before the ready line.
+    pub fn open_to_serve(config: Config, start: Start) -> Result<App, Failure> {
         let db = Database::new(&config.db).map_err(|e| {
             Failure::Runtime(format!(
                 "cannot open the database {}: {e}",
@@ -102,7 +117,7 @@ impl App {
         start: Start,
     ) -> Result<App, Failure> {
         let db = db.with_busy_timeout(config.busy_timeout);
-        let mut conn = db.connect().map_err(|e| {
+        let mut conn = db.connect_for_start().map_err(|e| {
             Failure::Runtime(format!(
                 "cannot open the database {}: {e}",
                 describe(&config.db)
@@ -157,6 +172,7 @@ impl App {
             audit_days: config.audit_days,
             write_rate: crate::http::rate::WriteRate::new(config.write_rate_per_minute),
             schema_version,
+            first: Mutex::new(Some(conn)),
         })
     }
 
@@ -165,18 +181,28 @@ impl App {
     /// request at a time. The key ids in use are read from an index, nothing is decrypted.
     pub fn check_keys_for_serving(&self) -> Result<(), Failure> {
         let sql = |e: crate::store::StoreError| Failure::store("cannot read the database", e);
-        let conn = self
-            .db
-            .connect()
-            .map_err(|e| Failure::Runtime(format!("cannot open the database: {e}")))?;
+        // Read on the start-up's connection where it is still kept (it only reads here).
+        let first = self.first.lock().unwrap_or_else(PoisonError::into_inner);
+        let opened;
+        let conn = match &*first {
+            Some(conn) => conn,
+            None => {
+                opened = self
+                    .db
+                    .connect()
+                    .map_err(|e| Failure::Runtime(format!("cannot open the database: {e}")))?;
+                &opened
+            }
+        };
         let mut missing = Vec::new();
-        for id in phases::key_ids_in_use(&conn).map_err(sql)? {
+        for id in phases::key_ids_in_use(conn).map_err(sql)? {
             let id = KeyId::from_stored(&id);
             if !self.ring.knows(&id) {
-                let n = phases::count_sealed_with(&conn, &id).map_err(sql)?;
+                let n = phases::count_sealed_with(conn, &id).map_err(sql)?;
                 missing.push(format!("key id {id} ({n} values)"));
             }
         }
+        drop(first);
         if missing.is_empty() {
             return Ok(());
         }
@@ -191,14 +217,31 @@ impl App {
         )))
     }
 
-    /// A store on a new connection (one per worker thread).
+    /// A store on a connection of its own (one per worker thread): the start-up's connection
+    /// for the first, a new one for every other.
     pub(crate) fn store(&self) -> Result<Store, Failure> {
-        let conn = self
-            .db
-            .connect()
-            .map_err(|e| Failure::Runtime(format!("cannot open the database: {e}")))?;
+        let conn = self.connection()?;
         Ok(Store::new(conn, self.ring.clone(), self.shared.clone())
             .with_key_limit(self.max_keys_per_user))
+    }
+
+    /// The start-up's connection the first time (made durable first, on a fresh file, while
+    /// any other caller waits for the lock), a new one after.
+    fn connection(&self) -> Result<rusqlite::Connection, Failure> {
+        let mut first = self.first.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(conn) = first.take() {
+            if let Err(e) = self.db.finish_start(&conn) {
+                *first = Some(conn);
+                return Err(Failure::Runtime(format!(
+                    "cannot write the new database to disk: {e}"
+                )));
+            }
+            return Ok(conn);
+        }
+        drop(first);
+        self.db
+            .connect()
+            .map_err(|e| Failure::Runtime(format!("cannot open the database: {e}")))
     }
 }
 

@@ -188,6 +188,11 @@ pub struct ServeConfig {
     /// `KEYRACK_METRICS_REFRESH`: the least time between two background counts of the
     /// undecryptable values (`http::surveyor`), run only when the database changed.
     pub metrics_refresh: std::time::Duration,
+    /// `--exit-with-parent` / `KEYRACK_EXIT_WITH_PARENT`: stop (as on SIGTERM) when the process
+    /// that started the server is gone.
+    pub exit_with_parent: bool,
+    /// The process that started keyrack, as it was when the settings were read (early).
+    pub parent_pid: u32,
 }
 
 /// Default of `KEYRACK_METRICS_REFRESH`.
@@ -308,12 +313,35 @@ fn resolve_encryption_key(lookup: &Lookup) -> Result<Option<EncryptionKey>, Conf
         })
 }
 
+/// What to do about a key file this process may not read: keyrack's container image runs as uid
+/// 65532, and a key file made 0600 by the host's user is not readable by it.
+fn unreadable_hint(uid: u32, meta: Option<&std::fs::Metadata>) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let owner = meta.map_or(String::new(), |m| {
+        format!(
+            " (the file is owned by uid {}, mode {:o})",
+            m.uid(),
+            m.mode() & 0o777
+        )
+    });
+    format!(
+        "keyrack runs as uid {uid}{owner}: make the file readable by that user, e.g. `chown {uid} \
+         FILE` with mode 0400 (in keyrack's container image the user is uid 65532), or give the \
+         key as KEYRACK_ENCRYPTION_KEY"
+    )
+}
+
 /// Reads a file holding a secret; the error names the file, never its content.
 fn read_secret_file(path: &Path, source: &str) -> Result<Zeroizing<String>, ConfigError> {
     let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
-        ConfigError(format!(
-            "{source}: cannot read the file: {e}; give a readable file holding the key"
-        ))
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::geteuid() };
+            unreadable_hint(uid, std::fs::metadata(path).ok().as_ref())
+        } else {
+            "give a readable file holding the key".to_owned()
+        };
+        ConfigError(format!("{source}: cannot read the file: {e}; {hint}"))
     })?);
     std::str::from_utf8(&bytes)
         .map(|s| Zeroizing::new(s.to_owned()))
@@ -536,12 +564,27 @@ impl ServeConfig {
                     ))
                 })?,
         };
+        let exit_with_parent = match lookup
+            .get("KEYRACK_EXIT_WITH_PARENT")
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("0" | "false" | "no" | "off") => false,
+            Some("1" | "true" | "yes" | "on") => true,
+            Some(v) => {
+                return Err(ConfigError(format!(
+                    "KEYRACK_EXIT_WITH_PARENT {v:?} is not valid; give 1 (or true) or 0 (or false)"
+                )))
+            }
+        };
         Ok(ServeConfig {
             listen,
             workers,
             write_workers,
             timeouts,
             metrics_refresh,
+            exit_with_parent,
+            parent_pid: std::os::unix::process::parent_id(),
         })
     }
 }
@@ -707,6 +750,38 @@ mod tests {
             let e = ServeConfig::resolve(None, None, &l).unwrap_err();
             assert!(e.0.contains("KEYRACK_METRICS_REFRESH"), "{e}");
         }
+    }
+
+    #[test]
+    fn an_unreadable_key_file_says_which_user_must_read_it() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("encryption.key");
+        std::fs::write(&file, "x").unwrap();
+        let meta = std::fs::metadata(&file).unwrap();
+        let hint = unreadable_hint(65532, Some(&meta));
+        assert!(hint.contains("keyrack runs as uid 65532"), "{hint}");
+        assert!(
+            hint.contains(&format!("owned by uid {}", meta.uid())),
+            "{hint}"
+        );
+        assert!(hint.contains("chown 65532"), "{hint}");
+    }
+
+    #[test]
+    fn exit_with_parent_is_a_yes_or_no() {
+        let on = |v: &str| {
+            ServeConfig::resolve(None, None, &lookup(&[("KEYRACK_EXIT_WITH_PARENT", v)]))
+                .map(|s| s.exit_with_parent)
+        };
+        for v in ["1", "true", " yes ", "on"] {
+            assert!(on(v).unwrap(), "{v:?}");
+        }
+        for v in ["0", "false", "no", "off", ""] {
+            assert!(!on(v).unwrap(), "{v:?}");
+        }
+        let e = on("sometimes").unwrap_err();
+        assert!(e.0.contains("KEYRACK_EXIT_WITH_PARENT"), "{}", e.0);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use rusqlite::{Connection, OpenFlags};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -24,6 +25,12 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Database {
     target: Target,
     busy_timeout: Duration,
+    /// A file this process found empty (it created it, or a start before it stopped before
+    /// writing anything): it holds nothing a crash could lose, so its start-up runs without
+    /// syncing and is made durable once at its end (`connect_for_start`, `finish_start`).
+    fresh: bool,
+    /// `finish_start` has made the fresh file's start-up durable.
+    settled: AtomicBool,
     /// For `:memory:`: one connection held for the life of the process, since the memdb
     /// database is freed when its last connection closes.
     _keep_alive: Option<Mutex<Connection>>,
@@ -39,9 +46,12 @@ impl Database {
         match location {
             DbLocation::File(p) => {
                 create_owner_only(p);
+                let fresh = std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() == 0);
                 Ok(Database {
                     target: Target::File(p.clone()),
                     busy_timeout: BUSY_TIMEOUT,
+                    fresh,
+                    settled: AtomicBool::new(false),
                     _keep_alive: None,
                 })
             }
@@ -54,6 +64,8 @@ impl Database {
                 let mut db = Database {
                     target: Target::Memory(name),
                     busy_timeout: BUSY_TIMEOUT,
+                    fresh: false,
+                    settled: AtomicBool::new(false),
                     _keep_alive: None,
                 };
                 let holder = db.connect()?;
@@ -104,8 +116,41 @@ impl Database {
 
     /// A new connection with keyrack's settings. One per worker thread.
     pub fn connect(&self) -> rusqlite::Result<Connection> {
+        self.open("FULL")
+    }
+
+    /// The connection of the start-up (schema migrations, the key's identity). On a fresh
+    /// file it does not sync: its switch to WAL, the migrations and the other first writes
+    /// would otherwise each wait for the disk (15 syncs), for a file that holds nothing yet;
+    /// a crash during them loses nothing. `finish_start` makes all of it durable at once.
+    /// Otherwise the same as `connect`.
+    pub fn connect_for_start(&self) -> rusqlite::Result<Connection> {
+        self.open(if self.fresh { "OFF" } else { "FULL" })
+    }
+
+    /// Ends the start-up on the connection `connect_for_start` gave: on a fresh file, back to
+    /// `synchronous=FULL`, and one checkpoint that syncs the write-ahead log, the directory
+    /// (the new files' names) and the database file, before anything else is written. The
+    /// connection is then like any other. Once is enough.
+    pub fn finish_start(&self, conn: &Connection) -> rusqlite::Result<()> {
+        if self.fresh && !self.settled.load(Ordering::SeqCst) {
+            conn.execute_batch("PRAGMA synchronous=FULL")?;
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+            self.settled.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn open(&self, synchronous: &str) -> rusqlite::Result<Connection> {
         let conn = match &self.target {
-            Target::File(p) => Connection::open(p)?,
+            // Never creates the file (`Database::new` did): a worker opening its connection
+            // after the file was removed gets an error, not a new empty database.
+            Target::File(p) => Connection::open_with_flags(
+                p,
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | OpenFlags::SQLITE_OPEN_URI
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?,
             Target::Memory(uri) => Connection::open_with_flags(
                 uri,
                 OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -115,6 +160,8 @@ impl Database {
             )?,
         };
         conn.busy_timeout(self.busy_timeout)?;
+        // Before the switch to WAL, which on a new file is itself a write.
+        conn.execute_batch(&format!("PRAGMA synchronous={synchronous}"))?;
         if matches!(self.target, Target::File(_)) {
             // WAL lets readers go on while one connection writes.
             let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
@@ -122,7 +169,7 @@ impl Database {
                 log::warn!("the database did not switch to WAL (journal_mode={mode})");
             }
         }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        conn.execute_batch("PRAGMA foreign_keys=ON")?;
         Ok(conn)
     }
 }
@@ -263,5 +310,44 @@ mod tests {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{p:?}");
         }
+    }
+
+    /// The tables of the database file alone, without its write-ahead log (as a machine's crash
+    /// that lost an unsynced log would leave it).
+    fn tables_in_file_alone(path: &std::path::Path) -> i64 {
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("copy.db");
+        std::fs::copy(path, &copy).unwrap();
+        let conn = Connection::open(&copy).unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_fresh_file_starts_without_syncing_and_is_in_the_file_once_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh.db");
+        let db = Database::new(&DbLocation::File(path.clone())).unwrap();
+        assert!(db.fresh);
+        let mut conn = db.connect_for_start().unwrap();
+        let sync = |c: &Connection| c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0));
+        assert_eq!(
+            sync(&conn).unwrap(),
+            0,
+            "OFF during a fresh file's start-up"
+        );
+        migrate_schema(&mut conn).unwrap();
+        db.finish_start(&conn).unwrap();
+        assert_eq!(sync(&conn).unwrap(), 2, "FULL after it");
+        assert!(tables_in_file_alone(&path) >= 5);
+        // Any other connection, and a file that is not new: FULL throughout.
+        assert_eq!(sync(&db.connect().unwrap()).unwrap(), 2);
+        let again = Database::new(&DbLocation::File(path.clone())).unwrap();
+        assert!(!again.fresh);
+        assert_eq!(sync(&again.connect_for_start().unwrap()).unwrap(), 2);
     }
 }

@@ -23,6 +23,8 @@ else ./.env when it exists), the file over the default. An empty variable counts
   KEYRACK_LISTEN               serve: address to listen on (default 127.0.0.1:8080; port 0: any)
   KEYRACK_WORKERS              serve: worker threads (default twice the cores, at least 4)
   KEYRACK_WRITE_WORKERS        serve: threads that serve writes (default 16)
+  KEYRACK_EXIT_WITH_PARENT     serve: 1 stops the server (as SIGTERM does) when the process
+                               that started it exits, even by SIGKILL (Linux; default 0)
   KEYRACK_ENCRYPTION_KEY       32 random bytes in standard base64, as `keyrack gen-key` prints;
                                unset: KEYRACK_ENCRYPTION_KEY_FILE, else the systemd credential
                                keyrack-encryption-key in $CREDENTIALS_DIRECTORY, else the key file
@@ -401,6 +403,10 @@ struct ServeArgs {
     /// Load this fixtures file before serving
     #[arg(long, value_name = "FILE")]
     fixtures: Option<PathBuf>,
+    /// Stop (as on SIGTERM) when the process that started keyrack exits, however it ends, even
+    /// by SIGKILL; Linux only [env: KEYRACK_EXIT_WITH_PARENT=1]
+    #[arg(long)]
+    exit_with_parent: bool,
     #[command(flatten)]
     settings: Settings,
 }
@@ -475,10 +481,12 @@ fn run(cli: Cli, name: &str) -> Result<(), Failure> {
 
     // Serve settings are checked before the database is touched.
     let serve_config = match &command {
-        Cmd::Serve(a) => Some(
-            ServeConfig::resolve(a.listen.as_deref(), a.workers.as_deref(), &lookup)
-                .map_err(|e| Failure::Config(e.0))?,
-        ),
+        Cmd::Serve(a) => {
+            let mut cfg = ServeConfig::resolve(a.listen.as_deref(), a.workers.as_deref(), &lookup)
+                .map_err(|e| Failure::Config(e.0))?;
+            cfg.exit_with_parent |= a.exit_with_parent;
+            Some(cfg)
+        }
         _ => None,
     };
 
@@ -540,6 +548,7 @@ fn run(cli: Cli, name: &str) -> Result<(), Failure> {
                 ..
             }
         ) || upgrade_backup_off(&lookup)?,
+        serving,
     };
     let app = open::open(config, needs, options).and_then(|(app, opened)| {
         if let Cmd::Upgrade { .. } = command {

@@ -109,6 +109,9 @@ pub struct Options {
     pub dry_run: bool,
     /// `upgrade --no-backup` or `KEYRACK_UPGRADE_BACKUP=off`.
     pub no_backup: bool,
+    /// `serve`: a fresh file's start-up is made durable after the ready line
+    /// (`App::open_to_serve`).
+    pub serving: bool,
 }
 
 /// What happened to the schema on the way in.
@@ -140,7 +143,7 @@ pub fn open(config: Config, needs: Needs, options: Options) -> Result<(App, Open
     let path = match &config.db {
         DbLocation::File(p) if p.exists() => p.clone(),
         // A new file or `:memory:`: created at the current schema.
-        _ => return Ok((App::open_with(config, start)?, opened)),
+        _ => return Ok((open_real(config, start, options)?, opened)),
     };
     let probe = db::probe(&path).map_err(|e| {
         Failure::Runtime(format!(
@@ -175,7 +178,7 @@ pub fn open(config: Config, needs: Needs, options: Options) -> Result<(App, Open
         }
         owner_only(&path);
     }
-    let app = App::open_with(config, start)?;
+    let app = open_real(config, start, options)?;
     opened.schema_after = current;
     if older {
         log::info!(
@@ -198,6 +201,15 @@ fn check_not_newer(path: &Path, probe: &Probe, current: i64) -> Result<(), Failu
         )));
     }
     Ok(())
+}
+
+/// The real database (not a plan's copy), opened as a server or as a command opens it.
+fn open_real(config: Config, start: Start, options: Options) -> Result<App, Failure> {
+    if options.serving {
+        App::open_to_serve(config, start)
+    } else {
+        App::open_with(config, start)
+    }
 }
 
 /// `<db>.backup-<time>-schema-<n>`, `n` the schema the database had before.

@@ -8,7 +8,7 @@
 //! `busy` with `Retry-After` at once. A flood of logins then slows logins only.
 
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, Once, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
@@ -31,39 +31,99 @@ fn queue_capacity() -> usize {
 #[derive(Clone)]
 pub(super) struct Pool {
     to: SyncSender<tiny_http::Request>,
+    threads: Arc<Threads>,
 }
 
-/// Starts one thread per store. The pool's threads end once every `Pool` is dropped and the
-/// queue is empty.
-pub(super) fn start(
-    app: &Arc<App>,
-    stores: Vec<Store>,
-) -> std::io::Result<(Pool, Vec<JoinHandle<()>>)> {
+/// The pool's threads, started at the first request that needs them (a harness that never
+/// logs in never pays for them).
+pub(super) struct Threads {
+    started: Once,
+    app: Arc<App>,
+    from: Arc<Mutex<Receiver<tiny_http::Request>>>,
+    slots: usize,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Threads {
+    /// Starts the threads once; whether any runs.
+    fn ensure(&self) -> bool {
+        self.started
+            .call_once(|| match start(&self.app, self.from.clone(), self.slots) {
+                Ok(handles) => {
+                    *self.handles.lock().unwrap_or_else(PoisonError::into_inner) = handles
+                }
+                Err(e) => log::warn!("cannot start the password hashing threads: {e}"),
+            });
+        !self
+            .handles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// Waits for the threads to end (once every `Pool` is dropped and the queue is empty).
+    pub(super) fn join(&self) {
+        let handles =
+            std::mem::take(&mut *self.handles.lock().unwrap_or_else(PoisonError::into_inner));
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The pool's queue, made before the ready line (a login may come first), and its threads,
+/// `slots` of them once the first request for them comes.
+pub(super) fn queue(app: &Arc<App>, slots: usize) -> (Pool, Arc<Threads>) {
     let (to, from) = mpsc::sync_channel(queue_capacity());
-    let from: Arc<Mutex<Receiver<tiny_http::Request>>> = Arc::new(Mutex::new(from));
-    let threads = stores
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut store)| {
+    let threads = Arc::new(Threads {
+        started: Once::new(),
+        app: app.clone(),
+        from: Arc::new(Mutex::new(from)),
+        slots,
+        handles: Mutex::new(Vec::new()),
+    });
+    (
+        Pool {
+            to,
+            threads: threads.clone(),
+        },
+        threads,
+    )
+}
+
+/// Starts `slots` threads on the queue, each opening its connection at its first request. The
+/// threads end once every `Pool` is dropped and the queue is empty.
+fn start(
+    app: &Arc<App>,
+    from: Arc<Mutex<Receiver<tiny_http::Request>>>,
+    slots: usize,
+) -> std::io::Result<Vec<JoinHandle<()>>> {
+    (0..slots)
+        .map(|i| {
             let from = from.clone();
             let app = app.clone();
             thread::Builder::new()
                 .name(format!("hasher-{i}"))
-                .spawn(move || loop {
-                    let next = from.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                    let Ok(rq) = next else { return };
-                    crate::metrics::hash_queue(-1);
-                    super::handle(&app, &mut store, rq);
+                .spawn(move || {
+                    let mut store: Option<Store> = None;
+                    loop {
+                        let next = from.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                        let Ok(rq) = next else { return };
+                        crate::metrics::hash_queue(-1);
+                        super::serve_on(&app, &mut store, rq);
+                    }
                 })
         })
-        .collect::<Result<_, _>>()?;
-    Ok((Pool { to }, threads))
+        .collect()
 }
 
 impl Pool {
     /// Queues `rq` for a hashing thread, or answers it 503 `busy` when the queue is full.
     /// Gives it back only when no hashing thread is left (one died): the caller serves it.
     pub(super) fn offer(&self, rq: tiny_http::Request) -> Option<tiny_http::Request> {
+        if !self.threads.ensure() {
+            return Some(rq);
+        }
         crate::metrics::hash_queue(1);
         match self.to.try_send(rq) {
             Ok(()) => None,

@@ -8,15 +8,16 @@
 pub mod api;
 mod hashing;
 mod page;
+mod parent;
 pub(crate) mod rate;
 pub(crate) mod routes;
 mod surveyor;
+mod workers;
 
 use std::io::{Cursor, Read, Write};
 use std::net::TcpListener;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -54,20 +55,6 @@ fn max_connections() -> usize {
 
 /// Binds, prints the ready line, serves until SIGINT or SIGTERM.
 pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
-    // Every worker's connection is opened before the ready line, so a harness that saw it
-    // can rely on the server.
-    let stores = (0..cfg.workers)
-        .map(|_| app.store())
-        .collect::<Result<Vec<_>, _>>()?;
-    let write_stores = (0..cfg.write_workers)
-        .map(|_| app.store())
-        .collect::<Result<Vec<_>, _>>()?;
-    let hashing_stores = (0..crate::auth::hash_slots())
-        .map(|_| app.store())
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut flusher_store = app.store()?;
-    let surveyor_store = app.store()?;
-
     let listener = TcpListener::bind(cfg.listen)
         .map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", cfg.listen)))?;
     let addr = listener
@@ -91,80 +78,65 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     );
 
     crate::metrics::init(&routes::route_patterns());
-    let surveyor = surveyor::start(surveyor_store, cfg.metrics_refresh)
-        .map_err(|e| Failure::Runtime(format!("cannot start the survey thread: {e}")))?;
 
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
+    if cfg.exit_with_parent {
+        parent::exit_with_parent(cfg.parent_pid)?;
+    }
 
     // Writes wait for their group's commit to reach the disk; the more writers wait, the larger
     // the group. They wait in a pool of their own, so the readers stay few (as many as keep the
-    // cores busy) and a burst of writes never holds them.
-    let (to_writers, writes) = mpsc::channel::<tiny_http::Request>();
-    let writes = Arc::new(Mutex::new(writes));
-    let writers: Vec<_> = write_stores
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut store)| {
-            let writes = writes.clone();
-            let app = app.clone();
-            thread::Builder::new()
-                .name(format!("writer-{i}"))
-                .spawn(move || loop {
-                    // Ends once every reader is gone and the queue is empty.
-                    let next = writes.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                    let Ok(rq) = next else { return };
-                    handle(&app, &mut store, rq);
-                })
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
-    // Logins and registrations hash a password: they wait in a pool of their own, never on a
-    // writer (`hashing`).
-    let (hashing, hashers) = hashing::start(&app, hashing_stores)
-        .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
-    let workers: Vec<_> = stores
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut store)| {
-            let server = server.clone();
-            let app = app.clone();
-            let to_writers = to_writers.clone();
-            let hashing = hashing.clone();
-            thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .spawn(move || {
-                    while let Ok(rq) = server.recv() {
-                        // The writers take what may change something (the methods that are
-                        // not safe, as the connection's reader also counts them). A read that
-                        // happens to write (a key moved from the legacy column on read) stays
-                        // here.
-                        if rq.method().is_safe() {
-                            handle(&app, &mut store, rq);
-                        } else if hashes_password(&rq) {
-                            // Queued for the hashing pool, or answered 503 when its queue is
-                            // full; served here only if no hashing thread is left.
-                            if let Some(rq) = hashing.offer(rq) {
-                                handle(&app, &mut store, rq);
-                            }
-                        } else if let Err(mpsc::SendError(rq)) = to_writers.send(rq) {
-                            // No writer left (only if one died): served here.
-                            handle(&app, &mut store, rq);
-                        }
-                    }
-                })
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|e| Failure::Runtime(format!("cannot start worker threads: {e}")))?;
-    drop(to_writers);
-    drop(hashing);
+    // cores busy) and a burst of writes never holds them. Logins and registrations hash a
+    // password: they wait in a pool of their own, never on a writer (`hashing`). The pools
+    // start with what the first request needs (one reader; the hashing pool's queue) and grow
+    // on demand (`workers.rs`); the hashing threads start with the first request for them.
+    let (hashing, hashers) = hashing::queue(&app, crate::auth::hash_slots());
+    let workers = workers::Workers::start(
+        app.clone(),
+        server.clone(),
+        cfg.workers,
+        cfg.write_workers,
+        hashing,
+    );
+
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "keyrack listening on http://{addr}");
+        let _ = out.flush();
+    }
+    // Nothing below is needed by the first request: it starts after the ready line. The
+    // survey behind /metrics runs only where /metrics can be asked (an admin token is set).
+    let surveyor = match app.admin_token {
+        Some(_) => Some(
+            surveyor::start(app.clone(), cfg.metrics_refresh)
+                .map_err(|e| Failure::Runtime(format!("cannot start the survey thread: {e}")))?,
+        ),
+        None => None,
+    };
 
     let flusher = {
         let audit_days = app.audit_days;
         // Expired sessions and events older than KEYRACK_AUDIT_DAYS are pruned at start and
         // then every hour, on the flusher's thread.
         let mut pruned_at: Option<Instant> = None;
+        let app = app.clone();
+        let mut flusher_store = None;
         let run = move || loop {
+            // Its own connection, opened here rather than before the ready line.
+            let flusher_store = match &mut flusher_store {
+                Some(s) => s,
+                None => match app.store() {
+                    Ok(s) => flusher_store.insert(s),
+                    Err(f) => {
+                        log::warn!("cannot open the flusher's connection yet: {}", f.message());
+                        if app.shared.wait_for_flush(Duration::from_secs(1)) {
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
             if pruned_at.is_none_or(|t| t.elapsed() >= SESSION_PRUNE_EVERY) {
                 pruned_at = Some(Instant::now());
                 match flusher_store.prune_sessions() {
@@ -220,11 +192,6 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
             .map_err(|e| Failure::Runtime(format!("cannot start the flusher thread: {e}")))?
     };
 
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "keyrack listening on http://{addr}");
-        let _ = out.flush();
-    }
     // From here on log lines are written by a thread of their own, many in one write; every
     // line still waiting is written when this guard drops, as `serve` returns.
     let _log_writer = crate::logging::serve_batched()
@@ -247,22 +214,46 @@ pub fn serve(app: Arc<App>, cfg: &ServeConfig) -> Result<(), Failure> {
     if !server.shutdown_gracefully(limit) {
         log::warn!("some connections were still open after {limit:?}; closing them");
     }
-    for _ in 0..workers.len() {
-        server.unblock();
-    }
-    for w in workers {
-        let _ = w.join();
-    }
-    // The readers are gone: the writers and the hashing pool answer what was passed to them,
-    // then stop.
-    for w in writers.into_iter().chain(hashers) {
-        let _ = w.join();
-    }
+    // The readers stop, then the writers and the hashing pool answer what was passed to them
+    // and stop.
+    workers.stop();
+    hashers.join();
     app.shared.stop_flusher();
     let _ = flusher.join();
-    surveyor.stop();
+    if let Some(surveyor) = surveyor {
+        surveyor.stop();
+    }
     log::info!("stopped");
     Ok(())
+}
+
+/// Serves one request on a worker's connection, opened at its first request (a failed open
+/// answers 500 and is tried again at the next).
+fn serve_on(app: &App, store: &mut Option<Store>, rq: tiny_http::Request) {
+    if store.is_none() {
+        match app.store() {
+            Ok(s) => *store = Some(s),
+            Err(f) => log::error!("cannot open a worker's connection: {}", f.message()),
+        }
+    }
+    match store {
+        Some(store) => handle(app, store, rq),
+        None => {
+            let start = Instant::now();
+            let _request = crate::logging::begin_request();
+            let method = rq.method().clone();
+            let url = rq.url().to_owned();
+            let route = routes::route_index(url.split_once('?').map_or(url.as_str(), |(p, _)| p));
+            answer(
+                rq,
+                ApiError::internal().into_reply(),
+                method,
+                url,
+                route,
+                start,
+            );
+        }
+    }
 }
 
 /// Serves one request: never panics, always answers.

@@ -11,7 +11,9 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::store::Store;
+use std::sync::Arc;
+
+use crate::app::App;
 
 /// The running survey thread; `stop` ends it.
 pub(super) struct Surveyor {
@@ -19,14 +21,26 @@ pub(super) struct Surveyor {
     thread: JoinHandle<()>,
 }
 
-/// Starts the thread: its first survey runs at once.
-pub(super) fn start(mut store: Store, every: Duration) -> std::io::Result<Surveyor> {
+/// Starts the thread: it opens its connection, and its first survey runs at once.
+pub(super) fn start(app: Arc<App>, every: Duration) -> std::io::Result<Surveyor> {
     let (stop, stopped) = mpsc::channel::<()>();
     // The data version is looked at this often; a survey runs only when it moved.
     let check = every.min(Duration::from_secs(1));
     let thread = thread::Builder::new()
         .name("surveyor".into())
         .spawn(move || {
+            let mut store = loop {
+                match app.store() {
+                    Ok(store) => break store,
+                    Err(f) => {
+                        log::warn!("cannot open the survey's connection yet: {}", f.message());
+                        match stopped.recv_timeout(Duration::from_secs(1)) {
+                            Err(RecvTimeoutError::Timeout) => continue,
+                            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
+                }
+            };
             // The data version the count kept was surveyed at, and when.
             let mut last: Option<(Option<u32>, Instant)> = None;
             loop {

@@ -142,6 +142,12 @@ impl Shared {
     pub(crate) fn stop_flusher(&self) {
         self.usage.stop();
     }
+
+    /// The flusher's wait (`UsageLog::wait_for_flush`) while it has no connection yet: true
+    /// when it is to stop.
+    pub(crate) fn wait_for_flush(&self, timeout: std::time::Duration) -> bool {
+        self.usage.wait_for_flush(timeout)
+    }
 }
 
 /// One connection and what the key operations need beside it.

@@ -213,3 +213,88 @@ fn metrics_count_requests_keys_and_the_phase_and_promtool_accepts_them() {
         }
     }
 }
+
+/// Whether `.dockerignore`'s `pattern` keeps `path` (relative to the context) out, as Docker
+/// reads it: `*` within one path segment, a leading `**/` at any depth, a plain name at the
+/// root (and everything under it).
+fn docker_ignores(pattern: &str, path: &str) -> bool {
+    fn glob(p: &[u8], s: &[u8]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => {
+                glob(&p[1..], s) || (!s.is_empty() && s[0] != b'/' && glob(p, &s[1..]))
+            }
+            (Some(a), Some(b)) if a == b => glob(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    let under = |p: &str, s: &str| {
+        glob(p.as_bytes(), s.as_bytes())
+            || s.char_indices()
+                .filter(|(_, c)| *c == '/')
+                .any(|(i, _)| glob(p.as_bytes(), &s.as_bytes()[..i]))
+    };
+    match pattern.strip_prefix("**/") {
+        Some(rest) => {
+            let mut tails = vec![path];
+            tails.extend(
+                path.char_indices()
+                    .filter(|(_, c)| *c == '/')
+                    .map(|(i, _)| &path[i + 1..]),
+            );
+            tails.into_iter().any(|t| under(rest, t))
+        }
+        None => under(pattern, path),
+    }
+}
+
+#[test]
+fn the_docker_build_context_leaves_out_databases_keys_backups_and_settings() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    let patterns: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let ignored = |path: &str| patterns.iter().any(|p| docker_ignores(p, path));
+    // What the README's set-up, the Dockerfile's comment and keyrack's commands write into the
+    // directory they run in, at the root or deeper.
+    for secret in [
+        "keyrack.db",
+        "keyrack.db-wal",
+        "keyrack.db-shm",
+        "keyrack.db-journal",
+        "keyrack.db.key",
+        "encryption.key",
+        "demo.db",
+        ".env",
+        ".env.production",
+        "keyrack.db.backup-20261208",
+        "keyrack.db.partial-0badcafe",
+        ".keyrack.db.import-42.tmp",
+        "deploy/keyrack.db",
+        "some/dir/encryption.key",
+        "some/dir/.env",
+        "target/release/keyrack",
+        ".git/config",
+        ".venv-litestream/bin/litestream",
+    ] {
+        assert!(
+            ignored(secret),
+            ".dockerignore lets {secret} into the build context"
+        );
+    }
+    // What the build needs stays in.
+    for needed in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "src/main.rs",
+        "migrations/V1__users_and_sessions.sql",
+        "vendor/tiny_http/src/lib.rs",
+        "deploy/Dockerfile",
+        "build.rs",
+    ] {
+        assert!(!ignored(needed), ".dockerignore leaves out {needed}");
+    }
+}

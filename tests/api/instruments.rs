@@ -123,7 +123,7 @@ fn inspect_shows_where_each_key_lives_what_sealed_it_and_why_it_does_not_open() 
     assert_eq!(key_a_id.len(), 16);
     let key_b_id = foreign.split(':').nth(1).unwrap().to_owned();
     let both = Env {
-        dir: tempfile::tempdir().unwrap(),
+        dir: std::sync::Arc::new(tempfile::tempdir().unwrap()),
         vars: vec![
             ("KEYRACK_ENCRYPTION_KEY".into(), KEY_A.into()),
             ("KEYRACK_OLD_ENCRYPTION_KEYS".into(), KEY_B.into()),

@@ -6,6 +6,7 @@ mod audit;
 mod deploy;
 mod disguised_text;
 mod foundation;
+mod harness;
 mod hostile;
 mod http_layer;
 mod import_legacy;

@@ -19,7 +19,10 @@ pub const KEY_B: &str = "HxweHRwbGhkYFxYVFBMSERAPDg0MCwoJCAcGBQQDAgE=";
 
 /// A temporary directory holding one database, shared by a server and the commands run on it.
 pub struct Env {
-    pub dir: TempDir,
+    /// Shared with the servers started here: the directory (and the database in it) lives as
+    /// long as they do, even when a test drops its `Env` first (`Env::new().serve()`), since a
+    /// server opens its workers' connections by the database's path when they are first used.
+    pub dir: std::sync::Arc<TempDir>,
     pub vars: Vec<(String, String)>,
 }
 
@@ -35,7 +38,7 @@ impl Env {
     /// registers and logs in hundreds of times.
     pub fn without_key() -> Env {
         Env {
-            dir: tempfile::tempdir().expect("temp dir"),
+            dir: std::sync::Arc::new(tempfile::tempdir().expect("temp dir")),
             vars: vec![("KEYRACK_TEST_CHEAP_HASH".into(), "1".into())],
         }
     }
@@ -138,12 +141,14 @@ impl Env {
             .stderr(stderr)
             .spawn()
             .expect("spawn keyrack");
-        Server::wait_ready(child, log)
+        Server::wait_ready(child, log, self.dir.clone())
     }
 }
 
 pub struct Server {
     pub child: Child,
+    /// The directory of its database (`Env::dir`), removed once the server is gone.
+    _dir: std::sync::Arc<TempDir>,
     pub base: String,
     pub addr: String,
     pub log: PathBuf,
@@ -173,7 +178,7 @@ impl Resp {
 }
 
 impl Server {
-    fn wait_ready(mut child: Child, log: PathBuf) -> Server {
+    fn wait_ready(mut child: Child, log: PathBuf, dir: std::sync::Arc<TempDir>) -> Server {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -210,6 +215,7 @@ impl Server {
         let addr = base.trim_start_matches("http://").to_owned();
         Server {
             child,
+            _dir: dir,
             base,
             addr,
             log,
