@@ -31,10 +31,11 @@ pub type OnDelivered = Box<dyn FnOnce(IoResult<()>) + Send + 'static>;
 
 /// Past this many bytes waiting, a write tries the socket at once (without waiting).
 const EARLY_SEND: usize = 64 * 1024;
-/// Past this many bytes waiting that the socket would not take, a write waits for the socket
-/// (only a writer streaming a huge body through `Request::into_writer` gets there; keyrack's
-/// answers, built whole in memory before they are written, are far smaller).
-const MAX_WAITING: usize = 64 * 1024 * 1024;
+/// Past this many bytes waiting that the socket would not take, a write waits for the socket,
+/// so that a body read from a stream is not read into memory faster than the client takes it.
+/// keyrack's answers are far smaller (a listing of the default thousand keys is 345 KB; one of
+/// more than about 11,000 keys, with KEYRACK_MAX_KEYS_PER_USER raised, would get here).
+const MAX_WAITING: usize = 4 * 1024 * 1024;
 /// The buffer's room kept between responses.
 const KEPT_ROOM: usize = 16 * 1024;
 
@@ -66,7 +67,7 @@ impl ResponseSink {
     }
 
     /// After a response was written and flushed: when every byte has left (or the socket
-    /// failed), calls `done` and then `answered` here, at once. Otherwise a thread of its own
+    /// failed), calls `answered` and then `done` here, at once. Otherwise a thread of its own
     /// writes the rest, waiting for the client under the write timeout, then calls `done`,
     /// closes the sending half when `close` is given (the answer closes the connection), and
     /// calls `answered`. Returns whether bytes were left to that thread.
@@ -81,8 +82,9 @@ impl ResponseSink {
             if inner.waiting.is_empty() || inner.failed.is_some() {
                 let outcome = inner.outcome();
                 drop(inner);
-                done.call(outcome);
+                // The connection first: its next request may be waiting for this already.
                 answered();
+                done.call(outcome);
                 return false;
             }
         }
@@ -160,8 +162,11 @@ impl Inner {
         }
     }
 
+    /// Wipes the bytes written (the room past them never holds any: every byte moved or left
+    /// behind is wiped where it was) and empties the buffer, shrunk back if it grew.
     fn wipe(&mut self) {
-        self.waiting.zeroize();
+        self.waiting.as_mut_slice().zeroize();
+        self.waiting.clear();
         if self.waiting.capacity() > KEPT_ROOM {
             self.waiting = Vec::with_capacity(4096);
         }
@@ -175,7 +180,7 @@ impl Inner {
             let mut grown = Vec::with_capacity(needed.max(self.waiting.capacity() * 2));
             grown.extend_from_slice(&self.waiting);
             let mut old = std::mem::replace(&mut self.waiting, grown);
-            old.zeroize();
+            old.as_mut_slice().zeroize();
         }
         self.waiting.extend_from_slice(buf);
     }
@@ -201,8 +206,11 @@ impl Inner {
         if self.failed.is_some() {
             self.wipe();
         } else if sent > 0 {
-            self.waiting[..sent].zeroize();
-            self.waiting.drain(..sent);
+            // The rest moves to the front; what it leaves behind is wiped.
+            let len = self.waiting.len();
+            self.waiting.copy_within(sent.., 0);
+            self.waiting[len - sent..].zeroize();
+            self.waiting.truncate(len - sent);
         }
     }
 
