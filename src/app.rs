@@ -1,5 +1,5 @@
 //! Start-up shared by every command: open the database, apply schema migrations, settle the
-//! encryption key (README, "Configuration"), and hold what the workers share.
+//! encryption key (docs/configuration.md), and hold what the workers share.
 
 use std::fs::OpenOptions;
 use std::io::Write;

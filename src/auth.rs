@@ -246,7 +246,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Login throttle: after `limit` failed logins for one key (an email, or a client's address)
 /// within `WINDOW_SECS`, further attempts are refused until the oldest failure leaves the
-/// window. Kept in memory: a restart forgets it (documented in the README).
+/// window. Kept in memory: a restart forgets it (documented in docs/choices.md).
 ///
 /// Two are kept: per email (`MAX_FAILURES`), and per client address
 /// (`KEYRACK_LOGIN_FAILURES_PER_ADDRESS`, `address_key`), which stops one client trying many

@@ -1,4 +1,4 @@
-//! The phase commands and the other one-shot commands (README, "Commands"). Each checks the
+//! The phase commands and the other one-shot commands (docs/commands.md). Each checks the
 //! transition table (`phase::plan`) first, then does its work, saving the new phase in the same
 //! transaction as the work that makes it true.
 
@@ -176,7 +176,7 @@ fn finish_migrate(total: &Backfill) -> Result<(), Failure> {
     }
     if total.conflicts.count > 0 || total.failed.count > 0 {
         return Err(Failure::Runtime(
-            "migrate finished with conflicts or failures; see `keyrack status` and the README's troubleshooting".into(),
+            "migrate finished with conflicts or failures; see `keyrack status` and docs/runbook.md's troubleshooting".into(),
         ));
     }
     Ok(())
@@ -246,7 +246,7 @@ fn refuse_with(survey: &Survey) -> Failure {
         msg.push('\n');
         msg.push_str(&line);
     }
-    msg.push_str("\nrun `keyrack migrate` for unmigrated keys; see the README's troubleshooting for conflicts");
+    msg.push_str("\nrun `keyrack migrate` for unmigrated keys; see docs/runbook.md's troubleshooting for conflicts");
     Failure::Refused(msg)
 }
 

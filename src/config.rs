@@ -1,5 +1,5 @@
 //! Configuration: command-line flag, then environment variable, then the `.env` file, then the
-//! default (README, "Configuration"). Values are checked here; an invalid one is a
+//! default (docs/configuration.md). Values are checked here; an invalid one is a
 //! `ConfigError` whose message names the setting and what would be valid (exit 2).
 //!
 //! The `.env` file is read into a map, never into the process environment, so that a real

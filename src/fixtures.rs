@@ -1,4 +1,4 @@
-//! Fixtures files (README, "Fixtures files"): users with passwords (or ready argon2id hashes),
+//! Fixtures files (docs/commands.md, "Fixtures files"): users with passwords (or ready argon2id hashes),
 //! a legacy column key, and table keys, loaded all or nothing in one transaction. Passwords are
 //! hashed on every core; a top-level `"phase": "legacy"` makes a new database a legacy system.
 

@@ -159,7 +159,7 @@ enum Cmd {
     GenKey,
     /// Load a fixtures file, all or nothing; creates the database if it does not exist
     LoadFixtures {
-        /// The fixtures file (JSON; its format is in the README)
+        /// The fixtures file (JSON; its format is in docs/commands.md)
         #[arg(value_name = "FILE")]
         file: PathBuf,
         #[command(flatten)]

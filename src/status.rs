@@ -1,5 +1,5 @@
 //! The status report of `keyrack status` and GET /admin/status: phase, schema version and the
-//! counts the README lists under `keyrack status`, every stored value decrypted to check it.
+//! counts docs/commands.md lists under `keyrack status`, every stored value decrypted to check it.
 
 use serde_json::{json, Value};
 

@@ -1,5 +1,5 @@
 //! The HTTP vocabulary of keyrack: the request as handlers see it, the reply, the error body
-//! and its status codes (README, "HTTP API"), and the JSON field readers that name the bad field.
+//! and its status codes (docs/api.md), and the JSON field readers that name the bad field.
 
 use std::borrow::Cow;
 

@@ -1,6 +1,6 @@
 //! Usage counters (`usage_count`, `last_used_at`), batched in memory and flushed to the
 //! database about once a second (sooner when `FLUSH_AT` events of reads are queued on one
-//! connection) and at a clean shutdown (the README's "Choices" explain the batching: a reveal
+//! connection) and at a clean shutdown (docs/choices.md explains the batching: a reveal
 //! then costs no disk sync). The listing adds what is still pending, so a client always sees its
 //! own uses.
 //!
