@@ -17,8 +17,10 @@ pub mod import;
 pub mod logging;
 pub(crate) mod metrics;
 pub mod operator;
+pub mod people;
 pub(crate) mod phase;
 pub(crate) mod progress;
+pub mod service_tokens;
 pub(crate) mod status;
 pub(crate) mod store;
 

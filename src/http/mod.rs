@@ -7,6 +7,8 @@
 
 pub mod api;
 mod page;
+mod people;
+mod principal;
 pub(crate) mod routes;
 
 use std::io::{Cursor, Read, Write};

@@ -18,7 +18,8 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::classify::{classify, Verdict};
-use super::events::{self as ev, Event};
+use super::events::{self as ev, ServiceActor};
+use super::inspect::{find_user, UserRef};
 use super::users::{session_in, User};
 use super::{meta, now, Ctx, Result, Source, Store, StoreError};
 use crate::crypto::{Binding, KeyId, KeyRing, OpenError};
@@ -298,8 +299,7 @@ fn settle(tx: &Connection, ctx: &Ctx<'_>, user_id: i64) -> Result<(Verdict, Move
             let id = insert_row(tx, user_id, OPENAI, None, c, true, None)?;
             ev::record(
                 tx,
-                &Event::new(ev::KEY_MIGRATED, ctx.actor_for(user_id))
-                    .user(user_id)
+                &ctx.event(ev::KEY_MIGRATED, user_id)
                     .key(Some(id), OPENAI, Source::Column),
             )?;
             out.migrated = 1;
@@ -622,20 +622,55 @@ fn sealing_again<T>(mut write: impl FnMut() -> Result<T>) -> Result<T> {
     }
 }
 
+/// Whose keys a request reads: the user of a session, or a user a service named.
+#[derive(Clone, Copy)]
+pub(crate) enum Who<'a> {
+    /// A session token's hash, checked in the read's own snapshot.
+    Session(&'a [u8]),
+    /// A user named by a service (looked up in the read's own snapshot), and the service.
+    Named(&'a UserRef, &'a ServiceActor),
+}
+
+impl<'a> Who<'a> {
+    fn service(self) -> Option<&'a ServiceActor> {
+        match self {
+            Who::Session(_) => None,
+            Who::Named(_, s) => Some(s),
+        }
+    }
+}
+
+/// The user a service named, recorded for the request's log lines.
+fn named_user(conn: &Connection, named: &UserRef) -> Result<Option<User>> {
+    let user = find_user(conn, named)?;
+    if let Some(u) = &user {
+        crate::logging::set_user(u.id);
+    }
+    Ok(user)
+}
+
 impl Store {
     /// GET /user/api-key for the session whose token hashes to `session`: `None` when no live
     /// session has it. The session is checked in the same snapshot as the key is read. With
     /// `count_use`, a found table key counts one use.
     pub(crate) fn get_default_key(
         &mut self,
-        session: &[u8],
+        who: Who<'_>,
         provider: &Provider,
         count_use: bool,
     ) -> Result<Option<DefaultKey>> {
-        let first = match self.default_key_at_once(session, provider)? {
-            Some(first) => first,
-            None => self.read(|tx, ctx| {
-                let Some(user) = session_in(tx, session)? else {
+        let first = match who {
+            Who::Session(session) => match self.default_key_at_once(session, provider)? {
+                Some(first) => first,
+                None => self.read(|tx, ctx| {
+                    let Some(user) = session_in(tx, session)? else {
+                        return Ok(None);
+                    };
+                    Ok(Some((user.id, lookup(tx, ctx, user.id, provider, false)?)))
+                })?,
+            },
+            Who::Named(named, _) => self.read(|tx, ctx| {
+                let Some(user) = named_user(tx, named)? else {
                     return Ok(None);
                 };
                 Ok(Some((user.id, lookup(tx, ctx, user.id, provider, false)?)))
@@ -644,9 +679,13 @@ impl Store {
         let Some((user_id, mut found)) = first else {
             return Ok(None);
         };
+        let service = who.service();
         if let Lookup::MustMove = found {
             let provider = provider.clone();
-            found = self.write(move |tx, ctx| lookup(tx, ctx, user_id, &provider, true))?;
+            let by = service.cloned();
+            found = self.write(move |tx, ctx| {
+                lookup(tx, &ctx.acting(by.as_ref()), user_id, &provider, true)
+            })?;
         }
         let key = match found {
             Lookup::Found(key, row_id) => {
@@ -663,7 +702,8 @@ impl Store {
                             row_id,
                             provider.as_str(),
                             key.source,
-                        ),
+                        )
+                        .by(service),
                     );
                 }
                 DefaultKey::Found(key)
@@ -677,7 +717,8 @@ impl Store {
                         Some(id),
                         provider.as_str(),
                         Source::Table,
-                    ),
+                    )
+                    .by(service),
                 );
                 DefaultKey::Expired
             }
@@ -737,6 +778,7 @@ impl Store {
     pub(crate) fn set_default_key(
         &mut self,
         user_id: i64,
+        by: Option<&ServiceActor>,
         provider: &Provider,
         key: &ApiKey,
         expires_at: Option<ExpiresAt>,
@@ -753,7 +795,9 @@ impl Store {
             );
             let provider = provider.clone();
             let limit = self.key_limit;
+            let by = by.cloned();
             self.write(move |tx, ctx| {
+                let ctx = &ctx.acting(by.as_ref());
                 check_sealing_key(tx, ctx, &sealed)?;
                 let phase = meta::phase(tx)?;
                 let p = provider.as_str();
@@ -774,7 +818,7 @@ impl Store {
                         column_set(tx, user_id, Some(&sealed))?;
                         ev::record(
                             tx,
-                            &Event::by_user(action, user_id).key(None, p, Source::Column),
+                            &ctx.event(action, user_id).key(None, p, Source::Column),
                         )?;
                         Ok(Source::Column)
                     }
@@ -790,7 +834,7 @@ impl Store {
                                      WHERE id = ?1",
                                 )?
                                 .execute(params![r.id, sealed, now(), expires_at])?;
-                                Event::by_user(ev::KEY_REPLACED, user_id).key(
+                                ctx.event(ev::KEY_REPLACED, user_id).key(
                                     Some(r.id),
                                     p,
                                     Source::Table,
@@ -806,7 +850,7 @@ impl Store {
                                 }
                                 let id =
                                     insert_row(tx, user_id, p, None, &sealed, true, expires_at)?;
-                                Event::by_user(ev::KEY_CREATED, user_id).key(
+                                ctx.event(ev::KEY_CREATED, user_id).key(
                                     Some(id),
                                     p,
                                     Source::Table,
@@ -825,9 +869,16 @@ impl Store {
     }
 
     /// DELETE /user/api-key: removes the default key of the provider from every store of the phase.
-    pub(crate) fn delete_default_key(&mut self, user_id: i64, provider: &Provider) -> Result<()> {
+    pub(crate) fn delete_default_key(
+        &mut self,
+        user_id: i64,
+        by: Option<&ServiceActor>,
+        provider: &Provider,
+    ) -> Result<()> {
         let provider = provider.clone();
+        let by = by.cloned();
         self.write(move |tx, ctx| {
+            let ctx = &ctx.acting(by.as_ref());
             let phase = meta::phase(tx)?;
             if phase == Phase::Dual && provider.is_openai() {
                 // The key the user sees goes; an older default the column had replaced stays.
@@ -849,10 +900,7 @@ impl Store {
                 column_set(tx, user_id, None)?;
             }
             if let Some((id, source)) = deleted {
-                ev::record(
-                    tx,
-                    &Event::by_user(ev::KEY_DELETED, user_id).key(id, p, source),
-                )?;
+                ev::record(tx, &ctx.event(ev::KEY_DELETED, user_id).key(id, p, source))?;
             }
             Ok(())
         })
@@ -861,9 +909,13 @@ impl Store {
     /// GET /user/api-keys for the session whose token hashes to `session` (`None`: no live
     /// session has it), checked in the listing's own read transaction. In phase dual a key found
     /// only in the column is moved first.
-    pub(crate) fn list_keys(&mut self, session: &[u8]) -> Result<Option<(User, KeyList)>> {
+    pub(crate) fn list_keys(&mut self, who: Who<'_>) -> Result<Option<(User, KeyList)>> {
         let first = self.read(|tx, ctx| {
-            let Some(user) = session_in(tx, session)? else {
+            let found = match who {
+                Who::Session(session) => session_in(tx, session)?,
+                Who::Named(named, _) => named_user(tx, named)?,
+            };
+            let Some(user) = found else {
                 return Ok(None);
             };
             let list = list_in(tx, ctx, user.id, true)?;
@@ -875,7 +927,9 @@ impl Store {
             Some((user, None)) => user,
         };
         let user_id = user.id;
+        let by = who.service().cloned();
         let moved = self.write(move |tx, ctx| {
+            let ctx = &ctx.acting(by.as_ref());
             if meta::phase(tx)? == Phase::Dual {
                 let (verdict, _) = settle(tx, ctx, user_id)?;
                 if verdict.needs_move() {
@@ -941,7 +995,8 @@ impl Store {
             )?;
             ev::record(
                 tx,
-                &Event::by_user(ev::KEY_CREATED, user_id).key(Some(id), p, Source::Table),
+                &ctx.event(ev::KEY_CREATED, user_id)
+                    .key(Some(id), p, Source::Table),
             )?;
             if phase == Phase::Dual && provider.is_openai() && make_default {
                 column_set(tx, user_id, Some(&sealed))?;
@@ -981,7 +1036,8 @@ impl Store {
                 return Err(StoreError::NotFound);
             };
             let deleted =
-                Event::by_user(ev::KEY_DELETED, user_id).key(Some(id), &provider, Source::Table);
+                ctx.event(ev::KEY_DELETED, user_id)
+                    .key(Some(id), &provider, Source::Table);
             if phase == Phase::Dual && provider == OPENAI && is_default {
                 // A column key that replaced this row wins first: deleting the row then
                 // deletes the stale key, not the user's newer one.
@@ -1238,6 +1294,7 @@ mod tests {
             store.create_session(user.id, &SESSION, now() + 3600)?;
             store.set_default_key(
                 user.id,
+                None,
                 &openai,
                 &ApiKey::parse("sk-table-0123456789")?,
                 None,
@@ -1246,10 +1303,12 @@ mod tests {
             // Nothing in the memo yet: a snapshot of its own, which fills it.
             assert_eq!(at_once(&mut store, &openai)?, None, "{location:?}");
             let served = |store: &mut Store| -> Result<Option<(String, Source)>> {
-                Ok(match store.get_default_key(&SESSION, &openai, false)? {
-                    Some(DefaultKey::Found(f)) => Some((f.key.expose().to_owned(), f.source)),
-                    _ => None,
-                })
+                Ok(
+                    match store.get_default_key(Who::Session(&SESSION), &openai, false)? {
+                        Some(DefaultKey::Found(f)) => Some((f.key.expose().to_owned(), f.source)),
+                        _ => None,
+                    },
+                )
             };
             let table = Some(("sk-table-0123456789".to_owned(), Source::Table));
             assert_eq!(served(&mut store)?, table);
@@ -1387,16 +1446,18 @@ mod tests {
             let user = store.create_user(&Email::parse("k@x.org")?, "h")?;
             store.create_session(user.id, &SESSION, now() + 3600)?;
             let set = |store: &mut Store, k: &str| -> TestResult {
-                store.set_default_key(user.id, &openai, &ApiKey::parse(k)?, None)?;
+                store.set_default_key(user.id, None, &openai, &ApiKey::parse(k)?, None)?;
                 Ok(())
             };
             let served = |store: &mut Store| -> Result<Option<String>> {
-                Ok(match store.get_default_key(&SESSION, &openai, false)? {
-                    Some(DefaultKey::Found(f)) => Some(f.key.expose().to_owned()),
-                    Some(DefaultKey::Expired) => Some("expired".to_owned()),
-                    Some(DefaultKey::Missing) => Some("missing".to_owned()),
-                    None => None,
-                })
+                Ok(
+                    match store.get_default_key(Who::Session(&SESSION), &openai, false)? {
+                        Some(DefaultKey::Found(f)) => Some(f.key.expose().to_owned()),
+                        Some(DefaultKey::Expired) => Some("expired".to_owned()),
+                        Some(DefaultKey::Missing) => Some("missing".to_owned()),
+                        None => None,
+                    },
+                )
             };
             set(&mut store, "sk-first-0123456789")?;
             for _ in 0..3 {
@@ -1440,6 +1501,7 @@ mod tests {
             let anthropic = Provider::parse("anthropic")?;
             store.set_default_key(
                 user.id,
+                None,
                 &anthropic,
                 &ApiKey::parse("sk-ant-0123456789")?,
                 None,
@@ -1447,7 +1509,7 @@ mod tests {
             for _ in 0..3 {
                 assert_eq!(served(&mut store)?.as_deref(), Some("sk-third-0123456789"));
                 let Some(DefaultKey::Found(f)) =
-                    store.get_default_key(&SESSION, &anthropic, false)?
+                    store.get_default_key(Who::Session(&SESSION), &anthropic, false)?
                 else {
                     return Err("anthropic not found".into());
                 };
@@ -1475,6 +1537,7 @@ mod tests {
         store.create_session(user.id, &SESSION, session_end)?;
         store.set_default_key(
             user.id,
+            None,
             &openai,
             &ApiKey::parse("sk-ticking-0123456789")?,
             Some(crate::domain::ExpiresAt::parse(
@@ -1492,7 +1555,7 @@ mod tests {
         let (mut found, mut expired) = (0, 0);
         loop {
             let before = now();
-            let got = store.get_default_key(&SESSION, &openai, false)?;
+            let got = store.get_default_key(Who::Session(&SESSION), &openai, false)?;
             let after = now();
             match got {
                 Some(DefaultKey::Found(f)) => {

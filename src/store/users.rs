@@ -58,6 +58,8 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![token_hash, user_id, t, expires_at])?;
+            tx.prepare_cached("UPDATE users SET last_login_at = ?2 WHERE id = ?1")?
+                .execute(params![user_id, t])?;
             super::events::record(
                 tx,
                 &super::events::Event::by_user(super::events::LOGIN_SUCCEEDED, user_id),
@@ -180,6 +182,10 @@ pub(crate) fn insert_user(
                 e.into()
             }
         })?;
+    super::events::record(
+        tx,
+        &super::events::Event::by_user(super::events::USER_CREATED, id),
+    )?;
     Ok(User {
         id,
         email: email.as_str().to_owned(),

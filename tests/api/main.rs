@@ -1,6 +1,7 @@
 //! One test binary for every end-to-end test: it links once, and cargo runs its tests in
 //! parallel, each against its own server and database.
 
+mod application;
 mod deploy;
 mod foundation;
 mod hostile;
@@ -12,4 +13,5 @@ mod migration;
 mod operator;
 mod page;
 mod phases;
+mod service;
 mod support;
