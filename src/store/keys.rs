@@ -554,6 +554,44 @@ fn session_and_default_row(
         .optional()?)
 }
 
+/// The user a service named and their default row of `provider`, in one statement (its own
+/// snapshot, as `session_and_default_row`). `None`: no such user.
+fn named_and_default_row(
+    conn: &Connection,
+    named: &UserRef,
+    provider: &str,
+) -> Result<Option<(i64, Option<DefaultKeyRow>)>> {
+    macro_rules! by {
+        ($where:literal) => {
+            concat!(
+                "SELECT u.id, k.id, k.sealed_key, k.expires_at FROM users u
+                 LEFT JOIN api_keys k ON k.user_id = u.id AND k.provider = ?2 AND k.is_default = 1
+                 WHERE ",
+                $where
+            )
+        };
+    }
+    let (sql, value): (&str, &dyn rusqlite::ToSql) = match named {
+        UserRef::Id(id) => (by!("u.id = ?1"), id),
+        UserRef::Email(e) => (by!("u.email = ?1"), e),
+        UserRef::External(x) => (by!("u.external_id = ?1"), x),
+    };
+    Ok(conn
+        .prepare_cached(sql)?
+        .query_row(params![value, provider], |r| {
+            let row = match r.get::<_, Option<i64>>(1)? {
+                Some(id) => Some(DefaultKeyRow {
+                    id,
+                    sealed: r.get(2)?,
+                    expires_at: r.get(3)?,
+                }),
+                None => None,
+            };
+            Ok((r.get(0)?, row))
+        })
+        .optional()?)
+}
+
 /// What `session_and_default_row` read.
 #[derive(Debug)]
 struct SessionRead {
@@ -669,12 +707,15 @@ impl Store {
                     Ok(Some((user.id, lookup(tx, ctx, user.id, provider, false)?)))
                 })?,
             },
-            Who::Named(named, _) => self.read(|tx, ctx| {
-                let Some(user) = named_user(tx, named)? else {
-                    return Ok(None);
-                };
-                Ok(Some((user.id, lookup(tx, ctx, user.id, provider, false)?)))
-            })?,
+            Who::Named(named, _) => match self.named_default_key_at_once(named, provider)? {
+                Some(first) => first,
+                None => self.read(|tx, ctx| {
+                    let Some(user) = named_user(tx, named)? else {
+                        return Ok(None);
+                    };
+                    Ok(Some((user.id, lookup(tx, ctx, user.id, provider, false)?)))
+                })?,
+            },
         };
         let Some((user_id, mut found)) = first else {
             return Ok(None);
@@ -772,6 +813,31 @@ impl Store {
         }
         let found = found_in_row(&self.read_ctx(), read.user_id, p, read.row.as_ref())?;
         Ok(Some(Some((read.user_id, found))))
+    }
+
+    /// `default_key_at_once` for a user a service named: the user and their default row in one
+    /// statement, answered from the row when the memo covers that statement's snapshot and
+    /// `row_alone_answers`. `Some(None)`: no such user; `None`: the read needs a snapshot of
+    /// its own.
+    fn named_default_key_at_once(
+        &mut self,
+        named: &UserRef,
+        provider: &Provider,
+    ) -> Result<Option<Option<(i64, Lookup)>>> {
+        let p = provider.as_str();
+        let Some((user_id, row)) = named_and_default_row(&self.conn, named, p)? else {
+            return Ok(Some(None));
+        };
+        crate::logging::set_user(user_id);
+        let Some(settled) = meta::settled_at_last_statement(&self.conn, &self.memo) else {
+            return Ok(None);
+        };
+        let pending = !settled.nobody_pending();
+        if !row_alone_answers(settled.phase, provider, pending, row.is_some()) {
+            return Ok(None);
+        }
+        let found = found_in_row(&self.read_ctx(), user_id, p, row.as_ref())?;
+        Ok(Some(Some((user_id, found))))
     }
 
     /// POST /user/api-key: sets the user's default key of the provider.
