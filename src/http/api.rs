@@ -295,6 +295,9 @@ impl From<StoreError> for ApiError {
             StoreError::EmailTaken => {
                 ApiError::new(409, "email_taken", "this email is already registered")
             }
+            StoreError::TokenNotLive => {
+                ApiError::unauthorized("the service token is invalid, expired or revoked")
+            }
             StoreError::NameTaken => ApiError::new(
                 409,
                 "name_taken",

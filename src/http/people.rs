@@ -39,7 +39,8 @@ pub(super) fn service_put_user(
     req: &Incoming,
     params: &[&str],
 ) -> Result<Reply, ApiError> {
-    let Principal::Service { actor, user } = principal::service(store, req, params, Scope::Write)?
+    let Principal::Service { actor, user, .. } =
+        principal::service(store, req, params, Scope::Write)?
     else {
         return Err(ApiError::internal());
     };
@@ -66,7 +67,8 @@ pub(super) fn service_delete_user(
     req: &Incoming,
     params: &[&str],
 ) -> Result<Reply, ApiError> {
-    let Principal::Service { actor, user } = principal::service(store, req, params, Scope::Write)?
+    let Principal::Service { actor, user, .. } =
+        principal::service(store, req, params, Scope::Write)?
     else {
         return Err(ApiError::internal());
     };

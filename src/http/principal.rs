@@ -16,7 +16,12 @@ pub(super) enum Principal {
     /// The hash of a session token: the session's user, checked where the work reads.
     Session([u8; 32]),
     /// A service (its live token) acting for the user it named.
-    Service { actor: ServiceActor, user: UserRef },
+    Service {
+        actor: ServiceActor,
+        user: UserRef,
+        /// The SHA-256 of its token.
+        token: [u8; 32],
+    },
 }
 
 impl Principal {
@@ -24,7 +29,7 @@ impl Principal {
     pub(super) fn who(&self) -> Who<'_> {
         match self {
             Principal::Session(hash) => Who::Session(hash),
-            Principal::Service { actor, user } => Who::Named(user, actor),
+            Principal::Service { actor, user, token } => Who::Named(user, actor, token),
         }
     }
 
@@ -62,24 +67,26 @@ pub(super) fn no_such_user() -> ApiError {
     ApiError::new(404, "not_found", "no such user")
 }
 
-/// The live service token of the request, with at least `scope`: 401 without one (a session
-/// token is no service token), 403 for a `read` token on a write route.
-pub(super) fn service_token(
+/// The live service token of the request (and its SHA-256), with at least `scope`: 401
+/// without one (a session token is no service token), 403 for a `read` token on a write route.
+/// With `kept`, the connection's last check of the same token may answer, and the caller's read
+/// confirms it in its own snapshot (`Who::Named`).
+fn service_token(
     store: &mut Store,
     req: &Incoming,
     scope: Scope,
-) -> Result<TokenInfo, ApiError> {
+    kept: bool,
+) -> Result<(TokenInfo, [u8; 32]), ApiError> {
     let header = req
         .authorization()
         .ok_or_else(|| ApiError::unauthorized("this route needs an Authorization: Bearer token"))?;
     let token = bearer(header).ok_or_else(|| {
         ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
     })?;
-    let info = store
-        .service_token(&auth::token_hash(token))?
-        .ok_or_else(|| {
-            ApiError::unauthorized("the service token is invalid, expired or revoked")
-        })?;
+    let hash = auth::token_hash(token);
+    let info = store.service_token(&hash, kept)?.ok_or_else(|| {
+        ApiError::unauthorized("the service token is invalid, expired or revoked")
+    })?;
     if scope == Scope::Write && info.scope != Scope::Write {
         return Err(ApiError::new(
             403,
@@ -87,7 +94,7 @@ pub(super) fn service_token(
             "this service token has scope read; this route needs scope write",
         ));
     }
-    Ok(info)
+    Ok((info, hash))
 }
 
 /// A service route's principal: its token (401, 403), then the user it names (400).
@@ -97,11 +104,32 @@ pub(super) fn service(
     params: &[&str],
     scope: Scope,
 ) -> Result<Principal, ApiError> {
-    let token = service_token(store, req, scope)?;
+    principal(store, req, params, scope, false)
+}
+
+/// `service` for the reads that confirm the token in their own snapshot (the default key, the
+/// listing): the connection's last check of the token may answer first.
+pub(super) fn service_reading(
+    store: &mut Store,
+    req: &Incoming,
+    params: &[&str],
+) -> Result<Principal, ApiError> {
+    principal(store, req, params, Scope::Read, true)
+}
+
+fn principal(
+    store: &mut Store,
+    req: &Incoming,
+    params: &[&str],
+    scope: Scope,
+    kept: bool,
+) -> Result<Principal, ApiError> {
+    let (info, token) = service_token(store, req, scope, kept)?;
     let user = selector(params.first().copied().unwrap_or_default())?;
     Ok(Principal::Service {
-        actor: token.actor(),
+        actor: info.actor(),
         user,
+        token,
     })
 }
 

@@ -357,7 +357,7 @@ fn service_get_key(
     req: &Incoming,
     params: &[&str],
 ) -> Result<Reply, ApiError> {
-    let who = principal::service(store, req, params, Scope::Read)?;
+    let who = principal::service_reading(store, req, params)?;
     get_key_as(store, req, &who)
 }
 
@@ -562,7 +562,7 @@ fn service_list_keys(
     req: &Incoming,
     params: &[&str],
 ) -> Result<Reply, ApiError> {
-    let who = principal::service(store, req, params, Scope::Read)?;
+    let who = principal::service_reading(store, req, params)?;
     list_keys_as(store, &who)
 }
 

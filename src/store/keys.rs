@@ -665,16 +665,25 @@ fn sealing_again<T>(mut write: impl FnMut() -> Result<T>) -> Result<T> {
 pub(crate) enum Who<'a> {
     /// A session token's hash, checked in the read's own snapshot.
     Session(&'a [u8]),
-    /// A user named by a service (looked up in the read's own snapshot), and the service.
-    Named(&'a UserRef, &'a ServiceActor),
+    /// A user named by a service (looked up in the read's own snapshot), the service, and the
+    /// hash of its token, confirmed live in that snapshot.
+    Named(&'a UserRef, &'a ServiceActor, &'a [u8; 32]),
 }
 
 impl<'a> Who<'a> {
     fn service(self) -> Option<&'a ServiceActor> {
         match self {
             Who::Session(_) => None,
-            Who::Named(_, s) => Some(s),
+            Who::Named(_, s, _) => Some(s),
         }
+    }
+}
+
+/// A service's read goes on only while its token is live in the read's own snapshot.
+fn token_live_in(conn: &Connection, token: &[u8; 32]) -> Result<()> {
+    match super::service_tokens::live(conn, token)? {
+        Some(_) => Ok(()),
+        None => Err(StoreError::TokenNotLive),
     }
 }
 
@@ -707,15 +716,18 @@ impl Store {
                     Ok(Some((user.id, lookup(tx, ctx, user.id, provider, false)?)))
                 })?,
             },
-            Who::Named(named, _) => match self.named_default_key_at_once(named, provider)? {
-                Some(first) => first,
-                None => self.read(|tx, ctx| {
-                    let Some(user) = named_user(tx, named)? else {
-                        return Ok(None);
-                    };
-                    Ok(Some((user.id, lookup(tx, ctx, user.id, provider, false)?)))
-                })?,
-            },
+            Who::Named(named, _, token) => {
+                match self.named_default_key_at_once(named, provider, token)? {
+                    Some(first) => first,
+                    None => self.read(|tx, ctx| {
+                        token_live_in(tx, token)?;
+                        let Some(user) = named_user(tx, named)? else {
+                            return Ok(None);
+                        };
+                        Ok(Some((user.id, lookup(tx, ctx, user.id, provider, false)?)))
+                    })?,
+                }
+            }
         };
         let Some((user_id, mut found)) = first else {
             return Ok(None);
@@ -823,9 +835,17 @@ impl Store {
         &mut self,
         named: &UserRef,
         provider: &Provider,
+        token: &[u8; 32],
     ) -> Result<Option<Option<(i64, Lookup)>>> {
         let p = provider.as_str();
-        let Some((user_id, row)) = named_and_default_row(&self.conn, named, p)? else {
+        let found = named_and_default_row(&self.conn, named, p)?;
+        // The service's token was live at the version this statement saw (else: a snapshot
+        // of its own, which checks it).
+        let version = meta::current_version_after_statement(&self.conn);
+        if !version.is_some_and(|v| self.token_memo.confirms(token, v, now())) {
+            return Ok(None);
+        }
+        let Some((user_id, row)) = found else {
             return Ok(Some(None));
         };
         crate::logging::set_user(user_id);
@@ -979,7 +999,10 @@ impl Store {
         let first = self.read(|tx, ctx| {
             let found = match who {
                 Who::Session(session) => session_in(tx, session)?,
-                Who::Named(named, _) => named_user(tx, named)?,
+                Who::Named(named, _, token) => {
+                    token_live_in(tx, token)?;
+                    named_user(tx, named)?
+                }
             };
             let Some(user) = found else {
                 return Ok(None);

@@ -53,6 +53,9 @@ pub(crate) enum StoreError {
     Busy,
     #[error("this email is already registered")]
     EmailTaken,
+    /// The service token a read was answered for is no longer live in the read's snapshot.
+    #[error("the service token is invalid, expired or revoked")]
+    TokenNotLive,
     /// A service token that is not revoked holds this name.
     #[error("a service token that is not revoked already has this name")]
     NameTaken,
@@ -151,6 +154,8 @@ pub(crate) struct Store {
     /// This connection's last read of a session and its default key, kept while the database
     /// is unchanged (`keys::LastRead`).
     last_read: keys::LastRead,
+    /// This connection's last check of a live service token (`service_tokens::TokenMemo`).
+    token_memo: service_tokens::TokenMemo,
 }
 
 impl Store {
@@ -163,6 +168,7 @@ impl Store {
             key_limit: crate::config::DEFAULT_MAX_KEYS_PER_USER,
             memo: meta::Memo::default(),
             last_read: keys::LastRead::default(),
+            token_memo: service_tokens::TokenMemo::default(),
         }
     }
 

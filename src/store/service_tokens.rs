@@ -46,8 +46,18 @@ impl TokenInfo {
 /// request costs one write a minute, not one per request.
 const TOUCH_EVERY: i64 = 60;
 
-const COLUMNS: &str =
-    "id, name, scope, created_at, last_used_at, expires_at, revoked_at, token_hash";
+macro_rules! columns {
+    () => {
+        "id, name, scope, created_at, last_used_at, expires_at, revoked_at, token_hash"
+    };
+}
+const COLUMNS: &str = columns!();
+/// The token of a hash (`live`): a constant, so the request path formats no SQL.
+const LIVE: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM service_tokens WHERE token_hash = ?1"
+);
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TokenInfo, Vec<u8>)> {
     let scope: String = r.get(2)?;
@@ -150,9 +160,7 @@ pub(crate) fn revoke(tx: &Transaction<'_>, name: &str, actor: &str) -> Result<Op
 /// the row; the hash is then compared again in constant time.
 pub(crate) fn live(conn: &Connection, token_hash: &[u8; 32]) -> Result<Option<TokenInfo>> {
     let found = conn
-        .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM service_tokens WHERE token_hash = ?1"
-        ))?
+        .prepare_cached(LIVE)?
         .query_row([&token_hash[..]], row)
         .optional()?;
     let t = now();
@@ -163,14 +171,56 @@ pub(crate) fn live(conn: &Connection, token_hash: &[u8; 32]) -> Result<Option<To
     }))
 }
 
+/// This connection's last check of a live token, kept with SQLite's data version of the file
+/// at the time (`meta::current_version_after_statement`): while the version is unchanged no
+/// commit has happened, by any connection or process, so no revocation either. A read that
+/// takes the token from here confirms it in its own snapshot (`confirms`, or `live` inside its
+/// transaction) before it answers: a revocation is still seen at the next request.
+#[derive(Debug, Default)]
+pub(crate) struct TokenMemo(Option<([u8; 32], TokenInfo, u32)>);
+
+impl TokenMemo {
+    /// The kept token of this hash, if it had not expired by `now` (not yet confirmed).
+    fn get(&self, token_hash: &[u8; 32], now: i64) -> Option<&TokenInfo> {
+        self.0
+            .as_ref()
+            .filter(|(h, info, _)| h == token_hash && info.expires_at.is_none_or(|e| e > now))
+            .map(|(_, info, _)| info)
+    }
+
+    /// Whether the token of this hash was live at data version `version` (the version a read's
+    /// own snapshot saw) and is not expired at `now`.
+    pub(crate) fn confirms(&self, token_hash: &[u8; 32], version: u32, now: i64) -> bool {
+        self.get(token_hash, now).is_some() && self.0.as_ref().is_some_and(|k| k.2 == version)
+    }
+}
+
 impl Store {
-    /// The live service token of a request's bearer token (its SHA-256). Its `last_used_at` is
-    /// written when it is older than a minute.
-    pub(crate) fn service_token(&mut self, token_hash: &[u8; 32]) -> Result<Option<TokenInfo>> {
-        let Some(info) = live(&self.conn, token_hash)? else {
+    /// The live service token of a request's bearer token (its SHA-256). With `kept`, the
+    /// connection's last check may answer (`TokenMemo`): then the caller's read must confirm it
+    /// (`Who::Named` reads do). Its `last_used_at` is written when it is older than a minute.
+    pub(crate) fn service_token(
+        &mut self,
+        token_hash: &[u8; 32],
+        kept: bool,
+    ) -> Result<Option<TokenInfo>> {
+        let t = now();
+        if kept {
+            if let Some(info) = self.token_memo.get(token_hash, t) {
+                if info.last_used_at.is_some_and(|u| u + TOUCH_EVERY > t) {
+                    return Ok(Some(info.clone()));
+                }
+            }
+        }
+        let found = live(&self.conn, token_hash)?;
+        let version = super::meta::current_version_after_statement(&self.conn);
+        self.token_memo = TokenMemo(match (&found, version) {
+            (Some(info), Some(v)) => Some((*token_hash, info.clone(), v)),
+            _ => None,
+        });
+        let Some(info) = found else {
             return Ok(None);
         };
-        let t = now();
         if info.last_used_at.is_none_or(|u| u + TOUCH_EVERY <= t) {
             let id = info.id;
             self.write(move |tx, _| {

@@ -137,14 +137,35 @@ fn a_revocation_is_seen_by_every_server_of_the_file_on_its_next_request() {
         put_user(&one, &w, "u1", "u1@example.com")
     };
     assert_eq!(put.status, 201, "{}", put.raw);
+    // Each route a read token reaches, many times, so that every worker of both servers has
+    // checked (and keeps) the token.
+    let routes = [
+        "/service/users/ext:u1",
+        "/service/users/ext:u1/api-key",
+        "/service/users/ext:u1/api-key?reveal=true",
+        "/service/users/ext:u1/api-keys",
+    ];
     for s in [&one, &two] {
-        assert_eq!(s.get("/service/users/ext:u1", Some(&token)).status, 200);
+        for _ in 0..8 {
+            for path in routes {
+                assert_eq!(s.get(path, Some(&token)).status, 200, "{path}");
+            }
+        }
     }
     let out = env.run(&["service-token", "revoke", "reader"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     for s in [&one, &two] {
-        let r = s.get("/service/users/ext:u1", Some(&token));
-        assert_eq!((r.status, r.code()), (401, "unauthorized"), "{}", r.raw);
+        for _ in 0..8 {
+            for path in routes {
+                let r = s.get(path, Some(&token));
+                assert_eq!(
+                    (r.status, r.code()),
+                    (401, "unauthorized"),
+                    "{path} {}",
+                    r.raw
+                );
+            }
+        }
     }
     // Through the admin route too.
     let (again, _) = service_token(&two, "reader", "read");
