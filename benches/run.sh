@@ -79,6 +79,17 @@ start_server() { # name, command...
   [ -n "$SERVER_URL" ] || { echo "$name did not start" >&2; cat "$WORK/$name.log" >&2; exit 1; }
 }
 
+# The reveals over many users, a random user per request: with each user's own session, and
+# with one read service token naming the user.
+many_session() {
+  run_wrk reveal_many_session "$1" "$URL" KR_PATH="/user/api-key?reveal=true" \
+    KR_SESSIONS_FILE="$WORK/sessions.txt"
+}
+many_service() {
+  run_wrk reveal_many_service "$1" "$URL" KR_TOKEN="$T_SERVICE_READ" KR_USERS="$MANY_USERS" \
+    KR_PATH_TEMPLATE="/service/users/ext:{i}/api-key?reveal=true"
+}
+
 peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 
 run_wrk() { # label, connections, url, env assignments...
@@ -152,10 +163,12 @@ for c in $CONNECTIONS; do
       run_wrk post_dual "$c" "$URL" KR_METHOD=POST KR_PATH=/user/api-key KR_TOKEN="$T_REVEAL" \
         KR_BODY='{"api_key":"sk-bench-0123456789abcdef"}'
     fi
-    run_wrk reveal_many_session "$c" "$URL" KR_PATH="/user/api-key?reveal=true" \
-      KR_SESSIONS_FILE="$WORK/sessions.txt"
-    run_wrk reveal_many_service "$c" "$URL" KR_TOKEN="$T_SERVICE_READ" KR_USERS="$MANY_USERS" \
-      KR_PATH_TEMPLATE="/service/users/ext:{i}/api-key?reveal=true"
+    # The two are compared with each other: which runs first alternates from round to round.
+    if (( ROUND % 2 )); then
+      many_session "$c"; many_service "$c"
+    else
+      many_service "$c"; many_session "$c"
+    fi
     run_wrk baseline_after "$c" "$BASE"
   done
 done

@@ -841,8 +841,14 @@ impl Store {
         let found = named_and_default_row(&self.conn, named, p)?;
         // The service's token was live at the version this statement saw (else: a snapshot
         // of its own, which checks it).
-        let version = meta::current_version_after_statement(&self.conn);
-        if !version.is_some_and(|v| self.token_memo.confirms(token, v, now())) {
+        let confirmed = match meta::current_version_after_statement(&self.conn) {
+            Some(v) if self.token_memo.confirms(token, v, now()) => true,
+            // Something was committed since the token was last checked: checked again, and
+            // confirmed if nothing was committed since the statement above.
+            Some(v) => self.token_live_at(token, v)?,
+            None => false,
+        };
+        if !confirmed {
             return Ok(None);
         }
         let Some((user_id, row)) = found else {

@@ -235,6 +235,19 @@ impl Store {
         Ok(Some(info))
     }
 
+    /// Checks the token again (and keeps the check): true when it is live and the database is
+    /// still at data version `version` (the version a read just saw).
+    pub(crate) fn token_live_at(&mut self, token_hash: &[u8; 32], version: u32) -> Result<bool> {
+        let found = live(&self.conn, token_hash)?;
+        let after = super::meta::current_version_after_statement(&self.conn);
+        let (memo, confirmed) = match (found, after) {
+            (Some(info), Some(a)) => (Some((*token_hash, info, a)), a == version),
+            _ => (None, false),
+        };
+        self.token_memo = TokenMemo(memo);
+        Ok(confirmed)
+    }
+
     pub(crate) fn create_service_token(
         &mut self,
         name: &TokenName,
@@ -258,5 +271,79 @@ impl Store {
     ) -> Result<Option<TokenInfo>> {
         let (name, actor) = (name.to_owned(), actor.to_owned());
         self.write(move |tx, _| revoke(tx, &name, &actor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::crypto::{EncryptionKey, KeyRing};
+    use crate::db::{self, Database};
+    use crate::domain::{ApiKey, Email, Provider};
+    use crate::store::inspect::UserRef;
+    use crate::store::keys::{DefaultKey, Who};
+    use crate::store::Shared;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    /// A connection that kept its check of a token answers no read for it once another
+    /// connection has revoked it, whatever the path the read takes (one statement, or a
+    /// snapshot of its own), and a kept check expires with the token.
+    #[test]
+    fn a_kept_token_check_never_outlives_a_revocation() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let db = Database::new(&crate::config::DbLocation::File(dir.path().join("k.db")))?;
+        let mut conn = db.connect()?;
+        db::migrate_schema(&mut conn)?;
+        let ring = Arc::new(KeyRing::new(EncryptionKey::generate(), vec![]));
+        let mut store = Store::new(conn, ring, Arc::new(Shared::default()));
+        let other = db.connect()?;
+        let user = store.create_user(&Email::parse("a@x.org")?, "h")?;
+        let openai = Provider::openai();
+        store.set_default_key(
+            user.id,
+            None,
+            &openai,
+            &ApiKey::parse("sk-0123456789")?,
+            None,
+        )?;
+        let hash = [9u8; 32];
+        let info = store.create_service_token(
+            &TokenName::parse("app")?,
+            Scope::Read,
+            None,
+            &hash,
+            "admin",
+        )?;
+        let actor = info.actor();
+        let named = UserRef::Id(user.id);
+        let mut reveal = |store: &mut Store| {
+            store.service_token(&hash, true).and_then(|_| {
+                store.get_default_key(Who::Named(&named, &actor, &hash), &openai, false)
+            })
+        };
+        for _ in 0..3 {
+            assert!(matches!(reveal(&mut store)?, Some(DefaultKey::Found(_))));
+        }
+        other.execute("UPDATE service_tokens SET revoked_at = 1", [])?;
+        for _ in 0..3 {
+            assert!(matches!(reveal(&mut store), Err(StoreError::TokenNotLive)));
+        }
+        // The kept check itself: only at the version it was made at, and not past the expiry.
+        let memo = TokenMemo(Some((
+            hash,
+            TokenInfo {
+                expires_at: Some(100),
+                ..info
+            },
+            5,
+        )));
+        assert!(memo.confirms(&hash, 5, 99));
+        assert!(!memo.confirms(&hash, 6, 99));
+        assert!(!memo.confirms(&hash, 5, 100));
+        assert!(!memo.confirms(&[1; 32], 5, 99));
+        Ok(())
     }
 }
