@@ -319,7 +319,7 @@ mod tests {
         )?;
         let actor = info.actor();
         let named = UserRef::Id(user.id);
-        let mut reveal = |store: &mut Store| {
+        let reveal = |store: &mut Store| {
             store.service_token(&hash, true).and_then(|_| {
                 store.get_default_key(Who::Named(&named, &actor, &hash), &openai, false)
             })
