@@ -658,5 +658,9 @@
   });
   window.addEventListener("pagehide", hideRevealed);
 
+  // A link opened in a tab that shows the page already changes only the address's fragment.
+  window.addEventListener("hashchange", () => {
+    if (takeInvite()) hideRevealed();
+  });
   if (!takeInvite()) showKeys(false);
 })();
