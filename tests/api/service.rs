@@ -124,6 +124,22 @@ fn service_token_cli_prints_once_stores_a_hash_lists_and_revokes() {
     assert_eq!(list[1]["scope"], "read", "read is the default scope");
     assert_ne!(list[0]["id"], list[1]["id"]);
     assert!(!env.path("keyrack.db.key").exists(), "no key file appears");
+
+    // users, invite and delete-user need no encryption key either.
+    sql(
+        &env.db(),
+        "INSERT INTO users(email, password_hash, created_at) VALUES ('z@example.com', '!no-password', 0)",
+    );
+    for args in [
+        &["users", "--json"][..],
+        &["invite", "z@example.com"],
+        &["invite", "--without-password", "--json"],
+        &["delete-user", "z@example.com", "--yes"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+    }
+    assert!(!env.path("keyrack.db.key").exists(), "no key file appears");
 }
 
 #[test]
@@ -743,6 +759,9 @@ fn invites_set_a_password_once_and_end_other_sessions() {
         json!({"token": "kri_nothing", "password": "a long new password"}),
     );
     assert_eq!((unknown.status, unknown.code()), (401, "unauthorized"));
+    // A second invite, unused: using the first ends it.
+    let second = stdout(&env.run(&["invite", "1"]));
+    let second = second.trim().rsplit('=').next().unwrap().to_owned();
     let used = server.post(
         "/auth/set-password",
         None,
@@ -763,6 +782,12 @@ fn invites_set_a_password_once_and_end_other_sessions() {
         json!({"token": token, "password": "another new password"}),
     );
     assert_eq!(again.status, 401, "an invite is used once");
+    let other = server.post(
+        "/auth/set-password",
+        None,
+        json!({"token": second, "password": "another new password"}),
+    );
+    assert_eq!(other.status, 401, "the user's other unused invites end");
     let r = server.post(
         "/auth/login",
         None,
