@@ -54,7 +54,14 @@ impl Principal {
     pub(super) fn user_id(&self, store: &mut Store) -> Result<i64, ApiError> {
         match self {
             Principal::Session(hash) => Ok(store.session_user(hash)?.ok_or_else(invalid_token)?.id),
-            Principal::Service { user, .. } => {
+            Principal::Service { user, token, .. } => {
+                // A read route's check may have been the connection's kept one: checked again
+                // here, so a revoked token never learns whether a user exists.
+                if store.service_token(token, false)?.is_none() {
+                    return Err(ApiError::unauthorized(
+                        "the service token is invalid, expired or revoked",
+                    ));
+                }
                 let found = store.person(user)?.ok_or_else(no_such_user)?;
                 crate::logging::set_user(found.id);
                 Ok(found.id)

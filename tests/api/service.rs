@@ -170,6 +170,16 @@ fn a_revocation_is_seen_by_every_server_of_the_file_on_its_next_request() {
     }
     let out = env.run(&["service-token", "revoke", "reader"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // A revoked token learns nothing, not even whether a user exists (401 before 404 and 422).
+    let routes = [
+        routes[0],
+        routes[1],
+        routes[2],
+        routes[3],
+        "/service/users/ext:nobody/api-key",
+        "/service/users/ext:u1/api-key?provider=BAD",
+        "/service/users/ext:nobody/api-key?provider=BAD",
+    ];
     for s in [&one, &two] {
         for _ in 0..8 {
             for path in routes {
