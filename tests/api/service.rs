@@ -675,6 +675,28 @@ fn users_listing_delete_user_and_its_events() {
     let again = server.user("ada@example.com");
     assert_eq!(server.reveal(&again, "openai"), None);
 
+    // user.created names who made the account.
+    let out = env.run_with_stdin(&["add-user", "cli@example.com"], "a long password\n");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let created: Vec<Value> = all_events(&server)
+        .into_iter()
+        .filter(|e| e["action"] == "user.created")
+        .collect();
+    let actors: Vec<&str> = created
+        .iter()
+        .map(|e| e["actor"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actors,
+        [
+            &format!("user:{ada_id}"),
+            "service:w",
+            "user:3",
+            "command:add-user"
+        ],
+        "{created:?}"
+    );
+
     // Through the service route: 204, then 404.
     assert_eq!(
         server
