@@ -531,6 +531,13 @@ fn in_phase_dual_a_service_read_moves_a_column_key_and_in_legacy_only_openai_exi
             && e["service_token_id"] == read_id),
         "{ev:#?}"
     );
+    // The request log names the user by id, never by the email of the selector.
+    let logs = server.logs_settled();
+    assert!(
+        logs.contains("GET /service/users/email:…/api-key 200"),
+        "{logs}"
+    );
+    assert!(!logs.contains("ada@example.com"), "{logs}");
     // Bea's column key was not moved: only the user named was touched.
     let bea_rows = sql_value(
         &env.db(),
