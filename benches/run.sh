@@ -5,7 +5,9 @@
 #   - start to ready line against the bare tiny_http server, on :memory: and a fresh file, and
 #     fifty servers started at once (benches/start.py; `make bench-start` runs only this part)
 #   - requests/s and p50/p99 latency at 1, 16 and 64 keep-alive connections (wrk), for
-#     /healthz, reveal, the dual-write POST, the 10-key listing, and logins
+#     /healthz, reveal, the dual-write POST, the 10-key listing, and logins; and two reveals over
+#     BENCH_USERS users (default 1,000), a random user per request: one with each user's own
+#     session (/user/api-key), one with a read service token (/service/users/ext:{i}/api-key)
 #   - a baseline tiny_http server (benches/baseline.rs) answering /healthz, and the disk's sync
 #     ceiling (benches/sync_ceiling.rs); throughputs are reported as ratios of these
 #   - migrate over 1,000,000 legacy keys and remove-legacy-column over the result: seconds, peak RSS
@@ -13,7 +15,8 @@
 # Prints a table and writes target/bench/results.json. Not a test; CI does not run it.
 #
 # Knobs: BENCH_SECONDS (per wrk run, default 3), BENCH_ROUNDS (default 3), BENCH_MIGRATE_KEYS
-# (default 1000000).
+# (default 1000000), BENCH_USERS (default 1000), BENCH_CONNECTIONS (default "1 16 64"),
+# BENCH_ONLY=many_users (only the baseline and the two many-user reveals: a quick check).
 #
 # The machine is noisy (on a shared 2-core VM, one binary measured twice in a row gave ratios
 # from 0.57 to 0.85): each connection count runs BENCH_ROUNDS rounds, each round the baseline
@@ -26,6 +29,10 @@ SECONDS_PER_RUN=${BENCH_SECONDS:-3}
 ROUNDS=${BENCH_ROUNDS:-3}
 ROUND=1
 MIGRATE_KEYS=${BENCH_MIGRATE_KEYS:-1000000}
+MANY_USERS=${BENCH_USERS:-1000}
+CONNECTIONS=${BENCH_CONNECTIONS:-1 16 64}
+ONLY=${BENCH_ONLY:-}
+everything() { [ -z "$ONLY" ]; }
 
 need=()
 command -v wrk >/dev/null || need+=(wrk)
@@ -78,6 +85,17 @@ start_server() { # name, command...
   [ -n "$SERVER_URL" ] || { echo "$name did not start" >&2; cat "$WORK/$name.log" >&2; exit 1; }
 }
 
+# The reveals over many users, a random user per request: with each user's own session, and
+# with one read service token naming the user.
+many_session() {
+  run_wrk reveal_many_session "$1" "$URL" KR_PATH="/user/api-key?reveal=true" \
+    KR_SESSIONS_FILE="$WORK/sessions.txt"
+}
+many_service() {
+  run_wrk reveal_many_service "$1" "$URL" KR_TOKEN="$T_SERVICE_READ" KR_USERS="$MANY_USERS" \
+    KR_PATH_TEMPLATE="/service/users/ext:{i}/api-key?reveal=true"
+}
+
 peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 
 run_wrk() { # label, connections, url, env assignments...
@@ -90,6 +108,7 @@ run_wrk() { # label, connections, url, env assignments...
   echo "  $label c=$conns round $ROUND $line" >&2
 }
 
+if everything; then
 echo "== start to ready line" >&2
 cat > "$WORK/ready.sh" <<EOF
 #!/usr/bin/env bash
@@ -126,6 +145,7 @@ python3 benches/start.py "$BIN" "$EX/baseline" "$EX/start_to_ready" >&2
 
 echo "== sync ceiling" >&2
 record sync_ceiling "$("$EX/sync_ceiling" "$WORK" 3)"
+fi
 
 echo "== throughput: baseline and keyrack, interleaved" >&2
 start_server baseline "$EX/baseline" 127.0.0.1:0 "$WORKERS"
@@ -135,21 +155,34 @@ KEYRACK_PID=$SERVER_PID
 URL=$SERVER_URL
 . benches/seed.sh
 seed_bench_users
+# Many users, each with a key and a session; a write token seeds them, a read token reveals.
+T_SERVICE_WRITE=$("$BIN" --db "$WORK/serve.db" service-token create bench-write --scope write 2>/dev/null)
+T_SERVICE_READ=$("$BIN" --db "$WORK/serve.db" service-token create bench-read 2>/dev/null)
+python3 benches/many_users.py "$URL" "$WORK/serve.db" "$MANY_USERS" "$T_SERVICE_WRITE" "$WORK/sessions.txt"
 record rss_idle_kib "$(peak_rss_kib "$KEYRACK_PID")"
 # The machine is noisy: the baseline is measured right before and right after each round of
 # keyrack runs with the same connection count, and each round's ratios use the mean of the two.
-for c in 1 16 64; do
+for c in $CONNECTIONS; do
   for ROUND in $(seq 1 "$ROUNDS"); do
     run_wrk baseline_before "$c" "$BASE"
-    run_wrk healthz "$c" "$URL"
-    run_wrk reveal "$c" "$URL" KR_PATH="/user/api-key?reveal=true" KR_TOKEN="$T_REVEAL"
-    run_wrk list10 "$c" "$URL" KR_PATH=/user/api-keys KR_TOKEN="$T_LIST"
-    run_wrk post_dual "$c" "$URL" KR_METHOD=POST KR_PATH=/user/api-key KR_TOKEN="$T_REVEAL" \
-      KR_BODY='{"api_key":"sk-bench-0123456789abcdef"}'
+    if everything; then
+      run_wrk healthz "$c" "$URL"
+      run_wrk reveal "$c" "$URL" KR_PATH="/user/api-key?reveal=true" KR_TOKEN="$T_REVEAL"
+      run_wrk list10 "$c" "$URL" KR_PATH=/user/api-keys KR_TOKEN="$T_LIST"
+      run_wrk post_dual "$c" "$URL" KR_METHOD=POST KR_PATH=/user/api-key KR_TOKEN="$T_REVEAL" \
+        KR_BODY='{"api_key":"sk-bench-0123456789abcdef"}'
+    fi
+    # The two are compared with each other: which runs first alternates from round to round.
+    if (( ROUND % 2 )); then
+      many_session "$c"; many_service "$c"
+    else
+      many_service "$c"; many_session "$c"
+    fi
     run_wrk baseline_after "$c" "$BASE"
   done
 done
 record rss_peak_kib "$(peak_rss_kib "$KEYRACK_PID")"
+if everything; then
 # Logins last, one round: argon2 is slow and memory-hungry on purpose; reported on their own.
 ROUND=1
 for c in 1 16 64; do
@@ -171,5 +204,8 @@ measure migrate "$BIN" --db "$WORK/million.db" migrate
 measure status "$BIN" --db "$WORK/million.db" status --json
 measure remove_legacy_column "$BIN" --db "$WORK/million.db" remove-legacy-column --yes \
   --backup "$WORK/million-backup.db"
+else
+  kill "$KEYRACK_PID" "${PIDS[0]}"; wait 2>/dev/null || true
+fi
 
 python3 benches/report.py "$RAW" "$OUT/results.json"

@@ -19,7 +19,7 @@ pub fn add_user(app: &App, email: &str) -> Result<(), Failure> {
     let hash = auth::hash_password(&password)
         .map_err(|e| Failure::Runtime(format!("password hashing failed: {e}")))?;
     let mut store = app.store()?;
-    match store.create_user(&email, &hash) {
+    match store.create_user_by(&email, &hash, Some("command:add-user")) {
         Ok(user) => {
             log::info!("added user {} with the command line", user.id);
             println!("added user {} ({})", user.id, user.email);

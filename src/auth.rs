@@ -206,9 +206,26 @@ pub fn verify_against_dummy(password: &str) {
 
 /// A new session token: 32 random bytes, URL-safe base64 with a `kr_` prefix.
 pub fn new_token() -> Secret {
+    new_token_with("kr_")
+}
+
+/// A new service token: `krs_` and 32 random bytes (base64url).
+pub fn new_service_token() -> Secret {
+    new_token_with("krs_")
+}
+
+/// A new invite token (the link's `#set-password=…`): `kri_` and 32 random bytes.
+pub fn new_invite_token() -> Secret {
+    new_token_with("kri_")
+}
+
+fn new_token_with(prefix: &str) -> Secret {
     let mut bytes = Zeroizing::new([0u8; 32]);
     OsRng.fill_bytes(bytes.as_mut());
-    Secret::new(format!("kr_{}", URL_SAFE_NO_PAD.encode(bytes.as_ref())))
+    Secret::new(format!(
+        "{prefix}{}",
+        URL_SAFE_NO_PAD.encode(bytes.as_ref())
+    ))
 }
 
 /// When a session created now with a lifetime of `ttl_secs` ends, in whole Unix seconds

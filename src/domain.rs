@@ -271,6 +271,80 @@ impl KeyName {
     }
 }
 
+/// An application's own id for a user: 1 to 255 characters, none of them a control,
+/// line-separator or bidirectional formatting character (the rule of key names). Not trimmed:
+/// it is the application's value, compared exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalId(String);
+
+impl ExternalId {
+    pub const MAX_CHARS: usize = 255;
+
+    pub fn parse(raw: &str) -> Result<ExternalId, Invalid> {
+        let n = raw.chars().count();
+        if !(1..=Self::MAX_CHARS).contains(&n) || raw.chars().any(disguises_text) {
+            return Err(Invalid::new(
+                "external_id",
+                "external_id must be 1 to 255 characters without control, line-separator or \
+                 bidirectional formatting characters",
+            ));
+        }
+        Ok(ExternalId(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The name of a service token: `[a-z0-9_-]{1,64}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenName(String);
+
+impl TokenName {
+    pub fn parse(raw: &str) -> Result<TokenName, Invalid> {
+        let ok = (1..=64).contains(&raw.len())
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(Invalid::new(
+                "name",
+                "name must be 1 to 64 characters of a-z, 0-9, _ and -",
+            ));
+        }
+        Ok(TokenName(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What a service token may do: `read` users and keys, or also `write` them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Read,
+    Write,
+}
+
+impl Scope {
+    pub fn parse(raw: &str) -> Result<Scope, Invalid> {
+        match raw {
+            "read" => Ok(Scope::Read),
+            "write" => Ok(Scope::Write),
+            _ => Err(Invalid::new("scope", "scope must be read or write")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,5 +494,27 @@ mod expiry_tests {
             let e = ExpiresAt::parse(bad, now).unwrap_err();
             assert_eq!(e.field, "expires_at", "{bad}");
         }
+    }
+
+    #[test]
+    fn external_ids_token_names_and_scopes() {
+        assert!(ExternalId::parse("42").is_ok());
+        assert!(ExternalId::parse(&"x".repeat(255)).is_ok());
+        for bad in [
+            String::new(),
+            "x".repeat(256),
+            "a\u{202e}b".into(),
+            "a\nb".into(),
+        ] {
+            assert_eq!(ExternalId::parse(&bad).unwrap_err().field, "external_id");
+        }
+        assert!(TokenName::parse("billing-app_2").is_ok());
+        for bad in ["", "Billing", "a b", "a.b"] {
+            assert!(TokenName::parse(bad).is_err(), "{bad}");
+        }
+        assert!(TokenName::parse(&"a".repeat(65)).is_err());
+        assert_eq!(Scope::parse("write").unwrap(), Scope::Write);
+        assert!(Scope::parse("admin").is_err());
+        assert!(Email::parse("ada\u{200f}@example.com").is_err());
     }
 }

@@ -269,7 +269,12 @@ pub fn load(app: &App, path: &Path) -> Result<usize, Failure> {
             let mut written = 0u64;
             for u in &users {
                 at = Some(&u.email);
-                let user = users::insert_user(tx, &u.email, &u.password_hash)?;
+                let user = users::insert_user(
+                    tx,
+                    &u.email,
+                    &u.password_hash,
+                    Some("command:load-fixtures"),
+                )?;
                 if let Some(k) = &u.column_key {
                     seed::legacy_key(tx, ctx.ring, phase, user.id, k)?;
                 }

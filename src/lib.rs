@@ -21,8 +21,10 @@ pub(crate) mod metrics;
 pub mod open;
 pub mod operator;
 pub mod passwords;
+pub mod people;
 pub(crate) mod phase;
 pub(crate) mod progress;
+pub mod service_tokens;
 pub(crate) mod status;
 pub(crate) mod store;
 

@@ -281,6 +281,83 @@ enum Cmd {
         #[command(flatten)]
         settings: Settings,
     },
+    /// An application's tokens: create (printed once), list, revoke
+    ServiceToken {
+        #[command(subcommand)]
+        action: TokenCmd,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// List the users: id, email, external id, created, last login, password, key count
+    Users {
+        /// Only users whose email or external id contains TEXT
+        #[arg(long, value_name = "TEXT")]
+        query: Option<String>,
+        /// Print {"users":[…]}
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Delete a user with every key of theirs in every store, their sessions and usage (events stay)
+    DeleteUser {
+        /// A user id, an email, or ext:<external id>
+        #[arg(value_name = "USER")]
+        user: String,
+        /// Do not ask for the word `delete`
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Print a one-time link BASE/#set-password=<token> for USER, or for every user without a password
+    Invite {
+        /// A user id, an email, or ext:<external id>
+        #[arg(value_name = "USER", required_unless_present = "without_password")]
+        user: Option<String>,
+        /// One link per user who has no usable password
+        #[arg(long, conflicts_with = "user")]
+        without_password: bool,
+        /// The page's address (default http://127.0.0.1:8080)
+        #[arg(long, value_name = "BASE")]
+        url: Option<String>,
+        /// How long the link may be used, in seconds (default 259200, 72 hours)
+        #[arg(long, value_name = "SECONDS")]
+        ttl: Option<i64>,
+        /// With --without-password: one {"email","external_id","link"} per line
+        #[arg(long, requires = "without_password")]
+        json: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token and print it once, alone on its line
+    Create {
+        /// [a-z0-9_-]{1,64}, held by no token that is not revoked
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// read (the default: users and keys) or write (also create, change, delete)
+        #[arg(long, value_name = "read|write")]
+        scope: Option<String>,
+        /// When the token stops working (RFC 3339, in the future)
+        #[arg(long, value_name = "RFC3339")]
+        expires: Option<String>,
+    },
+    /// List the tokens (never the token itself)
+    List {
+        /// Print {"service_tokens":[…]}
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke the token of NAME: it answers 401 from the next request on
+    Revoke {
+        /// The token's name
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
 
 impl Cmd {
@@ -302,7 +379,11 @@ impl Cmd {
             | Cmd::Audit { settings, .. }
             | Cmd::ClearKey { settings, .. }
             | Cmd::Upgrade { settings, .. }
-            | Cmd::ResetPassword { settings, .. } => settings.clone(),
+            | Cmd::ResetPassword { settings, .. }
+            | Cmd::ServiceToken { settings, .. }
+            | Cmd::Users { settings, .. }
+            | Cmd::DeleteUser { settings, .. }
+            | Cmd::Invite { settings, .. } => settings.clone(),
             Cmd::ImportLegacy(a) => a.settings.clone(),
             Cmd::ExportLegacy(a) => a.settings.clone(),
             Cmd::GenKey | Cmd::Version => Settings::default(),
@@ -523,6 +604,50 @@ fn run(cli: Cli, name: &str) -> Result<(), Failure> {
         }
         NewFiles::default()
     };
+    // Commands that neither decrypt nor seal open the database without the encryption key,
+    // once its schema is known to be this binary's (read-only: nothing written).
+    if matches!(
+        command,
+        Cmd::ServiceToken { .. } | Cmd::Users { .. } | Cmd::DeleteUser { .. } | Cmd::Invite { .. }
+    ) {
+        open::check_schema(&config.db, needs)?;
+    }
+    match command {
+        Cmd::ServiceToken { action, .. } => {
+            use keyrack::service_tokens as st;
+            return match action {
+                TokenCmd::Create {
+                    name,
+                    scope,
+                    expires,
+                } => st::create(&config, &name, scope.as_deref(), expires.as_deref()),
+                TokenCmd::List { json } => st::list(&config, json),
+                TokenCmd::Revoke { name } => st::revoke(&config, &name),
+            };
+        }
+        Cmd::Users { query, json, .. } => {
+            return keyrack::people::users(&config, query.as_deref(), json)
+        }
+        Cmd::DeleteUser { user, yes, .. } => {
+            return keyrack::people::delete_user(&config, &user, yes)
+        }
+        Cmd::Invite {
+            user,
+            without_password,
+            url,
+            ttl,
+            json,
+            ..
+        } => {
+            use keyrack::people::InviteWho;
+            let who = match (&user, without_password) {
+                (Some(u), false) => InviteWho::One(u),
+                _ => InviteWho::WithoutPassword { json },
+            };
+            return keyrack::people::invite(&config, who, url.as_deref(), ttl);
+        }
+        _ => {}
+    }
     // A command that fails before it has done anything with a database it created removes it
     // (and its key file) again: a failed load-fixtures leaves nothing behind.
     let fixtures = match &command {
@@ -665,7 +790,11 @@ fn run(cli: Cli, name: &str) -> Result<(), Failure> {
         | Cmd::Version
         | Cmd::KeyId { .. }
         | Cmd::ImportLegacy(_)
-        | Cmd::Healthcheck { .. } => Ok(()),
+        | Cmd::Healthcheck { .. }
+        | Cmd::ServiceToken { .. }
+        | Cmd::Users { .. }
+        | Cmd::DeleteUser { .. }
+        | Cmd::Invite { .. } => Ok(()),
     }
 }
 

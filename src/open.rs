@@ -203,6 +203,36 @@ fn check_not_newer(path: &Path, probe: &Probe, current: i64) -> Result<(), Failu
     Ok(())
 }
 
+/// For a command that opens the database itself (without `open`): refuses, as `open` would, a
+/// database whose schema is newer than this binary's, or older when the command may not apply
+/// migrations. Reads the schema on a read-only connection; writes nothing.
+pub fn check_schema(db: &DbLocation, needs: Needs) -> Result<(), Failure> {
+    let DbLocation::File(path) = db else {
+        return Ok(());
+    };
+    if !path.exists() {
+        return Ok(());
+    }
+    let current = db::binary_schema_version();
+    let probe = db::probe(path).map_err(|e| {
+        Failure::Runtime(format!(
+            "cannot read the database {}: {e}",
+            printable(&path.display().to_string())
+        ))
+    })?;
+    check_not_newer(path, &probe, current)?;
+    if probe.schema_version < current && !probe.empty && !needs.migrations {
+        return Err(Failure::Config(format!(
+            "the database {} has schema version {} and this keyrack ({VERSION}) uses schema \
+             version {current}: run `keyrack upgrade` first (it writes a backup, then applies the \
+             schema migrations); nothing was changed",
+            printable(&path.display().to_string()),
+            probe.schema_version
+        )));
+    }
+    Ok(())
+}
+
 /// The real database (not a plan's copy), opened as a server or as a command opens it.
 fn open_real(config: Config, start: Start, options: Options) -> Result<App, Failure> {
     if options.serving {

@@ -313,6 +313,14 @@ impl From<StoreError> for ApiError {
             StoreError::EmailTaken => {
                 ApiError::new(409, "email_taken", "this email is already registered")
             }
+            StoreError::TokenNotLive => {
+                ApiError::unauthorized("the service token is invalid, expired or revoked")
+            }
+            StoreError::NameTaken => ApiError::new(
+                409,
+                "name_taken",
+                "a service token that is not revoked already has this name",
+            ),
             StoreError::NotFound => ApiError::new(404, "not_found", "no such key"),
             StoreError::PhaseConflict(m) => ApiError::new(409, "phase_conflict", m),
             e @ StoreError::LimitReached { .. } => {

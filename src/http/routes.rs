@@ -5,8 +5,10 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::api::{ApiError, Incoming, Reply};
+use super::principal::{self, Principal};
 use crate::app::App;
 use crate::auth;
+use crate::domain::Scope;
 use crate::domain::{ApiKey, Email, ExpiresAt, Invalid, KeyName, Password, Provider};
 use crate::status::Status;
 use crate::store::events::{self, Event};
@@ -39,8 +41,44 @@ const ROUTES: &[(&str, &[(&str, Handler)])] = &[
     ("/user/api-keys/{id}", &[("DELETE", delete_key)]),
     ("/user/migrate-api-keys", &[("POST", migrate_keys)]),
     ("/user/events", &[("GET", user_events)]),
+    (
+        "/auth/set-password",
+        &[("POST", super::people::set_password)],
+    ),
+    (
+        "/service/users/{user}",
+        &[
+            ("GET", super::people::service_get_user),
+            ("PUT", super::people::service_put_user),
+            ("DELETE", super::people::service_delete_user),
+        ],
+    ),
+    (
+        "/service/users/{user}/api-key",
+        &[
+            ("GET", service_get_key),
+            ("POST", service_set_key),
+            ("DELETE", service_delete_default_key),
+        ],
+    ),
+    (
+        "/service/users/{user}/api-keys",
+        &[("GET", service_list_keys)],
+    ),
     ("/admin/status", &[("GET", admin_status)]),
     ("/admin/events", &[("GET", admin_events)]),
+    (
+        "/admin/service-tokens",
+        &[
+            ("GET", super::people::admin_service_tokens),
+            ("POST", super::people::admin_create_service_token),
+        ],
+    ),
+    (
+        "/admin/service-tokens/{name}",
+        &[("DELETE", super::people::admin_revoke_service_token)],
+    ),
+    ("/admin/users", &[("GET", super::people::admin_users)]),
     ("/metrics", &[("GET", metrics)]),
 ];
 
@@ -139,7 +177,7 @@ pub(crate) fn route(app: &App, store: &mut Store, req: &Incoming) -> Result<Repl
 
 // ---- authentication ------------------------------------------------------------------------
 
-fn authenticate(store: &mut Store, req: &Incoming) -> Result<User, ApiError> {
+pub(super) fn authenticate(store: &mut Store, req: &Incoming) -> Result<User, ApiError> {
     let session = session_token(req)?;
     store.session_user(&session)?.ok_or_else(invalid_token)
 }
@@ -167,7 +205,7 @@ fn within_write_rate(app: &App, user_id: i64) -> Result<(), ApiError> {
         })
 }
 
-fn session_token(req: &Incoming) -> Result<[u8; 32], ApiError> {
+pub(super) fn session_token(req: &Incoming) -> Result<[u8; 32], ApiError> {
     let header = req
         .authorization()
         .ok_or_else(|| ApiError::unauthorized("this route needs an Authorization: Bearer token"))?;
@@ -177,11 +215,11 @@ fn session_token(req: &Incoming) -> Result<[u8; 32], ApiError> {
     Ok(auth::token_hash(token))
 }
 
-fn invalid_token() -> ApiError {
+pub(super) fn invalid_token() -> ApiError {
     ApiError::unauthorized("the token is invalid, expired or revoked")
 }
 
-fn bearer(header: &str) -> Option<&str> {
+pub(super) fn bearer(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim().split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
@@ -363,19 +401,34 @@ fn provider_param(req: &Incoming) -> Result<Provider, ApiError> {
 }
 
 fn get_key(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
-    let session = session_token(req)?;
+    get_key_as(store, req, &Principal::Session(session_token(req)?))
+}
+
+fn service_get_key(
+    _: &App,
+    store: &mut Store,
+    req: &Incoming,
+    params: &[&str],
+) -> Result<Reply, ApiError> {
+    let who = principal::service_reading(store, req, params)?;
+    get_key_as(store, req, &who)
+}
+
+/// GET /user/api-key and GET /service/users/{user}/api-key: one body for both.
+fn get_key_as(store: &mut Store, req: &Incoming, who: &Principal) -> Result<Reply, ApiError> {
     let params = provider_param(req).and_then(|p| Ok((p, reveal_param(req)?)));
     let (provider, reveal) = match params {
         Ok(params) => params,
         Err(e) => {
-            // The session is checked first, as on every route: 401 before 422.
-            authenticate(store, req)?;
+            // The caller (and the user it names) are checked first, as on every route: 401
+            // (404) before 422.
+            who.user_id(store)?;
             return Err(e);
         }
     };
     let found = store
-        .get_default_key(&session, &provider, reveal)?
-        .ok_or_else(invalid_token)?;
+        .get_default_key(who.who(), &provider, reveal)?
+        .ok_or_else(|| who.not_found())?;
     let body = match &found {
         DefaultKey::Missing | DefaultKey::Expired => KeyState {
             has_key: false,
@@ -430,7 +483,7 @@ struct KeyState<'a> {
 }
 
 /// The optional `expires_at` of a key being set: a future RFC 3339 time, or null for never.
-fn expires_at_field(body: &super::api::Fields) -> Result<Option<ExpiresAt>, ApiError> {
+pub(super) fn expires_at_field(body: &super::api::Fields) -> Result<Option<ExpiresAt>, ApiError> {
     Ok(body
         .optional_str("expires_at")?
         .map(|raw| ExpiresAt::parse(raw, now()))
@@ -438,12 +491,33 @@ fn expires_at_field(body: &super::api::Fields) -> Result<Option<ExpiresAt>, ApiE
 }
 
 fn set_key(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
-    let user = authenticate_write(app, store, req)?;
+    set_key_as(app, store, req, &Principal::Session(session_token(req)?))
+}
+
+fn service_set_key(
+    app: &App,
+    store: &mut Store,
+    req: &Incoming,
+    params: &[&str],
+) -> Result<Reply, ApiError> {
+    let who = principal::service(store, req, params, Scope::Write)?;
+    set_key_as(app, store, req, &who)
+}
+
+/// POST /user/api-key and POST /service/users/{user}/api-key.
+fn set_key_as(
+    app: &App,
+    store: &mut Store,
+    req: &Incoming,
+    who: &Principal,
+) -> Result<Reply, ApiError> {
+    let user_id = who.user_id(store)?;
+    within_write_rate(app, user_id)?;
     let body = req.json()?;
     let key = ApiKey::parse(body.required_str("api_key")?)?;
     let provider = Provider::parse_or_default(body.optional_str("provider")?)?;
     let expires_at = expires_at_field(&body)?;
-    let source = store.set_default_key(user.id, &provider, &key, expires_at)?;
+    let source = store.set_default_key(user_id, who.service(), &provider, &key, expires_at)?;
     Ok(Reply::of(
         200,
         &KeyState {
@@ -463,9 +537,30 @@ fn delete_default_key(
     req: &Incoming,
     _: &[&str],
 ) -> Result<Reply, ApiError> {
-    let user = authenticate_write(app, store, req)?;
+    delete_default_key_as(app, store, req, &Principal::Session(session_token(req)?))
+}
+
+fn service_delete_default_key(
+    app: &App,
+    store: &mut Store,
+    req: &Incoming,
+    params: &[&str],
+) -> Result<Reply, ApiError> {
+    let who = principal::service(store, req, params, Scope::Write)?;
+    delete_default_key_as(app, store, req, &who)
+}
+
+/// DELETE /user/api-key and DELETE /service/users/{user}/api-key.
+fn delete_default_key_as(
+    app: &App,
+    store: &mut Store,
+    req: &Incoming,
+    who: &Principal,
+) -> Result<Reply, ApiError> {
+    let user_id = who.user_id(store)?;
+    within_write_rate(app, user_id)?;
     let provider = provider_param(req)?;
-    store.delete_default_key(user.id, &provider)?;
+    store.delete_default_key(user_id, who.service(), &provider)?;
     Ok(Reply::no_content())
 }
 
@@ -519,9 +614,22 @@ struct LegacyColumn {
 }
 
 fn list_keys(_: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<Reply, ApiError> {
-    let (_, list): (User, KeyList) = store
-        .list_keys(&session_token(req)?)?
-        .ok_or_else(invalid_token)?;
+    list_keys_as(store, &Principal::Session(session_token(req)?))
+}
+
+fn service_list_keys(
+    _: &App,
+    store: &mut Store,
+    req: &Incoming,
+    params: &[&str],
+) -> Result<Reply, ApiError> {
+    let who = principal::service_reading(store, req, params)?;
+    list_keys_as(store, &who)
+}
+
+/// GET /user/api-keys and GET /service/users/{user}/api-keys.
+fn list_keys_as(store: &mut Store, who: &Principal) -> Result<Reply, ApiError> {
+    let (_, list): (User, KeyList) = store.list_keys(who.who())?.ok_or_else(|| who.not_found())?;
     Ok(Reply::of(
         200,
         &KeyListJson {
@@ -622,7 +730,7 @@ fn metrics(app: &App, store: &mut Store, req: &Incoming, _: &[&str]) -> Result<R
 }
 
 /// The admin routes' check: 404 without an admin token configured, 401 for a wrong one.
-fn check_admin(app: &App, req: &Incoming) -> Result<(), ApiError> {
+pub(super) fn check_admin(app: &App, req: &Incoming) -> Result<(), ApiError> {
     let expected = app.admin_token.as_ref().ok_or_else(ApiError::not_found)?;
     let given = req.authorization().and_then(bearer).unwrap_or_default();
     if !auth::constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) {
@@ -634,7 +742,7 @@ fn check_admin(app: &App, req: &Incoming) -> Result<(), ApiError> {
 }
 
 /// `?limit=N`: 1 to 500, default 100.
-fn events_limit(req: &Incoming) -> Result<i64, ApiError> {
+pub(super) fn events_limit(req: &Incoming) -> Result<i64, ApiError> {
     match req.query_param("limit") {
         None => Ok(100),
         Some(raw) => raw

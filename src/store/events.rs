@@ -20,6 +20,29 @@ pub(crate) const KEY_EXPIRED: &str = "key.expired";
 pub(crate) const PHASE_CHANGED: &str = "phase.changed";
 pub(crate) const LOGIN_SUCCEEDED: &str = "login.succeeded";
 pub(crate) const LOGIN_FAILED: &str = "login.failed";
+pub(crate) const SERVICE_TOKEN_CREATED: &str = "service_token.created";
+pub(crate) const SERVICE_TOKEN_REVOKED: &str = "service_token.revoked";
+pub(crate) const USER_CREATED: &str = "user.created";
+pub(crate) const USER_DELETED: &str = "user.deleted";
+pub(crate) const PASSWORD_SET: &str = "password.set";
+
+/// A service acting for a user through its token: the actor `service:<name>` and the token's
+/// id, which every event it causes carries (a name may be used again by a later token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ServiceActor {
+    pub(crate) token_id: i64,
+    /// `service:<name>`.
+    pub(crate) actor: String,
+}
+
+impl ServiceActor {
+    pub(crate) fn new(token_id: i64, name: &str) -> ServiceActor {
+        ServiceActor {
+            token_id,
+            actor: format!("service:{name}"),
+        }
+    }
+}
 
 /// Most events one request may list.
 pub(crate) const MAX_LIMIT: i64 = 500;
@@ -28,8 +51,10 @@ pub(crate) const MAX_LIMIT: i64 = 500;
 pub(crate) struct Event {
     pub(crate) at: i64,
     pub(crate) action: &'static str,
-    /// `user:<id>` or `command:<name>`.
+    /// `user:<id>`, `command:<name>`, `service:<name>` or `admin`.
     pub(crate) actor: String,
+    /// The service token an event was caused through.
+    pub(crate) service_token_id: Option<i64>,
     pub(crate) user_id: Option<i64>,
     pub(crate) api_key_id: Option<i64>,
     pub(crate) provider: Option<String>,
@@ -46,6 +71,7 @@ impl Event {
             at: now(),
             action,
             actor,
+            service_token_id: None,
             user_id: None,
             api_key_id: None,
             provider: None,
@@ -58,6 +84,23 @@ impl Event {
     /// An event of the user's own key, done by the user.
     pub(crate) fn by_user(action: &'static str, user_id: i64) -> Event {
         Event::new(action, user_actor(user_id)).user(user_id)
+    }
+
+    /// An event caused by a service (`None`: by anyone else).
+    pub(crate) fn by_service(action: &'static str, service: Option<&ServiceActor>) -> Event {
+        match service {
+            Some(s) => {
+                let mut e = Event::new(action, s.actor.clone());
+                e.service_token_id = Some(s.token_id);
+                e
+            }
+            None => Event::new(action, "admin".to_owned()),
+        }
+    }
+
+    pub(crate) fn service_token(mut self, id: Option<i64>) -> Event {
+        self.service_token_id = id;
+        self
     }
 
     pub(crate) fn user(mut self, id: i64) -> Event {
@@ -85,6 +128,8 @@ pub(crate) struct ReadEvent {
     pub(crate) api_key_id: Option<i64>,
     provider: ShortName,
     pub(crate) source: Source,
+    /// The service that read, if a service did (its token's id and name).
+    service: Option<(i64, ShortName<64>)>,
 }
 
 impl ReadEvent {
@@ -102,6 +147,7 @@ impl ReadEvent {
             api_key_id,
             provider: ShortName::new(provider),
             source,
+            service: None,
         }
     }
 
@@ -115,32 +161,70 @@ impl ReadEvent {
         self.provider.as_str()
     }
 
+    /// The same read, done by a service.
+    pub(crate) fn by(mut self, service: Option<&ServiceActor>) -> ReadEvent {
+        self.service = service.map(|s| {
+            let name = s.actor.strip_prefix("service:").unwrap_or(&s.actor);
+            (s.token_id, ShortName::new(name))
+        });
+        self
+    }
+
+    /// The service token the read was done through, if a service did it.
+    pub(crate) fn service_token_id(&self) -> Option<i64> {
+        self.service.map(|(id, _)| id)
+    }
+
+    /// `user:<id>`, or `service:<name>` when a service read.
+    pub(crate) fn actor(&self) -> String {
+        let mut out = String::new();
+        self.write_actor(&mut out);
+        out
+    }
+
+    fn write_actor(&self, out: &mut String) {
+        match &self.service {
+            Some((_, name)) => {
+                out.push_str("service:");
+                out.push_str(name.as_str());
+            }
+            None => {
+                use std::fmt::Write;
+                let _ = write!(out, "user:{}", self.user_id);
+            }
+        }
+    }
+
     /// The same event as every other one is written: what `fold` writes, as the tests check.
     #[cfg(test)]
     pub(crate) fn to_event(self) -> Event {
-        let mut e = Event::new(self.action, user_actor(self.user_id))
+        let mut actor = String::new();
+        self.write_actor(&mut actor);
+        let mut e = Event::new(self.action, actor)
             .user(self.user_id)
-            .key(self.api_key_id, self.provider.as_str(), self.source);
+            .key(self.api_key_id, self.provider.as_str(), self.source)
+            .service_token(self.service.map(|(id, _)| id));
         e.at = self.at;
         e
     }
 }
 
-/// A provider name held inline (providers are at most 32 bytes: `domain::Provider`).
+/// A name held inline: a provider (at most 32 bytes: `domain::Provider`) or a service token's
+/// name (at most 64: `domain::TokenName`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct ShortName {
+struct ShortName<const N: usize = 32> {
     len: u8,
-    bytes: [u8; 32],
+    bytes: [u8; N],
 }
 
-impl ShortName {
-    fn new(s: &str) -> ShortName {
-        // A longer name is cut at a character boundary; `Provider` never gives one.
-        let mut len = s.len().min(32);
+impl<const N: usize> ShortName<N> {
+    fn new(s: &str) -> ShortName<N> {
+        // A longer name is cut at a character boundary; the checked names never give one.
+        let mut len = s.len().min(N);
         while !s.is_char_boundary(len) {
             len -= 1;
         }
-        let mut bytes = [0; 32];
+        let mut bytes = [0; N];
         bytes[..len].copy_from_slice(&s.as_bytes()[..len]);
         ShortName {
             len: len as u8,
@@ -154,7 +238,7 @@ impl ShortName {
     }
 }
 
-impl std::fmt::Debug for ShortName {
+impl<const N: usize> std::fmt::Debug for ShortName<N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.as_str().fmt(f)
     }
@@ -172,15 +256,15 @@ pub(crate) fn command_actor(name: &str) -> String {
 /// put together at compile time).
 macro_rules! insert_into {
     () => {
-        "INSERT INTO events(at, action, actor, user_id, api_key_id, provider, source, from_phase, to_phase) VALUES "
+        "INSERT INTO events(at, action, actor, user_id, api_key_id, provider, source, from_phase, to_phase, service_token_id) VALUES "
     };
 }
 macro_rules! one_row {
     () => {
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     };
 }
-const FIELDS: usize = 9;
+const FIELDS: usize = 10;
 
 pub(crate) fn record(conn: &Connection, e: &Event) -> Result<()> {
     let mut stmt = conn.prepare_cached(concat!(insert_into!(), one_row!()))?;
@@ -200,6 +284,7 @@ struct Columns<'a> {
     source: Option<&'a str>,
     from: Option<&'a str>,
     to: Option<&'a str>,
+    service_token_id: Option<i64>,
 }
 
 impl Event {
@@ -214,6 +299,7 @@ impl Event {
             source: self.source,
             from: self.from,
             to: self.to,
+            service_token_id: self.service_token_id,
         }
     }
 }
@@ -230,6 +316,7 @@ fn bind(stmt: &mut rusqlite::CachedStatement<'_>, before: usize, e: &Columns<'_>
         &e.source,
         &e.from,
         &e.to,
+        &e.service_token_id,
     ];
     for (i, v) in values.into_iter().enumerate() {
         stmt.raw_bind_parameter(before + i + 1, v)?;
@@ -271,6 +358,7 @@ pub(crate) struct Recorded {
     pub(crate) source: Option<String>,
     pub(crate) from: Option<String>,
     pub(crate) to: Option<String>,
+    pub(crate) service_token_id: Option<i64>,
 }
 
 impl Recorded {
@@ -291,6 +379,7 @@ impl Recorded {
             ("source", self.source.as_ref().map(|v| json!(v))),
             ("from", self.from.as_ref().map(|v| json!(v))),
             ("to", self.to.as_ref().map(|v| json!(v))),
+            ("service_token_id", self.service_token_id.map(|v| json!(v))),
         ];
         for (k, v) in optional {
             if let Some(v) = v {
@@ -315,6 +404,9 @@ impl Recorded {
         }
         if let Some(v) = self.api_key_id {
             line.push_str(&format!(" api_key_id={v}"));
+        }
+        if let Some(v) = self.service_token_id {
+            line.push_str(&format!(" service_token_id={v}"));
         }
         for (k, v) in [
             ("provider", &self.provider),
@@ -344,7 +436,7 @@ pub(crate) struct Query {
 pub(crate) fn newest_first(conn: &Connection, q: &Query) -> Result<Vec<Recorded>> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, at, action, actor, user_id, api_key_id, provider, source, from_phase, to_phase,
-                count, COALESCE(last_at, at)
+                count, COALESCE(last_at, at), service_token_id
          FROM events
          WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR COALESCE(last_at, at) >= ?2)
          ORDER BY id DESC LIMIT ?3",
@@ -363,6 +455,7 @@ pub(crate) fn newest_first(conn: &Connection, q: &Query) -> Result<Vec<Recorded>
             to: r.get(9)?,
             count: r.get(10)?,
             last_at: r.get(11)?,
+            service_token_id: r.get(12)?,
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection};
 
-use super::events::{user_actor, ReadEvent};
+use super::events::ReadEvent;
 use super::{now, Result};
 use crate::lock;
 
@@ -115,19 +115,21 @@ impl Folds {
 /// A new folded row; returns its id.
 fn insert(tx: &Connection, e: &ReadEvent, count: i64, first: i64, last: i64) -> Result<i64> {
     tx.prepare_cached(
-        "INSERT INTO events(at, action, actor, user_id, api_key_id, provider, source, count, last_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO events(at, action, actor, user_id, api_key_id, provider, source, count, last_at,
+                            service_token_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         first,
         e.action,
-        user_actor(e.user_id),
+        e.actor(),
         e.user_id,
         e.api_key_id,
         e.provider(),
         e.source.as_str(),
         count,
-        last
+        last,
+        e.service_token_id()
     ])?;
     Ok(tx.last_insert_rowid())
 }

@@ -148,9 +148,25 @@ pub(crate) fn insert_user(
     email: &Email,
     password_hash: &str,
 ) -> Result<()> {
+    // The application's own id for the user, as text (`external_id`).
     tx.prepare_cached(
-        "INSERT INTO users(id, email, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO users(id, email, password_hash, created_at, external_id)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![id, email.as_str(), password_hash, now()])?;
+    .execute(params![
+        id,
+        email.as_str(),
+        password_hash,
+        now(),
+        id.to_string()
+    ])?;
+    super::events::record(
+        tx,
+        &super::events::Event::new(
+            super::events::USER_CREATED,
+            super::events::command_actor("import-legacy"),
+        )
+        .user(id),
+    )?;
     Ok(())
 }

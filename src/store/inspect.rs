@@ -12,15 +12,22 @@ use crate::crypto::{Binding, KeyRing, OpenError};
 use crate::domain::{mask, Email, Provider};
 use crate::phase::Phase;
 
-/// How the operator names a user: an id or an email.
+/// How the operator (or a service) names a user: an id, an email or an external id.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum UserRef {
     Id(i64),
     Email(String),
+    /// An application's id for the user (`external_id`).
+    External(String),
 }
 
 impl UserRef {
-    /// A whole number is an id; anything else is read as an email (trimmed, lowercased).
+    /// The USER of the commands: `ext:<external_id>`, a whole number (an id), or anything else
+    /// as an email (trimmed, lowercased).
     pub(crate) fn parse(raw: &str) -> UserRef {
+        if let Some(ext) = raw.strip_prefix("ext:") {
+            return UserRef::External(ext.to_owned());
+        }
         match raw.trim().parse::<i64>() {
             Ok(id) => UserRef::Id(id),
             Err(_) => UserRef::Email(
@@ -48,6 +55,10 @@ pub(crate) fn find_user(conn: &Connection, who: &UserRef) -> Result<Option<User>
         UserRef::Email(e) => conn
             .prepare_cached("SELECT id, email FROM users WHERE email = ?1")?
             .query_row([e], row)
+            .optional()?,
+        UserRef::External(x) => conn
+            .prepare_cached("SELECT id, email FROM users WHERE external_id = ?1")?
+            .query_row([x], row)
             .optional()?,
     })
 }

@@ -18,7 +18,8 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::classify::{classify, Verdict};
-use super::events::{self as ev, Event};
+use super::events::{self as ev, ServiceActor};
+use super::inspect::{find_user, UserRef};
 use super::users::{session_in, User};
 use super::{meta, now, Ctx, Result, Source, Store, StoreError};
 use crate::crypto::{Binding, KeyId, KeyRing, OpenError};
@@ -298,8 +299,7 @@ fn settle(tx: &Connection, ctx: &Ctx<'_>, user_id: i64) -> Result<(Verdict, Move
             let id = insert_row(tx, user_id, OPENAI, None, c, true, None)?;
             ev::record(
                 tx,
-                &Event::new(ev::KEY_MIGRATED, ctx.actor_for(user_id))
-                    .user(user_id)
+                &ctx.event(ev::KEY_MIGRATED, user_id)
                     .key(Some(id), OPENAI, Source::Column),
             )?;
             out.migrated = 1;
@@ -571,6 +571,44 @@ fn session_and_default_row(
         .optional()?)
 }
 
+/// The user a service named and their default row of `provider`, in one statement (its own
+/// snapshot, as `session_and_default_row`). `None`: no such user.
+fn named_and_default_row(
+    conn: &Connection,
+    named: &UserRef,
+    provider: &str,
+) -> Result<Option<(i64, Option<DefaultKeyRow>)>> {
+    macro_rules! by {
+        ($where:literal) => {
+            concat!(
+                "SELECT u.id, k.id, k.sealed_key, k.expires_at FROM users u
+                 LEFT JOIN api_keys k ON k.user_id = u.id AND k.provider = ?2 AND k.is_default = 1
+                 WHERE ",
+                $where
+            )
+        };
+    }
+    let (sql, value): (&str, &dyn rusqlite::ToSql) = match named {
+        UserRef::Id(id) => (by!("u.id = ?1"), id),
+        UserRef::Email(e) => (by!("u.email = ?1"), e),
+        UserRef::External(x) => (by!("u.external_id = ?1"), x),
+    };
+    Ok(conn
+        .prepare_cached(sql)?
+        .query_row(params![value, provider], |r| {
+            let row = match r.get::<_, Option<i64>>(1)? {
+                Some(id) => Some(DefaultKeyRow {
+                    id,
+                    sealed: r.get(2)?,
+                    expires_at: r.get(3)?,
+                }),
+                None => None,
+            };
+            Ok((r.get(0)?, row))
+        })
+        .optional()?)
+}
+
 /// What `session_and_default_row` read.
 #[derive(Debug)]
 struct SessionRead {
@@ -639,37 +677,97 @@ fn sealing_again<T>(mut write: impl FnMut() -> Result<T>) -> Result<T> {
     }
 }
 
+/// Whose keys a request reads: the user of a session, or a user a service named.
+#[derive(Clone, Copy)]
+pub(crate) enum Who<'a> {
+    /// A session token's hash, checked in the read's own snapshot.
+    Session(&'a [u8]),
+    /// A user named by a service (looked up in the read's own snapshot), the service, and the
+    /// hash of its token, confirmed live in that snapshot.
+    Named(&'a UserRef, &'a ServiceActor, &'a [u8; 32]),
+}
+
+impl<'a> Who<'a> {
+    fn service(self) -> Option<&'a ServiceActor> {
+        match self {
+            Who::Session(_) => None,
+            Who::Named(_, s, _) => Some(s),
+        }
+    }
+}
+
+/// A service's read goes on only while its token is live in the read's own snapshot.
+fn token_live_in(conn: &Connection, token: &[u8; 32]) -> Result<()> {
+    match super::service_tokens::live(conn, token)? {
+        Some(_) => Ok(()),
+        None => Err(StoreError::TokenNotLive),
+    }
+}
+
+/// The user a service named, recorded for the request's log lines.
+fn named_user(conn: &Connection, named: &UserRef) -> Result<Option<User>> {
+    let user = find_user(conn, named)?;
+    if let Some(u) = &user {
+        crate::logging::set_user(u.id);
+    }
+    Ok(user)
+}
+
 impl Store {
     /// GET /user/api-key for the session whose token hashes to `session`: `None` when no live
     /// session has it. The session is checked in the same snapshot as the key is read. With
     /// `count_use`, a found table key counts one use.
     pub(crate) fn get_default_key(
         &mut self,
-        session: &[u8],
+        who: Who<'_>,
         provider: &Provider,
         count_use: bool,
     ) -> Result<Option<DefaultKey>> {
-        let at_once = match self.default_key_at_once(session, provider) {
-            Ok(at_once) => at_once,
-            Err(e) => return Err(rotated_since(&self.conn, e)),
-        };
-        let first = match at_once {
-            Some(first) => first,
-            None => self.read(|tx, ctx| {
-                let Some(user) = session_in(tx, session)? else {
-                    return Ok(None);
+        let first = match who {
+            Who::Session(session) => {
+                let at_once = match self.default_key_at_once(session, provider) {
+                    Ok(at_once) => at_once,
+                    Err(e) => return Err(rotated_since(&self.conn, e)),
                 };
-                let found = lookup(tx, ctx, user.id, provider, false);
-                Ok(Some((user.id, found.map_err(|e| rotated_since(tx, e))?)))
-            })?,
+                match at_once {
+                    Some(first) => first,
+                    None => self.read(|tx, ctx| {
+                        let Some(user) = session_in(tx, session)? else {
+                            return Ok(None);
+                        };
+                        let found = lookup(tx, ctx, user.id, provider, false);
+                        Ok(Some((user.id, found.map_err(|e| rotated_since(tx, e))?)))
+                    })?,
+                }
+            }
+            Who::Named(named, _, token) => {
+                let at_once = match self.named_default_key_at_once(named, provider, token) {
+                    Ok(at_once) => at_once,
+                    Err(e) => return Err(rotated_since(&self.conn, e)),
+                };
+                match at_once {
+                    Some(first) => first,
+                    None => self.read(|tx, ctx| {
+                        token_live_in(tx, token)?;
+                        let Some(user) = named_user(tx, named)? else {
+                            return Ok(None);
+                        };
+                        let found = lookup(tx, ctx, user.id, provider, false);
+                        Ok(Some((user.id, found.map_err(|e| rotated_since(tx, e))?)))
+                    })?,
+                }
+            }
         };
         let Some((user_id, mut found)) = first else {
             return Ok(None);
         };
+        let service = who.service();
         if let Lookup::MustMove = found {
             let provider = provider.clone();
+            let by = service.cloned();
             found = self.write(move |tx, ctx| {
-                lookup(tx, ctx, user_id, &provider, true).map_err(|e| rotated_since(tx, e))
+                lookup(tx, &ctx.acting(by.as_ref()), user_id, &provider, true)
+                    .map_err(|e| rotated_since(tx, e))
             })?;
         }
         let key = match found {
@@ -687,7 +785,8 @@ impl Store {
                             row_id,
                             provider.as_str(),
                             key.source,
-                        ),
+                        )
+                        .by(service),
                     );
                 }
                 DefaultKey::Found(key)
@@ -701,7 +800,8 @@ impl Store {
                         Some(id),
                         provider.as_str(),
                         Source::Table,
-                    ),
+                    )
+                    .by(service),
                 );
                 DefaultKey::Expired
             }
@@ -757,10 +857,50 @@ impl Store {
         Ok(Some(Some((read.user_id, found))))
     }
 
+    /// `default_key_at_once` for a user a service named: the user and their default row in one
+    /// statement, answered from the row when the memo covers that statement's snapshot and
+    /// `row_alone_answers`. `Some(None)`: no such user; `None`: the read needs a snapshot of
+    /// its own.
+    fn named_default_key_at_once(
+        &mut self,
+        named: &UserRef,
+        provider: &Provider,
+        token: &[u8; 32],
+    ) -> Result<Option<Option<(i64, Lookup)>>> {
+        let p = provider.as_str();
+        let found = named_and_default_row(&self.conn, named, p)?;
+        // The service's token was live at the version this statement saw (else: a snapshot
+        // of its own, which checks it).
+        let confirmed = match meta::current_version_after_statement(&self.conn) {
+            Some(v) if self.token_memo.confirms(token, v, now()) => true,
+            // Something was committed since the token was last checked: checked again, and
+            // confirmed if nothing was committed since the statement above.
+            Some(v) => self.token_live_at(token, v)?,
+            None => false,
+        };
+        if !confirmed {
+            return Ok(None);
+        }
+        let Some((user_id, row)) = found else {
+            return Ok(Some(None));
+        };
+        crate::logging::set_user(user_id);
+        let Some(settled) = meta::settled_at_last_statement(&self.conn, &self.memo) else {
+            return Ok(None);
+        };
+        let pending = !settled.nobody_pending();
+        if !row_alone_answers(settled.phase, provider, pending, row.is_some()) {
+            return Ok(None);
+        }
+        let found = found_in_row(&self.read_ctx(), user_id, p, row.as_ref())?;
+        Ok(Some(Some((user_id, found))))
+    }
+
     /// POST /user/api-key: sets the user's default key of the provider.
     pub(crate) fn set_default_key(
         &mut self,
         user_id: i64,
+        by: Option<&ServiceActor>,
         provider: &Provider,
         key: &ApiKey,
         expires_at: Option<ExpiresAt>,
@@ -777,7 +917,9 @@ impl Store {
             );
             let provider = provider.clone();
             let limit = self.key_limit;
+            let by = by.cloned();
             self.write(move |tx, ctx| {
+                let ctx = &ctx.acting(by.as_ref());
                 check_sealing_key(tx, ctx, &sealed)?;
                 let phase = meta::phase(tx)?;
                 let p = provider.as_str();
@@ -798,7 +940,7 @@ impl Store {
                         column_set(tx, user_id, Some(&sealed))?;
                         ev::record(
                             tx,
-                            &Event::by_user(action, user_id).key(None, p, Source::Column),
+                            &ctx.event(action, user_id).key(None, p, Source::Column),
                         )?;
                         Ok(Source::Column)
                     }
@@ -814,7 +956,7 @@ impl Store {
                                      WHERE id = ?1",
                                 )?
                                 .execute(params![r.id, sealed, now(), expires_at])?;
-                                Event::by_user(ev::KEY_REPLACED, user_id).key(
+                                ctx.event(ev::KEY_REPLACED, user_id).key(
                                     Some(r.id),
                                     p,
                                     Source::Table,
@@ -830,7 +972,7 @@ impl Store {
                                 }
                                 let id =
                                     insert_row(tx, user_id, p, None, &sealed, true, expires_at)?;
-                                Event::by_user(ev::KEY_CREATED, user_id).key(
+                                ctx.event(ev::KEY_CREATED, user_id).key(
                                     Some(id),
                                     p,
                                     Source::Table,
@@ -849,9 +991,16 @@ impl Store {
     }
 
     /// DELETE /user/api-key: removes the default key of the provider from every store of the phase.
-    pub(crate) fn delete_default_key(&mut self, user_id: i64, provider: &Provider) -> Result<()> {
+    pub(crate) fn delete_default_key(
+        &mut self,
+        user_id: i64,
+        by: Option<&ServiceActor>,
+        provider: &Provider,
+    ) -> Result<()> {
         let provider = provider.clone();
+        let by = by.cloned();
         self.write(move |tx, ctx| {
+            let ctx = &ctx.acting(by.as_ref());
             let phase = meta::phase(tx)?;
             if phase == Phase::Dual && provider.is_openai() {
                 // The key the user sees goes; an older default the column had replaced stays.
@@ -873,10 +1022,7 @@ impl Store {
                 column_set(tx, user_id, None)?;
             }
             if let Some((id, source)) = deleted {
-                ev::record(
-                    tx,
-                    &Event::by_user(ev::KEY_DELETED, user_id).key(id, p, source),
-                )?;
+                ev::record(tx, &ctx.event(ev::KEY_DELETED, user_id).key(id, p, source))?;
             }
             Ok(())
         })
@@ -885,9 +1031,16 @@ impl Store {
     /// GET /user/api-keys for the session whose token hashes to `session` (`None`: no live
     /// session has it), checked in the listing's own read transaction. In phase dual a key found
     /// only in the column is moved first.
-    pub(crate) fn list_keys(&mut self, session: &[u8]) -> Result<Option<(User, KeyList)>> {
+    pub(crate) fn list_keys(&mut self, who: Who<'_>) -> Result<Option<(User, KeyList)>> {
         let first = self.read(|tx, ctx| {
-            let Some(user) = session_in(tx, session)? else {
+            let found = match who {
+                Who::Session(session) => session_in(tx, session)?,
+                Who::Named(named, _, token) => {
+                    token_live_in(tx, token)?;
+                    named_user(tx, named)?
+                }
+            };
+            let Some(user) = found else {
                 return Ok(None);
             };
             let list = list_in(tx, ctx, user.id, true)?;
@@ -899,7 +1052,9 @@ impl Store {
             Some((user, None)) => user,
         };
         let user_id = user.id;
+        let by = who.service().cloned();
         let moved = self.write(move |tx, ctx| {
+            let ctx = &ctx.acting(by.as_ref());
             if meta::phase(tx)? == Phase::Dual {
                 let (verdict, _) = settle(tx, ctx, user_id)?;
                 if verdict.needs_move() {
@@ -965,7 +1120,8 @@ impl Store {
             )?;
             ev::record(
                 tx,
-                &Event::by_user(ev::KEY_CREATED, user_id).key(Some(id), p, Source::Table),
+                &ctx.event(ev::KEY_CREATED, user_id)
+                    .key(Some(id), p, Source::Table),
             )?;
             if phase == Phase::Dual && provider.is_openai() && make_default {
                 column_set(tx, user_id, Some(&sealed))?;
@@ -1005,7 +1161,8 @@ impl Store {
                 return Err(StoreError::NotFound);
             };
             let deleted =
-                Event::by_user(ev::KEY_DELETED, user_id).key(Some(id), &provider, Source::Table);
+                ctx.event(ev::KEY_DELETED, user_id)
+                    .key(Some(id), &provider, Source::Table);
             if phase == Phase::Dual && provider == OPENAI && is_default {
                 // A column key that replaced this row wins first: deleting the row then
                 // deletes the stale key, not the user's newer one.
@@ -1262,6 +1419,7 @@ mod tests {
             store.create_session(user.id, &SESSION, now() + 3600)?;
             store.set_default_key(
                 user.id,
+                None,
                 &openai,
                 &ApiKey::parse("sk-table-0123456789")?,
                 None,
@@ -1270,10 +1428,12 @@ mod tests {
             // Nothing in the memo yet: a snapshot of its own, which fills it.
             assert_eq!(at_once(&mut store, &openai)?, None, "{location:?}");
             let served = |store: &mut Store| -> Result<Option<(String, Source)>> {
-                Ok(match store.get_default_key(&SESSION, &openai, false)? {
-                    Some(DefaultKey::Found(f)) => Some((f.key.expose().to_owned(), f.source)),
-                    _ => None,
-                })
+                Ok(
+                    match store.get_default_key(Who::Session(&SESSION), &openai, false)? {
+                        Some(DefaultKey::Found(f)) => Some((f.key.expose().to_owned(), f.source)),
+                        _ => None,
+                    },
+                )
             };
             let table = Some(("sk-table-0123456789".to_owned(), Source::Table));
             assert_eq!(served(&mut store)?, table);
@@ -1411,16 +1571,18 @@ mod tests {
             let user = store.create_user(&Email::parse("k@x.org")?, "h")?;
             store.create_session(user.id, &SESSION, now() + 3600)?;
             let set = |store: &mut Store, k: &str| -> TestResult {
-                store.set_default_key(user.id, &openai, &ApiKey::parse(k)?, None)?;
+                store.set_default_key(user.id, None, &openai, &ApiKey::parse(k)?, None)?;
                 Ok(())
             };
             let served = |store: &mut Store| -> Result<Option<String>> {
-                Ok(match store.get_default_key(&SESSION, &openai, false)? {
-                    Some(DefaultKey::Found(f)) => Some(f.key.expose().to_owned()),
-                    Some(DefaultKey::Expired) => Some("expired".to_owned()),
-                    Some(DefaultKey::Missing) => Some("missing".to_owned()),
-                    None => None,
-                })
+                Ok(
+                    match store.get_default_key(Who::Session(&SESSION), &openai, false)? {
+                        Some(DefaultKey::Found(f)) => Some(f.key.expose().to_owned()),
+                        Some(DefaultKey::Expired) => Some("expired".to_owned()),
+                        Some(DefaultKey::Missing) => Some("missing".to_owned()),
+                        None => None,
+                    },
+                )
             };
             set(&mut store, "sk-first-0123456789")?;
             for _ in 0..3 {
@@ -1464,6 +1626,7 @@ mod tests {
             let anthropic = Provider::parse("anthropic")?;
             store.set_default_key(
                 user.id,
+                None,
                 &anthropic,
                 &ApiKey::parse("sk-ant-0123456789")?,
                 None,
@@ -1471,7 +1634,7 @@ mod tests {
             for _ in 0..3 {
                 assert_eq!(served(&mut store)?.as_deref(), Some("sk-third-0123456789"));
                 let Some(DefaultKey::Found(f)) =
-                    store.get_default_key(&SESSION, &anthropic, false)?
+                    store.get_default_key(Who::Session(&SESSION), &anthropic, false)?
                 else {
                     return Err("anthropic not found".into());
                 };
@@ -1499,6 +1662,7 @@ mod tests {
         store.create_session(user.id, &SESSION, session_end)?;
         store.set_default_key(
             user.id,
+            None,
             &openai,
             &ApiKey::parse("sk-ticking-0123456789")?,
             Some(crate::domain::ExpiresAt::parse(
@@ -1516,7 +1680,7 @@ mod tests {
         let (mut found, mut expired) = (0, 0);
         loop {
             let before = now();
-            let got = store.get_default_key(&SESSION, &openai, false)?;
+            let got = store.get_default_key(Who::Session(&SESSION), &openai, false)?;
             let after = now();
             match got {
                 Some(DefaultKey::Found(f)) => {

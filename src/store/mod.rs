@@ -15,10 +15,12 @@ pub(crate) mod import;
 pub(crate) mod inspect;
 pub(crate) mod keys;
 pub(crate) mod meta;
+pub(crate) mod people;
 pub(crate) mod phases;
 pub(crate) mod repair;
 pub(crate) mod rotation;
 pub(crate) mod seed;
+pub(crate) mod service_tokens;
 mod usage;
 pub(crate) mod users;
 
@@ -54,6 +56,12 @@ pub(crate) enum StoreError {
     Busy,
     #[error("this email is already registered")]
     EmailTaken,
+    /// The service token a read was answered for is no longer live in the read's snapshot.
+    #[error("the service token is invalid, expired or revoked")]
+    TokenNotLive,
+    /// A service token that is not revoked holds this name.
+    #[error("a service token that is not revoked already has this name")]
+    NameTaken,
     #[error("not found")]
     NotFound,
     /// The current phase cannot do this; the message says why and what to do.
@@ -164,6 +172,8 @@ pub(crate) struct Store {
     /// This connection's last read of a session and its default key, kept while the database
     /// is unchanged (`keys::LastRead`).
     last_read: keys::LastRead,
+    /// This connection's last check of a live service token (`service_tokens::TokenMemo`).
+    token_memo: service_tokens::TokenMemo,
 }
 
 impl Store {
@@ -176,6 +186,7 @@ impl Store {
             key_limit: crate::config::DEFAULT_MAX_KEYS_PER_USER,
             memo: meta::Memo::default(),
             last_read: keys::LastRead::default(),
+            token_memo: service_tokens::TokenMemo::default(),
         }
     }
 
@@ -258,6 +269,7 @@ impl Store {
             ring: &self.ring,
             usage: &self.shared.usage,
             actor: None,
+            service: None,
             memo: None,
         };
         self.shared.writes.write(&mut self.conn, &ctx, f)
@@ -283,6 +295,7 @@ impl Store {
             ring: &self.ring,
             usage: &self.shared.usage,
             actor: None,
+            service: None,
             memo: Some(&self.memo),
         }
     }
@@ -297,6 +310,7 @@ impl Store {
             ring: &self.ring,
             usage: &self.shared.usage,
             actor: None,
+            service: None,
             memo: None,
         };
         let out = f(&tx, &ctx)?;
@@ -340,11 +354,34 @@ pub(crate) struct Ctx<'a> {
     /// Who acts, for the events: a command's name (`command:<name>`), or `None` for the user
     /// whose keys a request touches (`user:<id>`).
     pub(crate) actor: Option<&'a str>,
+    /// The service acting for the user, when one is (its events carry the token's id).
+    pub(crate) service: Option<&'a events::ServiceActor>,
     /// The connection's memo of the phase (`meta::settled`), in read-only snapshots only.
     pub(crate) memo: Option<&'a meta::Memo>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// The same context, with `service` (if any) as the actor of its events.
+    pub(crate) fn acting<'b>(&'b self, service: Option<&'b events::ServiceActor>) -> Ctx<'b>
+    where
+        'a: 'b,
+    {
+        Ctx {
+            ring: self.ring,
+            usage: self.usage,
+            actor: service.map(|s| s.actor.as_str()).or(self.actor),
+            service: service.or(self.service),
+            memo: self.memo,
+        }
+    }
+
+    /// An event of `action` about `user_id`, by this context's actor.
+    pub(crate) fn event(&self, action: &'static str, user_id: i64) -> events::Event {
+        events::Event::new(action, self.actor_for(user_id))
+            .user(user_id)
+            .service_token(self.service.map(|s| s.token_id))
+    }
+
     /// The actor of an event about `user_id`'s keys.
     pub(crate) fn actor_for(&self, user_id: i64) -> String {
         match self.actor {

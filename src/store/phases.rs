@@ -273,6 +273,7 @@ pub(crate) fn backfill_batch(
         ring,
         usage: &shared.usage,
         actor: Some("command:migrate"),
+        service: None,
         memo: None,
     };
     let mut b = Backfill::default();

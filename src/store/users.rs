@@ -19,9 +19,24 @@ pub(crate) struct Credentials {
 }
 
 impl Store {
+    /// POST /auth/register: the new user is the actor of its `user.created`.
     pub(crate) fn create_user(&mut self, email: &Email, password_hash: &str) -> Result<User> {
-        let (email, hash) = (email.clone(), password_hash.to_owned());
-        self.write(move |tx, _| insert_user(tx, &email, &hash))
+        self.create_user_by(email, password_hash, None)
+    }
+
+    /// A new account; `by` names a command that made it (`command:add-user`), else the user.
+    pub(crate) fn create_user_by(
+        &mut self,
+        email: &Email,
+        password_hash: &str,
+        by: Option<&str>,
+    ) -> Result<User> {
+        let (email, hash, by) = (
+            email.clone(),
+            password_hash.to_owned(),
+            by.map(str::to_owned),
+        );
+        self.write(move |tx, _| insert_user(tx, &email, &hash, by.as_deref()))
     }
 
     pub(crate) fn credentials(&mut self, email: &str) -> Result<Option<Credentials>> {
@@ -58,6 +73,8 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![token_hash, user_id, t, expires_at])?;
+            tx.prepare_cached("UPDATE users SET last_login_at = ?2 WHERE id = ?1")?
+                .execute(params![user_id, t])?;
             super::events::record(
                 tx,
                 &super::events::Event::by_user(super::events::LOGIN_SUCCEEDED, user_id),
@@ -169,6 +186,7 @@ pub(crate) fn insert_user(
     tx: &rusqlite::Transaction<'_>,
     email: &Email,
     password_hash: &str,
+    by: Option<&str>,
 ) -> Result<User> {
     let id = tx
         .prepare_cached("INSERT INTO users(email, password_hash, created_at) VALUES (?1, ?2, ?3)")?
@@ -180,6 +198,14 @@ pub(crate) fn insert_user(
                 e.into()
             }
         })?;
+    super::events::record(
+        tx,
+        &super::events::Event::new(
+            super::events::USER_CREATED,
+            by.map_or_else(|| super::events::user_actor(id), str::to_owned),
+        )
+        .user(id),
+    )?;
     Ok(User {
         id,
         email: email.as_str().to_owned(),

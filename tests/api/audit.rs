@@ -113,8 +113,8 @@ fn reveals_from_many_connections_fold_into_one_event_per_key_and_actor() {
     let status = server.get("/admin/status", Some(ADMIN));
     assert_eq!(status.status, 200, "{}", status.raw);
     let rows = status.body["events"]["rows"].as_i64().expect("events.rows");
-    // 2 logins, 3 keys created, 3 folded reveals.
-    assert_eq!(rows, 8, "{}", status.raw);
+    // 2 accounts created, 2 logins, 3 keys created, 3 folded reveals.
+    assert_eq!(rows, 10, "{}", status.raw);
     assert!(status.body["events"]["bytes"].as_i64().unwrap_or(0) > 0);
     let metrics = server.get("/metrics", Some(ADMIN));
     assert!(

@@ -616,7 +616,8 @@ fn events_record_who_did_what_to_which_key_and_never_a_secret() {
             "key.created",
             "key.replaced",
             "key.created",
-            "login.succeeded"
+            "login.succeeded",
+            "user.created"
         ],
         "{}",
         mine.raw
@@ -639,7 +640,12 @@ fn events_record_who_did_what_to_which_key_and_never_a_secret() {
     assert_eq!(deleted["actor"], "user:1");
     // A user never sees another user's events.
     let theirs = server.get("/user/events", Some(&bob));
-    assert_eq!(actions(&theirs), ["login.succeeded"], "{}", theirs.raw);
+    assert_eq!(
+        actions(&theirs),
+        ["login.succeeded", "user.created"],
+        "{}",
+        theirs.raw
+    );
     assert_eq!(
         actions(&server.get("/user/events?limit=2", Some(&ada))).len(),
         2
@@ -649,7 +655,7 @@ fn events_record_who_did_what_to_which_key_and_never_a_secret() {
     assert_eq!(server.get("/user/events", None).status, 401);
     let all = server.get("/admin/events", Some("admin-secret-token"));
     assert_eq!(all.status, 200, "{}", all.raw);
-    assert_eq!(actions(&all).len(), 8, "{}", all.raw);
+    assert_eq!(actions(&all).len(), 10, "{}", all.raw);
     assert_eq!(server.get("/admin/events", Some("wrong")).status, 401);
     assert_eq!(server.get("/admin/events", Some(&ada)).status, 401);
     assert_eq!(server.terminate().code(), Some(0));
@@ -675,8 +681,9 @@ fn events_record_who_did_what_to_which_key_and_never_a_secret() {
     );
     let text = stdout(&env.run(&["audit", "--user", "ada@example.com"]));
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 7, "{text}");
-    assert!(lines[0].contains("login.succeeded user:1"), "{text}");
+    assert_eq!(lines.len(), 8, "{text}");
+    assert!(lines[0].contains("user.created user:1"), "{text}");
+    assert!(lines[1].contains("login.succeeded user:1"), "{text}");
 
     // Never a key, a masked key, a password, a token or a failed login's email.
     let every = stdout(&env.run(&["audit", "--json"])) + &all.raw + &mine.raw;

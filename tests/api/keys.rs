@@ -587,7 +587,7 @@ fn admin_status_needs_the_admin_token() {
     }
     assert_eq!(r.body["users"], 1);
     assert_eq!(r.body["table_keys"], 1);
-    assert_eq!(r.body["schema_version"], 6);
+    assert_eq!(r.body["schema_version"], 7);
     assert_eq!(s.get("/admin/status", Some("wrong")).status, 401);
     assert_eq!(s.get("/admin/status", Some(&t)).status, 401);
     assert_eq!(s.get("/admin/status", None).status, 401);

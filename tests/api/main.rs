@@ -2,6 +2,7 @@
 //! parallel, each against its own server and database.
 
 mod adoption;
+mod application;
 mod audit;
 mod deploy;
 mod disguised_text;
@@ -19,5 +20,6 @@ mod migration;
 mod operator;
 mod page;
 mod phases;
+mod service;
 mod support;
 mod upgrade;

@@ -102,6 +102,9 @@ fn every_flow_of_the_page_in_a_real_browser() {
         .arg(ADMIN)
         .arg(&shots)
         .env("CHROMEDRIVER", driver.expect("checked above"))
+        // For `keyrack invite`: the set-your-password form's link.
+        .env("KEYRACK_BIN", BIN)
+        .env("KEYRACK_DB", env.db())
         .output()
         .expect("run tests/browser/walk.py");
     let stdout = String::from_utf8_lossy(&out.stdout);

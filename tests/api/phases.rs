@@ -16,7 +16,9 @@ fn schema_v2_over_a_legacy_database_starts_in_phase_legacy() {
     env.create_db();
     sql(
         &env.db(),
-        "DROP TRIGGER keyrack_foreign_column_update; DROP TRIGGER keyrack_foreign_column_insert; \
+        "DROP TABLE invites; DROP TABLE service_tokens; DROP INDEX users_by_external_id; \
+         ALTER TABLE users DROP COLUMN external_id; ALTER TABLE users DROP COLUMN last_login_at; \
+         DROP TRIGGER keyrack_foreign_column_update; DROP TRIGGER keyrack_foreign_column_insert; \
          DROP TABLE legacy_use; ALTER TABLE users DROP COLUMN keyrack_key_writes; DROP TABLE events; \
          DROP TABLE legacy_backfill; DROP INDEX users_by_key_id; DROP TABLE api_keys; \
          DROP TABLE keyrack_meta; DELETE FROM refinery_schema_history WHERE version >= 2;",
@@ -29,7 +31,7 @@ fn schema_v2_over_a_legacy_database_starts_in_phase_legacy() {
     says(&env.run(&["upgrade"]), 0, "from schema version 1 to");
     let st = status_json(&env);
     assert_eq!(st["phase"], "legacy");
-    assert_eq!(st["schema_version"], 6);
+    assert_eq!(st["schema_version"], 7);
     assert_eq!(st["column_keys"], 3);
     assert_eq!(st["unmigrated"], 0, "nothing is unmigrated in phase legacy");
 }

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import string
+import subprocess
 import sys
 import time
 import urllib.error
@@ -473,9 +474,74 @@ try:
     set_dark(True)
     shot("admin-dark")
     set_dark(False)
+
+    step("operator: the users and the service tokens; revoke a token after a confirmation")
+    status, _, raw = http("POST", "/admin/service-tokens", ADMIN, {"name": "walk-app", "scope": "write"})
+    assert status == 201, (status, raw)
+    app_token = json.loads(raw)["token"]
+    status, _, raw = http("PUT", "/service/users/ext:walk-1", app_token, {"email": "walker@example.com"})
+    assert status == 201, (status, raw)
+    by_id("admin-refresh").click()
+    until("the users", lambda: any(td.text == "walker@example.com" for td in
+                                   driver.find_elements(By.CSS_SELECTOR, "#admin-users-body td.email")))
+    people = {tr.find_element(By.CSS_SELECTOR, "td.email").text: tr
+              for tr in driver.find_elements(By.CSS_SELECTOR, "#admin-users-body tr.person")}
+    assert set(people) >= {EMAIL, "walker@example.com"}, list(people)
+    walker = people["walker@example.com"]
+    assert walker.find_element(By.CSS_SELECTOR, "td.external-id").text == "walk-1"
+    assert walker.find_element(By.CSS_SELECTOR, "td.has-password").text == "none"
+    tokens = driver.find_elements(By.CSS_SELECTOR, "#admin-tokens-body tr.service-token")
+    assert [t.find_element(By.CSS_SELECTOR, "td.name").text for t in tokens] == ["walk-app"]
+    assert app_token not in dom_and_inputs()
+    shot("admin-people")
+    tokens[0].find_element(By.CSS_SELECTOR, "button.revoke").click()
+    until("the confirmation", lambda: by_id("confirm-delete").get_attribute("open") is not None)
+    assert "walk-app" in text("confirm-text"), text("confirm-text")
+    by_id("confirm-no").click()
+    assert http("GET", "/service/users/ext:walk-1", app_token)[0] == 200, "cancel revoked it"
+    driver.find_element(By.CSS_SELECTOR, "#admin-tokens-body button.revoke").click()
+    until("the confirmation", lambda: by_id("confirm-delete").get_attribute("open") is not None)
+    by_id("confirm-yes").click()
+    until("the token revoked", lambda: driver.find_element(
+        By.CSS_SELECTOR, "#admin-tokens-body td.state").text == "revoked")
+    assert driver.find_elements(By.CSS_SELECTOR, "#admin-tokens-body button.revoke") == []
+    assert http("GET", "/service/users/ext:walk-1", app_token)[0] == 401
+
     by_id("admin-forget").click()
     until("the admin view closed", lambda: not visible("admin-out"))
     assert driver.find_elements(By.CSS_SELECTOR, "#admin-events-body tr") == []
+    assert driver.find_elements(By.CSS_SELECTOR, "#admin-users-body tr") == []
+    assert driver.find_elements(By.CSS_SELECTOR, "#admin-tokens-body tr") == []
+
+    # ---- an invite's link: set your password --------------------------------------------------------------
+    if os.environ.get("KEYRACK_BIN") and os.environ.get("KEYRACK_DB"):
+        step("an invite link opens the set-your-password form; the token leaves the address")
+        out = subprocess.run([os.environ["KEYRACK_BIN"], "--db", os.environ["KEYRACK_DB"], "invite",
+                              "ext:walk-1", "--url", BASE], capture_output=True, text=True, check=True)
+        link = out.stdout.strip()
+        invite = link.rsplit("=", 1)[1]
+        driver.get(link)
+        until("the set-password form", lambda: visible("set-password-view"))
+        assert not visible("login-view") and not visible("keys-view")
+        assert invite not in js("return location.href"), js("return location.href")
+        assert active_id() == "set-password", active_id()
+        fill("set-password", "short").send_keys(Keys.ENTER)
+        until("the password error", lambda: visible("set-password-error"))
+        shot("set-password-422")
+        fill("set-password", "walker's own password").send_keys(Keys.ENTER)
+        until("the keys view", lambda: visible("keys-view"))
+        assert text("whoami") == "walker@example.com", text("whoami")
+        assert "password is set" in text("notice"), text("notice")
+        assert invite not in dom_and_inputs() and invite not in storage_dump()
+        status, _, _ = http("POST", "/auth/set-password", None,
+                            {"token": invite, "password": "another password"})
+        assert status == 401, status
+        driver.get(BASE + "/#set-password=" + invite)
+        until("the set-password form", lambda: visible("set-password-view"))
+        fill("set-password", "another password 2").send_keys(Keys.ENTER)
+        until("the used-link message", lambda: "unknown, used or expired" in driver.find_element(
+            By.CSS_SELECTOR, "#set-password-form .form-error").text)
+        shot("set-password-used")
 
     # ---- the page kept to its own policy -----------------------------------------------------------------
     step("no Content-Security-Policy violation in the console")

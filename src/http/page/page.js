@@ -9,6 +9,9 @@
   const $ = (id) => document.getElementById(id);
 
   let adminToken = null;
+  // An invite's token (`#set-password=…`), held in this variable only: the address loses it at
+  // once, so it is neither kept in the history nor shown.
+  let inviteToken = null;
   // The one revealed key: { cell, code, button, timer }; its plaintext is only in code's text.
   let revealed = null;
 
@@ -166,6 +169,7 @@
 
   function showLogin(message) {
     hideRevealed();
+    show($("set-password-view"), false);
     setSession(null);
     $("keys-body").replaceChildren();
     show($("keys-view"), false);
@@ -394,6 +398,39 @@
 
   $("refresh").addEventListener("click", () => loadKeys());
 
+  // ---- an invite: set your password ---------------------------------------------------------
+
+  function takeInvite() {
+    const m = /^#set-password=([A-Za-z0-9_-]+)$/.exec(location.hash);
+    if (!m) return false;
+    inviteToken = m[1];
+    history.replaceState(null, "", location.pathname + location.search);
+    show($("login-view"), false);
+    show($("keys-view"), false);
+    show($("set-password-view"), true);
+    $("set-password").focus();
+    return true;
+  }
+
+  $("set-password-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const f = ev.target;
+    clearErrors(f);
+    const r = await api("POST", "/auth/set-password", { token: inviteToken, password: value(f, "password") });
+    if (r.status === 200) {
+      inviteToken = null;
+      f.reset();
+      setSession(r.body.token);
+      show($("set-password-view"), false);
+      notice("Your password is set.");
+      await showKeys(true);
+      return;
+    }
+    if (r.status === 401) formError(f, "This link is unknown, used or expired. Ask for a new one.");
+    else if (r.status === 422) fieldError(f, r);
+    else formError(f, explain(r));
+  });
+
   function keyBody(f, withName) {
     const body = {
       provider: value(f, "provider").trim(),
@@ -473,6 +510,8 @@
     $("admin-counts").replaceChildren();
     $("admin-evidence").replaceChildren();
     $("admin-events-body").replaceChildren();
+    $("admin-users-body").replaceChildren();
+    $("admin-tokens-body").replaceChildren();
     $("admin-phase").textContent = "";
     const f = $("admin-form");
     show(f, true);
@@ -483,11 +522,13 @@
   async function loadAdmin() {
     const f = $("admin-form");
     clearErrors(f);
-    const [s, e] = await Promise.all([
+    const [s, e, u, t] = await Promise.all([
       api("GET", "/admin/status", undefined, adminToken),
       api("GET", "/admin/events?limit=20", undefined, adminToken),
+      api("GET", "/admin/users?limit=100", undefined, adminToken),
+      api("GET", "/admin/service-tokens", undefined, adminToken),
     ]);
-    for (const r of [s, e]) {
+    for (const r of [s, e, u, t]) {
       if (r.status === 401) return forgetAdmin("The admin token was not accepted.");
       if (r.status === 404) return forgetAdmin("This server has no admin token configured.");
       if (r.status !== 200) return forgetAdmin(explain(r));
@@ -517,8 +558,81 @@
       tr.appendChild(cell("At", "No events yet."));
       body.appendChild(tr);
     }
+    fillUsers(u.body.users);
+    fillTokens(t.body.service_tokens);
     show(f, false);
     show($("admin-out"), true);
+  }
+
+  function fillUsers(users) {
+    const body = $("admin-users-body");
+    body.replaceChildren();
+    for (const p of users) {
+      const tr = document.createElement("tr");
+      tr.className = "person";
+      tr.appendChild(cell("Id", p.id));
+      tr.appendChild(cell("Email", p.email, "email"));
+      tr.appendChild(cell("External id", p.external_id ?? "—", "external-id"));
+      tr.appendChild(cell("Keys", p.key_count, "key-count"));
+      tr.appendChild(cell("Password", p.has_password ? "set" : "none", "has-password"));
+      tr.appendChild(cell("Last login", when(p.last_login_at)));
+      tr.appendChild(cell("Created", when(p.created_at)));
+      body.appendChild(tr);
+    }
+    if (users.length === 0) body.appendChild(el("tr")).appendChild(cell("Id", "No users yet."));
+  }
+
+  function fillTokens(tokens) {
+    const body = $("admin-tokens-body");
+    body.replaceChildren();
+    $("admin-tokens-error").hidden = true;
+    for (const t of tokens) {
+      const tr = document.createElement("tr");
+      tr.className = "service-token";
+      tr.appendChild(cell("Name", t.name, "name"));
+      tr.appendChild(cell("Scope", t.scope, "scope"));
+      tr.appendChild(cell("Created", when(t.created_at)));
+      tr.appendChild(cell("Last used", when(t.last_used_at)));
+      tr.appendChild(cell("Expires", when(t.expires_at)));
+      tr.appendChild(cell("State", t.revoked ? "revoked" : "live", "state"));
+      const actions = cell("Actions", null, "actions").appendChild(el("span"));
+      if (!t.revoked) {
+        const b = el("button", "Revoke", "revoke danger");
+        b.type = "button";
+        b.setAttribute("aria-label", "Revoke the service token " + t.name);
+        b.addEventListener("click", () => confirmRevoke(t, b));
+        actions.appendChild(b);
+      }
+      tr.appendChild(actions.parentNode);
+      body.appendChild(tr);
+    }
+    if (tokens.length === 0) body.appendChild(el("tr")).appendChild(cell("Name", "No service tokens."));
+  }
+
+  function confirmRevoke(t, opener) {
+    const dialog = $("confirm-delete");
+    const yes = $("confirm-yes");
+    $("confirm-text").textContent =
+      "Revoke the service token " + t.name + "? Applications using it get 401 from their next request.";
+    yes.textContent = "Revoke";
+    dialog.onclose = async () => {
+      dialog.onclose = null;
+      yes.textContent = "Delete";
+      if (dialog.returnValue !== "delete") {
+        opener.focus();
+        return;
+      }
+      const r = await api("DELETE", "/admin/service-tokens/" + encodeURIComponent(t.name), undefined, adminToken);
+      if (r.status !== 204) {
+        const p = $("admin-tokens-error");
+        p.textContent = explain(r);
+        p.hidden = false;
+        return;
+      }
+      await loadAdmin();
+    };
+    dialog.returnValue = "";
+    dialog.showModal();
   }
 
   $("admin-form").addEventListener("submit", async (ev) => {
@@ -545,5 +659,9 @@
   });
   window.addEventListener("pagehide", hideRevealed);
 
-  showKeys(false);
+  // A link opened in a tab that shows the page already changes only the address's fragment.
+  window.addEventListener("hashchange", () => {
+    if (takeInvite()) hideRevealed();
+  });
+  if (!takeInvite()) showKeys(false);
 })();

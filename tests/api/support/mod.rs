@@ -613,6 +613,11 @@ pub fn exchange(addr: &str, request: &[u8]) -> String {
 /// before the per-user backfill markers, legacy-use evidence, expiry and events), for tests of
 /// upgrades from it. A new migration adds its objects' removal here.
 pub const BACK_TO_SCHEMA_2: &str = "
+    DROP TABLE invites;
+    DROP TABLE service_tokens;
+    DROP INDEX users_by_external_id;
+    ALTER TABLE users DROP COLUMN external_id;
+    ALTER TABLE users DROP COLUMN last_login_at;
     DROP TRIGGER IF EXISTS keyrack_foreign_column_update;
     DROP TRIGGER IF EXISTS keyrack_foreign_column_insert;
     DROP TABLE events;
