@@ -34,7 +34,7 @@ pub(super) fn service_get_user(
 /// PUT /service/users/ext:{external_id} `{"email"}`: creates the user (201) or changes their
 /// email (200). Only an `ext:` selector names a user here.
 pub(super) fn service_put_user(
-    _: &App,
+    app: &App,
     store: &mut Store,
     req: &Incoming,
     params: &[&str],
@@ -49,6 +49,7 @@ pub(super) fn service_put_user(
             "user: PUT creates or changes a user by its external id: ext:<external id>",
         ));
     };
+    super::routes::within_service_rate(app, Some(&actor))?;
     let ext = ExternalId::parse(&ext)?;
     let body = req.json()?;
     let email = Email::parse(body.required_str("email")?)?;
@@ -62,7 +63,7 @@ pub(super) fn service_put_user(
 
 /// DELETE /service/users/{user}: as `keyrack delete-user`.
 pub(super) fn service_delete_user(
-    _: &App,
+    app: &App,
     store: &mut Store,
     req: &Incoming,
     params: &[&str],
@@ -72,6 +73,7 @@ pub(super) fn service_delete_user(
     else {
         return Err(ApiError::internal());
     };
+    super::routes::within_service_rate(app, Some(&actor))?;
     if !store.delete_user(&user, Some(&actor))? {
         return Err(no_such_user());
     }

@@ -192,6 +192,19 @@ fn authenticate_write(app: &App, store: &mut Store, req: &Incoming) -> Result<Us
     Ok(user)
 }
 
+/// A service token's writes, whichever users they are for, over the same rate answer 429 too:
+/// one token working flat out cannot grow the audit trail faster than one account. The token's
+/// bucket is kept apart from the users' (keyed by the negated token id; user ids are positive).
+pub(super) fn within_service_rate(
+    app: &App,
+    service: Option<&crate::store::events::ServiceActor>,
+) -> Result<(), ApiError> {
+    match service {
+        Some(s) => within_write_rate(app, -s.token_id),
+        None => Ok(()),
+    }
+}
+
 fn within_write_rate(app: &App, user_id: i64) -> Result<(), ApiError> {
     app.write_rate
         .take(user_id, std::time::Instant::now())
@@ -513,6 +526,7 @@ fn set_key_as(
 ) -> Result<Reply, ApiError> {
     let user_id = who.user_id(store)?;
     within_write_rate(app, user_id)?;
+    within_service_rate(app, who.service())?;
     let body = req.json()?;
     let key = ApiKey::parse(body.required_str("api_key")?)?;
     let provider = Provider::parse_or_default(body.optional_str("provider")?)?;
@@ -559,6 +573,7 @@ fn delete_default_key_as(
 ) -> Result<Reply, ApiError> {
     let user_id = who.user_id(store)?;
     within_write_rate(app, user_id)?;
+    within_service_rate(app, who.service())?;
     let provider = provider_param(req)?;
     store.delete_default_key(user_id, who.service(), &provider)?;
     Ok(Reply::no_content())

@@ -895,3 +895,46 @@ fn import_legacy_sets_the_external_id_and_user_arguments_take_it() {
     let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(v["user"]["email"], "ada@example.com");
 }
+
+#[test]
+fn a_service_token_s_writes_over_the_rate_answer_429_whichever_users_they_are_for() {
+    let env = admin_env().var("KEYRACK_WRITE_RATE", "4");
+    let server = env.serve();
+    let (writer, _) = service_token(&server, "app-write", "write");
+    let (reader, _) = service_token(&server, "app-read", "read");
+    // Four writes, each for another user (each user far under the rate): the token's own rate.
+    for i in 0..2 {
+        assert_eq!(
+            put_user(
+                &server,
+                &writer,
+                &format!("{i}"),
+                &format!("u{i}@example.com")
+            )
+            .status,
+            201
+        );
+        let r = server.post(
+            &format!("/service/users/ext:{i}/api-key"),
+            Some(&writer),
+            json!({"api_key": format!("sk-service-{i}-0123456789")}),
+        );
+        assert_eq!(r.status, 200, "{}", r.raw);
+    }
+    let over = put_user(&server, &writer, "9", "u9@example.com");
+    assert_eq!(over.status, 429, "{}", over.raw);
+    assert_eq!(over.code(), "too_many_requests");
+    assert!(over.header("Retry-After").is_some());
+    let over = server.delete("/service/users/ext:0/api-key", Some(&writer));
+    assert_eq!(over.status, 429, "{}", over.raw);
+    // The refused writes changed nothing, and reads are never refused for their rate.
+    for _ in 0..10 {
+        let r = server.get("/service/users/ext:0/api-key?reveal=true", Some(&reader));
+        assert_eq!(r.status, 200, "{}", r.raw);
+        assert_eq!(r.body["api_key"], "sk-service-0-0123456789");
+    }
+    assert_eq!(
+        server.get("/service/users/ext:9", Some(&reader)).status,
+        404
+    );
+}
