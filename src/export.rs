@@ -20,7 +20,6 @@ use crate::domain::ApiKey;
 use crate::import::{LegacyKeys, FERNET_VAR};
 use crate::logging::printable;
 use crate::store::export as sql;
-use crate::store::import as source;
 use crate::store::{meta, now, StoreError};
 use crate::Failure;
 
@@ -265,33 +264,13 @@ fn resolve_columns(
     conn: &rusqlite::Connection,
     opts: &Options,
 ) -> Result<(String, String, String), Failure> {
-    let to = printable(&opts.to.display().to_string());
-    let read = |e: StoreError| Failure::Config(format!("cannot read {to}: {e}"));
-    let table = source::table_name(conn, &opts.users_table)
-        .map_err(read)?
-        .ok_or_else(|| {
-            Failure::Config(format!(
-                "{to} has no table {:?}; name the users table with --users-table; nothing was written",
-                opts.users_table
-            ))
-        })?;
-    let names = source::column_names(conn, &table).map_err(read)?;
-    let find = |wanted: &str, flag: &str| {
-        names
-            .iter()
-            .find(|n| n.eq_ignore_ascii_case(wanted))
-            .cloned()
-            .ok_or_else(|| {
-                Failure::Config(format!(
-                    "the table {table} of {to} has no column {wanted:?} (its columns: {}); name \
-                     it with {flag}; nothing was written",
-                    names.join(", ")
-                ))
-            })
-    };
-    Ok((
-        table.clone(),
-        find(&opts.id_column, "--id-column")?,
-        find(&opts.key_column, "--key-column")?,
-    ))
+    let table = crate::import::ForeignTable::find(
+        conn,
+        printable(&opts.to.display().to_string()),
+        &opts.users_table,
+        "; nothing was written",
+    )?;
+    let id = table.column(&opts.id_column, "--id-column")?;
+    let key = table.column(&opts.key_column, "--key-column")?;
+    Ok((table.name, id, key))
 }

@@ -563,43 +563,75 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Finds the table and columns, by the names the foreign database declares; a missing one is a
-/// usage error naming it.
-fn resolve_columns(conn: &rusqlite::Connection, opts: &Options) -> Result<SourceColumns, Failure> {
-    let from = opts.from.display();
-    let sql = |e: StoreError| Failure::Config(format!("cannot read {from}: {e}"));
-    let table = source::table_name(conn, &opts.users_table)
-        .map_err(sql)?
-        .ok_or_else(|| {
-            Failure::Config(format!(
-                "{from} has no table {:?}; name the users table with --users-table",
-                opts.users_table
-            ))
-        })?;
-    let names = source::column_names(conn, &table).map_err(sql)?;
-    let find = |wanted: &str, flag: &str| {
-        names
+/// An application's users table, by the name its database declares, and its columns: for
+/// `import-legacy` and `export-legacy` alike. A table or column that is missing is a usage
+/// error naming it (exit 2).
+pub(crate) struct ForeignTable {
+    pub(crate) name: String,
+    columns: Vec<String>,
+    /// The database, as messages name it.
+    label: String,
+    /// Said after each of those messages (`export-legacy`: that nothing was written).
+    tail: &'static str,
+}
+
+impl ForeignTable {
+    pub(crate) fn find(
+        conn: &rusqlite::Connection,
+        label: String,
+        users_table: &str,
+        tail: &'static str,
+    ) -> Result<ForeignTable, Failure> {
+        let read = |e: StoreError| Failure::Config(format!("cannot read {label}: {e}"));
+        let name = source::table_name(conn, users_table)
+            .map_err(read)?
+            .ok_or_else(|| {
+                Failure::Config(format!(
+                    "{label} has no table {users_table:?}; name the users table with \
+                     --users-table{tail}"
+                ))
+            })?;
+        let columns = source::column_names(conn, &name).map_err(read)?;
+        Ok(ForeignTable {
+            name,
+            columns,
+            label,
+            tail,
+        })
+    }
+
+    /// The column named `wanted` (whatever its case), as the table declares it; `flag` names it.
+    pub(crate) fn column(&self, wanted: &str, flag: &str) -> Result<String, Failure> {
+        self.columns
             .iter()
             .find(|n| n.eq_ignore_ascii_case(wanted))
             .cloned()
             .ok_or_else(|| {
                 Failure::Config(format!(
-                    "the table {table} of {from} has no column {wanted:?} (its columns: {}); \
-                     name it with {flag}",
-                    names.join(", ")
+                    "the table {} of {} has no column {wanted:?} (its columns: {}); name it with \
+                     {flag}{}",
+                    self.name,
+                    self.label,
+                    self.columns.join(", "),
+                    self.tail
                 ))
             })
-    };
+    }
+}
+
+/// Finds the table and columns, by the names the foreign database declares.
+fn resolve_columns(conn: &rusqlite::Connection, opts: &Options) -> Result<SourceColumns, Failure> {
+    let table = ForeignTable::find(conn, opts.from.display().to_string(), &opts.users_table, "")?;
     Ok(SourceColumns {
-        id: find(&opts.id_column, "--id-column")?,
-        email: find(&opts.email_column, "--email-column")?,
-        key: find(&opts.key_column, "--key-column")?,
+        id: table.column(&opts.id_column, "--id-column")?,
+        email: table.column(&opts.email_column, "--email-column")?,
+        key: table.column(&opts.key_column, "--key-column")?,
         password: opts
             .password_column
             .as_deref()
-            .map(|c| find(c, "--password-column"))
+            .map(|c| table.column(c, "--password-column"))
             .transpose()?,
-        table,
+        table: table.name,
     })
 }
 

@@ -192,6 +192,15 @@ fn authenticate_write(app: &App, store: &mut Store, req: &Incoming) -> Result<Us
     Ok(user)
 }
 
+/// The user a write is for (401/404 as `Principal::user_id`), once the write is within the
+/// user's rate and, for a service, the token's.
+fn writing_for(app: &App, store: &mut Store, who: &Principal) -> Result<i64, ApiError> {
+    let user_id = who.user_id(store)?;
+    within_write_rate(app, user_id)?;
+    within_service_rate(app, who.service())?;
+    Ok(user_id)
+}
+
 /// A service token's writes, whichever users they are for, over the same rate answer 429 too:
 /// one token working flat out cannot grow the audit trail faster than one account. The token's
 /// bucket is kept apart from the users' (keyed by the negated token id; user ids are positive).
@@ -524,9 +533,7 @@ fn set_key_as(
     req: &Incoming,
     who: &Principal,
 ) -> Result<Reply, ApiError> {
-    let user_id = who.user_id(store)?;
-    within_write_rate(app, user_id)?;
-    within_service_rate(app, who.service())?;
+    let user_id = writing_for(app, store, who)?;
     let body = req.json()?;
     let key = ApiKey::parse(body.required_str("api_key")?)?;
     let provider = Provider::parse_or_default(body.optional_str("provider")?)?;
@@ -571,9 +578,7 @@ fn delete_default_key_as(
     req: &Incoming,
     who: &Principal,
 ) -> Result<Reply, ApiError> {
-    let user_id = who.user_id(store)?;
-    within_write_rate(app, user_id)?;
-    within_service_rate(app, who.service())?;
+    let user_id = writing_for(app, store, who)?;
     let provider = provider_param(req)?;
     store.delete_default_key(user_id, who.service(), &provider)?;
     Ok(Reply::no_content())

@@ -166,6 +166,15 @@ fn connect_with_small_receive_buffer(addr: &str) -> TcpStream {
     c
 }
 
+/// A connection that sends 400 pipelined requests for a 25 KB answer (16 KB sent) and never
+/// reads a byte of the answers.
+fn never_reading(addr: &str) -> TcpStream {
+    let mut c = connect_with_small_receive_buffer(addr);
+    c.write_all(&b"GET /openapi.yaml HTTP/1.1\r\n\r\n".repeat(400))
+        .unwrap();
+    c
+}
+
 /// `VmRSS` of a process, in KiB.
 fn resident_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -183,10 +192,7 @@ fn a_client_that_never_reads_its_answers_holds_no_worker() {
     let env = Env::new().var("KEYRACK_SOCKET_TIMEOUT", "60");
     let s = env.serve_with(&["--workers", "2"]);
     // 400 pipelined requests for a 25 KB answer (16 KB sent), and never a byte read.
-    let mut attacker = connect_with_small_receive_buffer(&s.addr);
-    attacker
-        .write_all(&b"GET /openapi.yaml HTTP/1.1\r\n\r\n".repeat(400))
-        .unwrap();
+    let attacker = never_reading(&s.addr);
     // The answers have filled every buffer between the server and the attacker.
     assert!(
         poll_until(Duration::from_secs(20), || {
@@ -207,10 +213,7 @@ fn a_client_that_never_reads_its_answers_holds_no_worker() {
 fn an_answer_that_was_never_read_is_logged_as_not_delivered() {
     let env = Env::new().var("KEYRACK_SOCKET_TIMEOUT", "1");
     let s = env.serve_with(&["--workers", "2"]);
-    let mut attacker = connect_with_small_receive_buffer(&s.addr);
-    attacker
-        .write_all(&b"GET /openapi.yaml HTTP/1.1\r\n\r\n".repeat(400))
-        .unwrap();
+    let attacker = never_reading(&s.addr);
     // The answer the attacker's buffers could not take is logged as such once the write
     // timeout ends the connection; the answers before it as delivered; none after it.
     assert!(
@@ -235,10 +238,7 @@ fn a_pipelined_flood_on_one_connection_does_not_grow_the_server() {
     let pid = s.child.id();
     let idle = resident_kib(pid);
     // First a connection that stops reading its answers (it held every worker before).
-    let mut stuck = connect_with_small_receive_buffer(&s.addr);
-    stuck
-        .write_all(&b"GET /openapi.yaml HTTP/1.1\r\n\r\n".repeat(400))
-        .unwrap();
+    let stuck = never_reading(&s.addr);
     // Then up to 16 MiB of pipelined requests (about 650,000) for 5 s, never reading an answer:
     // the server reads them only as fast as their answers leave, so the writes soon wait.
     let mut flood = connect_with_small_receive_buffer(&s.addr);
@@ -290,10 +290,7 @@ fn at_the_cap_connections_whose_clients_do_not_read_make_room() {
     // take (neither idle nor reading a head).
     let mut attackers = Vec::new();
     for _ in 0..4 {
-        let mut c = connect_with_small_receive_buffer(&s.addr);
-        c.write_all(&b"GET /openapi.yaml HTTP/1.1\r\n\r\n".repeat(400))
-            .unwrap();
-        attackers.push(c);
+        attackers.push(never_reading(&s.addr));
     }
     // Every attacker's buffers are full: the count of answers written stops growing.
     let mut last = 0;
