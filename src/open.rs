@@ -145,24 +145,9 @@ pub fn open(config: Config, needs: Needs, options: Options) -> Result<(App, Open
         // A new file or `:memory:`: created at the current schema.
         _ => return Ok((open_real(config, start, options)?, opened)),
     };
-    let probe = db::probe(&path).map_err(|e| {
-        Failure::Runtime(format!(
-            "cannot read the database {}: {e}",
-            printable(&path.display().to_string())
-        ))
-    })?;
+    let probe = probe_for(&path, needs, current)?;
     opened.schema_before = probe.schema_version;
-    check_not_newer(&path, &probe, current)?;
     let older = probe.schema_version < current && !probe.empty;
-    if older && !needs.migrations {
-        return Err(Failure::Config(format!(
-            "the database {} has schema version {} and this keyrack ({VERSION}) uses schema \
-             version {current}: run `keyrack upgrade` first (it writes a backup, then applies the \
-             schema migrations); nothing was changed",
-            printable(&path.display().to_string()),
-            probe.schema_version
-        )));
-    }
     let start = Start {
         // A database of the current schema (or a new, empty file) never runs the migration
         // runner of a command that may not migrate: it would take the write lock.
@@ -203,17 +188,10 @@ fn check_not_newer(path: &Path, probe: &Probe, current: i64) -> Result<(), Failu
     Ok(())
 }
 
-/// For a command that opens the database itself (without `open`): refuses, as `open` would, a
-/// database whose schema is newer than this binary's, or older when the command may not apply
-/// migrations. Reads the schema on a read-only connection; writes nothing.
-pub fn check_schema(db: &DbLocation, needs: Needs) -> Result<(), Failure> {
-    let DbLocation::File(path) = db else {
-        return Ok(());
-    };
-    if !path.exists() {
-        return Ok(());
-    }
-    let current = db::binary_schema_version();
+/// The schema of the existing file `path`, read on a read-only connection: a newer schema than
+/// `current` exits 2 naming both; an older one exits 2 naming `keyrack upgrade` unless the
+/// command may apply migrations.
+fn probe_for(path: &Path, needs: Needs, current: i64) -> Result<db::Probe, Failure> {
     let probe = db::probe(path).map_err(|e| {
         Failure::Runtime(format!(
             "cannot read the database {}: {e}",
@@ -230,6 +208,20 @@ pub fn check_schema(db: &DbLocation, needs: Needs) -> Result<(), Failure> {
             probe.schema_version
         )));
     }
+    Ok(probe)
+}
+
+/// For a command that opens the database itself (without `open`): refuses, as `open` would, a
+/// database whose schema is newer than this binary's, or older when the command may not apply
+/// migrations. Reads the schema on a read-only connection; writes nothing.
+pub fn check_schema(db: &DbLocation, needs: Needs) -> Result<(), Failure> {
+    let DbLocation::File(path) = db else {
+        return Ok(());
+    };
+    if !path.exists() {
+        return Ok(());
+    }
+    probe_for(path, needs, db::binary_schema_version())?;
     Ok(())
 }
 
