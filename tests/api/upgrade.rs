@@ -104,6 +104,11 @@ fn the_first_release_s_database_is_refused_unchanged_then_upgraded_keeping_every
         vec!["clear-key", "1", "--yes"],
         vec!["load-fixtures", fixtures.to_str().unwrap()],
         vec!["reset-password", "api1@example.com"],
+        vec!["users"],
+        vec!["service-token", "list"],
+        vec!["service-token", "create", "app"],
+        vec!["delete-user", "1", "--yes"],
+        vec!["invite", "1"],
         vec![
             "export-legacy",
             "--to",
@@ -288,6 +293,8 @@ fn a_newer_schema_stops_every_command_naming_both_versions() {
         vec!["backup", "copy.db"],
         vec!["audit"],
         vec!["load-fixtures", fixtures.to_str().unwrap()],
+        vec!["users"],
+        vec!["service-token", "list"],
     ] {
         let out = env.run(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
